@@ -1,0 +1,798 @@
+"""The process reward model (PRM) and everything the four stages share.
+
+A PRM scores every step of a chain of thought (CoT). For a question x = (t, I) and a CoT with
+steps y_1..y_n, the value of the prefix yhat_i = y_1..y_i is
+
+    V_phi(x, yhat_i) = sigmoid(w^T h_i + b)                                  (DESIGN.md section 2)
+
+where h_i is the backbone's last hidden state at the last token of step i. Attention is causal, so
+h_i depends only on x and yhat_i, and ONE forward pass over the whole CoT gives all n prefix values
+("packed scoring", `step_values`). `prefix_values` is the plain reference: one forward per prefix.
+
+What lives here (every stage imports it, none re-implements it):
+- `tiny_backbone`: a small randomly initialised Qwen2-VL with a locally built tokenizer and Pillow
+  image processor, for tests and the toy world; nothing is downloaded.
+- `PRM`: backbone (transformers Auto classes, local directory) + Linear(hidden, 1) value head;
+  `save_pretrained` / `from_pretrained` with safetensors and JSON only.
+- `split_steps`, `encode_cot`: step formatting and segment-wise tokenization, so every step end
+  is an exact token position.
+- `step_values`, `prefix_values`, `aggregate`: scoring and the aggregation function A.
+- Readers for our JSONL formats and the published DreamPRM JSON, with validation that names the
+  file, line and field of any bad input (`DataError`).
+
+Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+STEP_SEP = "\n"                 # written between steps; each step's last token is its "step end"
+FINAL_PREFIX = "Final answer: "  # the structured prompt's answer line, attached to the last step
+V_CLAMP = 1e-6                  # logit(V) is taken of V clamped to [V_CLAMP, 1 - V_CLAMP]
+PRM_FORMAT = 1                  # version of prm.json
+
+
+# --------------------------------------------------------------------------------------------
+# Errors a user can cause
+# --------------------------------------------------------------------------------------------
+
+class DataError(ValueError):
+    """Bad input a user can cause. str() is one line: 'file:line: field: what is wrong'."""
+
+    def __init__(self, message, file=None, line=None, field=None):
+        self.file, self.line, self.field = file, line, field
+        where = ":".join(str(p) for p in (file, line) if p is not None)
+        parts = [p for p in (where, f"field '{field}'" if field else None, message) if p]
+        super().__init__(": ".join(parts))
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv); a DataError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: parse and format
+# --------------------------------------------------------------------------------------------
+
+# "Step 3: ...", "### Step 3: ...", "**Step 3**: ..." at the start of a line.
+_STEP_RE = re.compile(r"^[ \t]*(?:#+[ \t]*)?(?:\*\*)?Step[ \t]*(\d+)\b", re.IGNORECASE | re.MULTILINE)
+_FINAL_RE = re.compile(r"^[ \t]*(?:\*\*)?Final answer(?:\*\*)?[ \t]*[:：](?:\*\*)?[ \t]*", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Split:
+    steps: list      # [str], empty when the text has no steps
+    final: str       # the text after "Final answer:", or "" when there is none
+    preamble: str    # text before the first step ("Question: ..." in the published meta set)
+
+
+def split_steps(text, paragraphs=True):
+    """Split a CoT into steps.
+
+    Structured CoTs ("Step k: ..." blocks, then "Final answer: ...") split at each step marker; the
+    marker stays in the step text. Free-form CoTs (no markers) split into paragraphs at blank
+    lines when `paragraphs` is true. A text with no steps gives `steps == []`: callers report and
+    skip it, nothing here raises.
+    """
+    final = ""
+    m = _FINAL_RE.search(text)
+    if m:
+        final = text[m.end():].strip()
+        text = text[:m.start()]
+    starts = [m.start() for m in _STEP_RE.finditer(text)]
+    if starts:
+        bounds = starts + [len(text)]
+        steps = [text[a:b].strip() for a, b in zip(bounds, bounds[1:])]
+        return Split([s for s in steps if s], final, text[:starts[0]].strip())
+    if not paragraphs:
+        return Split([], final, text.strip())
+    steps = [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    return Split(steps, final, "")
+
+
+def step_segments(steps, final=""):
+    """The assistant text as segments, one per step: segment i = separator + step i.
+
+    The final answer line goes into the last step's segment, so the last step's value judges the
+    answer too. Tokenizing segment by segment makes every step end an exact token position.
+    """
+    segments = [(STEP_SEP if i else "") + s for i, s in enumerate(steps)]
+    if final and segments:
+        segments[-1] += STEP_SEP + FINAL_PREFIX + final
+    return segments
+
+
+def question_text(record):
+    """The user-turn text of a question record: the question, then its options if it has any."""
+    text = record["question"]
+    choices = record.get("choices")
+    if choices:
+        text += "\nOptions: " + " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization: chat template + segment-wise steps
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """One CoT ready for the backbone."""
+    input_ids: torch.Tensor          # (L,) int64
+    step_ends: torch.Tensor          # (S,) int64, position of each step's last token
+    prompt_len: int                  # tokens of image + question + assistant header (shared by a question's CoTs)
+    pixel_values: torch.Tensor = None   # (P, D) image patches, or None
+    image_grid_thw: torch.Tensor = None  # (1, 3), or None
+    mm_token_type_ids: torch.Tensor = None  # (L,) 1 at image tokens, 0 elsewhere
+
+
+def image_inputs(image_processor, image):
+    """Pixel values and grid for one PIL image (Pillow image processor, no torchvision)."""
+    out = image_processor(images=[image.convert("RGB")], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def encode_prompt(tokenizer, question, image_grid_thw=None, merge_size=2):
+    """Token ids of the user turn (image, question) and the assistant header, as a list of ints.
+
+    The chat template writes one <|image_pad|>; it is expanded here to the number of merged image
+    patches, image_grid_thw.prod() // merge_size**2 (what the Qwen2-VL processor would do).
+    """
+    if image_grid_thw is not None:
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+    else:
+        content = question
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if image_grid_thw is None:
+        return ids
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    n_image = int(image_grid_thw.prod()) // merge_size ** 2
+    at = ids.index(pad)
+    return ids[:at] + [pad] * n_image + ids[at + 1:]
+
+
+def encode_cot(tokenizer, question, steps, final="", image=None, image_processor=None, image_cache=None):
+    """Encode one CoT: chat template with the image and question in the user turn, the steps in
+    the assistant turn, tokenized segment by segment (`step_segments`).
+
+    `image` is a PIL image, a path, or None. Returns an `Encoded` whose step_ends[i] is the
+    position of the last token of step i. Raises ValueError for a CoT without steps.
+    """
+    if not steps:
+        raise ValueError("a CoT without steps cannot be scored")
+    pixel_values = grid = None
+    if image is not None:
+        if image_processor is None:
+            raise ValueError("this backbone has no image processor, but the record has an image")
+        if image_cache is not None and isinstance(image, str):
+            if image not in image_cache:
+                image_cache[image] = image_inputs(image_processor, Image.open(image))
+            pixel_values, grid = image_cache[image]
+        else:
+            pixel_values, grid = image_inputs(image_processor, Image.open(image) if isinstance(image, str) else image)
+    merge = getattr(image_processor, "merge_size", 2)
+    ids = encode_prompt(tokenizer, question, grid, merge)
+    prompt_len = len(ids)
+    ends = []
+    for seg in step_segments(steps, final):
+        seg_ids = tokenizer(seg, add_special_tokens=False)["input_ids"]
+        if not seg_ids:
+            raise ValueError("empty step")
+        ids += seg_ids
+        ends.append(len(ids) - 1)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    mm = None
+    if grid is not None:
+        mm = (input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
+    return Encoded(input_ids, torch.tensor(ends, dtype=torch.long), prompt_len, pixel_values, grid, mm)
+
+
+def collate(cots, pad_id):
+    """Right-pad a list of Encoded into one batch for the backbone.
+
+    Returns a dict with input_ids (B, L), attention_mask (B, L), step_ends (B, S), step_mask (B, S)
+    and, when any CoT has an image, pixel_values (sum P, D), image_grid_thw (n_images, 3) and
+    mm_token_type_ids (B, L). Padded step slots point at position 0 and are masked out.
+    """
+    B = len(cots)
+    L = max(len(c.input_ids) for c in cots)
+    S = max(len(c.step_ends) for c in cots)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    step_ends = torch.zeros(B, S, dtype=torch.long)
+    step_mask = torch.zeros(B, S, dtype=torch.bool)
+    for b, c in enumerate(cots):
+        n, s = len(c.input_ids), len(c.step_ends)
+        input_ids[b, :n] = c.input_ids
+        attention_mask[b, :n] = 1
+        step_ends[b, :s] = c.step_ends
+        step_mask[b, :s] = True
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, step_ends=step_ends, step_mask=step_mask)
+    with_image = [c for c in cots if c.pixel_values is not None]
+    if with_image:
+        mm = torch.zeros(B, L, dtype=torch.long)
+        for b, c in enumerate(cots):
+            if c.mm_token_type_ids is not None:
+                mm[b, :len(c.input_ids)] = c.mm_token_type_ids
+        batch["pixel_values"] = torch.cat([c.pixel_values for c in with_image])
+        batch["image_grid_thw"] = torch.cat([c.image_grid_thw for c in with_image])
+        batch["mm_token_type_ids"] = mm
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+def _quiet_transformers():
+    """Loading and saving print load reports and progress bars; keep script output readable."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _is_prm_dir(path):
+    return os.path.isfile(os.path.join(path, "prm.json")) and os.path.isfile(os.path.join(path, "prm.safetensors"))
+
+
+class PRM(nn.Module):
+    """Backbone + value head. V_phi(x, yhat_i) = sigmoid(w^T h_i + b).
+
+    The backbone is loaded with AutoModel (Qwen2-VL, Qwen2.5-VL and other image-text models give
+    their base model with last hidden states and no LM head; text-only causal LMs give theirs),
+    so no vocabulary-sized logits are ever computed.
+    """
+
+    def __init__(self, backbone, tokenizer, image_processor=None, head=None, seed=0):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        hidden = backbone.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1)
+        if head is None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                self.head.weight.normal_(0.0, hidden ** -0.5, generator=g)
+                self.head.bias.zero_()
+        else:
+            self.head.load_state_dict(head)
+        self.head.to(torch.float32)  # the head stays fp32 whatever the backbone's dtype
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.image_cache = {}
+
+    # -- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False):
+        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`."""
+        from transformers import AutoModel, AutoTokenizer
+        _quiet_transformers()
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise DataError("not a model directory (no config.json)", file=path)
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _ensure_chat_template(tokenizer, path)
+        image_processor = None
+        if getattr(backbone.config, "vision_config", None) is not None:
+            from transformers import AutoImageProcessor
+            image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(backbone, tokenizer, image_processor, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False):
+        """Load a PRM written by save_pretrained. A directory without the PRM files is a DataError."""
+        if not _is_prm_dir(path):
+            raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
+                            "a plain backbone is loaded with --model, not as a PRM)", file=path)
+        with open(os.path.join(path, "prm.json")) as f:
+            meta = json.load(f)
+        if meta.get("step_sep", STEP_SEP) != STEP_SEP:
+            raise DataError(f"step separator {meta['step_sep']!r} differs from this code's {STEP_SEP!r}",
+                            file=os.path.join(path, "prm.json"), field="step_sep")
+        prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        head = load_file(os.path.join(path, "prm.safetensors"))
+        prm.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
+        return prm
+
+    def save_pretrained(self, path):
+        """Write backbone (safetensors), tokenizer, image processor, prm.safetensors and prm.json.
+        Written into a temporary directory first, then renamed: a crash never leaves half a PRM."""
+        import transformers
+        _quiet_transformers()
+        with atomic_dir(path) as tmp:
+            self.backbone.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.image_processor is not None:
+                self.image_processor.save_pretrained(tmp)
+            save_file({"head.weight": self.head.weight.detach().float().contiguous(),
+                       "head.bias": self.head.bias.detach().float().contiguous()},
+                      os.path.join(tmp, "prm.safetensors"))
+            meta = dict(format=PRM_FORMAT, backbone_class=type(self.backbone).__name__,
+                        model_type=self.backbone.config.model_type, step_sep=STEP_SEP,
+                        hidden_size=self.head.in_features,
+                        versions=dict(torch=torch.__version__, transformers=transformers.__version__))
+            with open(os.path.join(tmp, "prm.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+
+    # -- encoding and scoring -----------------------------------------------------------------
+    def encode(self, record):
+        """Encode a record with 'question', 'steps', optional 'final' and '_image' (a path)."""
+        return encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
+                          record["steps"], record.get("final") or "", record.get("_image"),
+                          self.image_processor, self.image_cache)
+
+    def hidden(self, batch):
+        """Last hidden states (B, L, H) of a collated batch."""
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if "pixel_values" in batch:
+            kwargs.update(pixel_values=batch["pixel_values"].to(self.backbone.dtype),
+                          image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"])
+        return self.backbone(**kwargs).last_hidden_state
+
+    def value(self, h):
+        """V = sigmoid(w^T h + b) for hidden states h (..., H) -> (...)."""
+        return torch.sigmoid(self.head(h.to(self.head.weight.dtype)).squeeze(-1))
+
+    @property
+    def device(self):
+        return self.head.weight.device
+
+
+def _ensure_chat_template(tokenizer, path):
+    """Some checkpoints keep the chat template beside the processor, not in the tokenizer."""
+    if tokenizer.chat_template:
+        return
+    for name in ("chat_template.jinja", "chat_template.json"):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p) as f:
+                text = f.read()
+            tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            return
+    raise DataError("the tokenizer has no chat template", file=path)
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def step_values(prm, cots):
+    """Packed scoring: ONE forward for a batch of CoTs.
+
+    cots: list of Encoded (B of them). Returns values (B, S) and mask (B, S); values at masked
+    (padding) slots are meaningless.
+    """
+    batch = _to(collate(cots, prm.pad_id), prm.device)
+    h = prm.hidden(batch)                                        # (B, L, H)
+    idx = batch["step_ends"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
+    h_steps = torch.gather(h, 1, idx)                            # (B, S, H) hidden state at each step end
+    return prm.value(h_steps), batch["step_mask"]                # (B, S), (B, S)
+
+
+def prefix_values(prm, cots):
+    """Reference scoring: one forward per step prefix, the value read at its last position.
+    Same output as step_values; it exists for tests and as the cost baseline."""
+    rows = []
+    for c in cots:
+        row = []
+        for end in c.step_ends.tolist():
+            prefix = Encoded(c.input_ids[:end + 1], torch.tensor([end]), c.prompt_len, c.pixel_values,
+                             c.image_grid_thw, None if c.mm_token_type_ids is None else c.mm_token_type_ids[:end + 1])
+            v, _ = step_values(prm, [prefix])                    # (1, 1)
+            row.append(v[0, 0])
+        rows.append(torch.stack(row))
+    S = max(len(r) for r in rows)
+    values = torch.zeros(len(rows), S, device=prm.device)
+    mask = torch.zeros(len(rows), S, dtype=torch.bool, device=prm.device)
+    for b, r in enumerate(rows):
+        values[b, :len(r)] = r
+        mask[b, :len(r)] = True
+    return values, mask
+
+
+def aggregate(values, mask, how="mean_logit"):
+    """Aggregation function A over each CoT's steps: (B, S) values and mask -> (B,).
+
+    mean_logit: A = sigmoid((1/n) sum_i logit(V_i)), V clamped to [1e-6, 1-1e-6] (the paper's A)
+    min, prod, last, mean: the usual alternatives. Padding slots (mask False) are ignored.
+    """
+    mask = mask.to(values.device)
+    m = mask.to(values.dtype)
+    n = m.sum(-1).clamp(min=1)                                   # (B,)
+    if how == "mean_logit":
+        V = values.clamp(V_CLAMP, 1 - V_CLAMP)
+        return torch.sigmoid((torch.logit(V) * m).sum(-1) / n)
+    if how == "mean":
+        return (values * m).sum(-1) / n
+    if how == "min":
+        return values.masked_fill(~mask, float("inf")).min(-1).values
+    if how == "prod":
+        return values.masked_fill(~mask, 1.0).prod(-1)
+    if how == "last":
+        last = (mask.long().sum(-1) - 1).clamp(min=0)            # (B,)
+        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+    raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
+
+
+AGGREGATIONS = ("mean_logit", "min", "prod", "last", "mean")
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny backbone (tests and the toy world; nothing is downloaded)
+# --------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's chat template, reduced to what this project uses: a user turn with an optional image.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the tiny tokenizer's BPE merges are learned from: the words of the structured prompt and
+# of the toy world, so toy CoTs are a few dozen tokens rather than hundreds of bytes.
+_TOKENIZER_CORPUS = """Question: Options: Step 1: Restate the question. Step 2: Gather evidence from the image.
+Step 3: Identify any background knowledge needed. Step 4: Reason with the current evidence.
+Step 5: Summarize and conclude with all the information. Final answer: the answer is
+The image shows a red green blue yellow circle square triangle shapes digits number count sum
+add plus minus total how many what is which color of the left right top bottom largest smallest
+We need to count compute the result so therefore hence check this carefully I think maybe
+guess Hmm wait seems correct wrong answer value equals is are was in on at and or not a an
+"""
+
+
+def _tiny_tokenizer(vocab_size=512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=32768)
+
+
+def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1):
+    """A small randomly initialised Qwen2-VL (Qwen2VLForConditionalGeneration, so it can also
+    generate as a policy), its locally built tokenizer and a Pillow image processor.
+
+    Deterministic for a seed. Returns (model, tokenizer, image_processor); save all three with
+    save_pretrained into one directory (`save_tiny_backbone`) and load them like any checkpoint.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = _tiny_tokenizer()
+    tid = tokenizer.convert_tokens_to_ids
+    head_dim = hidden_size // heads
+    half = head_dim // 2                                         # M-RoPE splits head_dim/2 over (t, h, w)
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=4096, bos_token_id=tid("<|endoftext|>"),
+                         eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope)),
+        vision_config=dict(depth=vision_depth, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tid("<|endoftext|>")
+    model.generation_config.eos_token_id = tid("<|im_end|>")
+    # Small images: 56x56 to 112x112 pixels, 4 to 16 image tokens after the 2x2 merge.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return model, tokenizer, image_processor
+
+
+def save_tiny_backbone(path, seed=0, **kwargs):
+    """Write tiny_backbone(seed) into `path` (once; reused if it is already there). Returns path."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    model, tokenizer, image_processor = tiny_backbone(seed, **kwargs)
+    _quiet_transformers()
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+    return path
+
+
+def resolve_model(model, cache_dir="runs/tiny-backbone"):
+    """--model argument -> a local directory. 'tiny' means the tiny backbone, written on first use."""
+    if model == "tiny":
+        return save_tiny_backbone(cache_dir)
+    if not os.path.isdir(model):
+        raise DataError("no such model directory (weights are never downloaded; give a local "
+                        "directory written by save_pretrained, or 'tiny')", file=model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Files: atomic writes, JSONL with validation, the published DreamPRM JSON
+# --------------------------------------------------------------------------------------------
+
+class atomic_dir:
+    """`with atomic_dir(path) as tmp:` write into tmp; on success tmp replaces path in one rename."""
+
+    def __init__(self, path):
+        self.path = path.rstrip("/")
+        self.tmp = self.path + ".tmp"
+
+    def __enter__(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = self.path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(self.path):
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to path.tmp, flush to disk, then rename over path."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path, tensors, metadata=None):
+    """safetensors file written to path.tmp, then renamed over path."""
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def iter_jsonl(path, drop_torn_tail=False):
+    """Yield (line_number, object) from a JSON Lines file.
+
+    A malformed line is a DataError naming the file and line. With drop_torn_tail (our own output
+    files, on resume), a last line without its newline is a write cut short by a crash: it is
+    skipped, never parsed as data.
+    """
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if drop_torn_tail and i == len(lines) and not line.endswith("\n"):
+            return
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=path, line=i) from None
+        if not isinstance(obj, dict):
+            raise DataError("each line must be a JSON object", file=path, line=i)
+        yield i, obj
+
+
+def drop_torn_tail(path):
+    """Cut a half-written last line (no newline) off an output file before appending to it."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(f, record):
+    """Append one record (keys starting with '_' are in-memory only) and flush it to disk."""
+    f.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+@lru_cache(maxsize=4096)
+def _check_image(path):
+    """None if path is a readable image, else what is wrong with it."""
+    if not os.path.isfile(path):
+        return f"no such image file: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception:
+        return f"not an image: {path}"
+    return None
+
+
+# Required fields per file kind and their types (DESIGN.md section 3).
+_FIELDS = {
+    "questions": {"id": (str, int), "domain": str, "question": str, "answer": (str, int, float)},
+    "cots": {"steps": list, "correct": bool},
+    "labels": {"mc": list},
+}
+_KINDS = {"questions": ("questions",), "cots": ("questions", "cots"), "labels": ("questions", "cots", "labels")}
+
+
+def check_record(obj, kind, file, line, image_root):
+    """Validate one record of a given kind ('questions', 'cots', 'labels') in place.
+
+    Adds '_image' (absolute image path or None), '_question' (the user-turn text) and '_src'.
+    Raises DataError naming file, line and field.
+    """
+    for k in _KINDS[kind]:
+        for field, typ in _FIELDS[k].items():
+            if field not in obj:
+                raise DataError("missing required field", file, line, field)
+            if not isinstance(obj[field], typ) or (typ is not bool and isinstance(obj[field], bool)):
+                raise DataError(f"wrong type {type(obj[field]).__name__}", file, line, field)
+    obj["id"] = str(obj["id"])
+    obj["answer"] = str(obj["answer"])
+    if not obj["question"].strip():
+        raise DataError("empty question", file, line, "question")
+    choices = obj.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+        raise DataError("must be a list of strings", file, line, "choices")
+    image = obj.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise DataError("must be a path or null", file, line, "image")
+        path = image if os.path.isabs(image) else os.path.join(image_root, image)
+        problem = _check_image(os.path.abspath(path))
+        if problem:
+            raise DataError(problem, file, line, "image")
+        obj["_image"] = os.path.abspath(path)
+    else:
+        obj["_image"] = None
+    if kind in ("cots", "labels"):
+        steps = obj["steps"]
+        if not all(isinstance(s, str) for s in steps):
+            raise DataError("must be a list of strings", file, line, "steps")
+        if any(not s.strip() for s in steps):
+            raise DataError("empty step", file, line, "steps")
+    if kind == "labels":
+        check_labels(obj["mc"], len(obj["steps"]), file, line)
+    obj["_question"] = question_text(obj)
+    obj["_src"] = (file, line)
+    return obj
+
+
+def check_labels(mc, n_steps, file=None, line=None, field="mc"):
+    """MC labels: one per step, each a number in [0, 1] (None: that step is unlabelled)."""
+    if len(mc) != n_steps:
+        raise DataError(f"{len(mc)} labels for {n_steps} steps", file, line, field)
+    for p in mc:
+        if p is None:
+            continue
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 <= p <= 1.0:
+            raise DataError(f"label {p!r} is not a number in [0, 1]", file, line, field)
+
+
+def read_records(path, kind, image_root=None, drop_torn=False):
+    """Read and validate a JSONL file of questions, cots or labels. Returns a list of dicts."""
+    image_root = image_root or os.path.dirname(os.path.abspath(path))
+    return [check_record(obj, kind, path, i, image_root) for i, obj in iter_jsonl(path, drop_torn)]
+
+
+def is_published(path):
+    """The published DreamPRM files are one JSON list; ours are JSON Lines."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(64).lstrip()
+    return head.startswith("[")
+
+
+def read_published(path, image_root=None):
+    """Read a published DreamPRM train or meta JSON file into our CoT records.
+
+    Meta records ({"id", "true_false", "input", "image_path"}) are one CoT each: the question is the
+    text before "Step 1", the steps follow, then "Final answer: ...". Train records
+    ({"id", "sid", "input", "add", "image_path", "dataset", "accuracy"}) are one step prefix each:
+    prefixes of the same question that extend one another are grouped into one CoT whose step
+    sid gets that record's MC label (other steps stay unlabelled, None).
+    Returns (records, n_skipped): records without steps are skipped and counted.
+    """
+    image_root = image_root or os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at line {e.lineno})", file=path, line=e.lineno) from None
+    if not isinstance(data, list):
+        raise DataError("expected a JSON list of records", file=path)
+    records, skipped = [], 0
+    groups = {}
+    for i, obj in enumerate(data):
+        where = f"record {i}"
+        if not isinstance(obj, dict):
+            raise DataError("each record must be an object", path, where)
+        meta = "true_false" in obj
+        needed = ("id", "true_false", "input", "image_path") if meta else \
+            ("id", "sid", "input", "add", "image_path", "dataset", "accuracy")
+        for field in needed:
+            if field not in obj:
+                raise DataError("missing required field", path, where, field)
+        image = obj["image_path"]
+        rec = {"id": str(obj["id"]), "domain": obj.get("dataset", "meta"), "answer": "", "image": image}
+        if image:
+            full = os.path.abspath(image if os.path.isabs(image) else os.path.join(image_root, image))
+            problem = _check_image(full)
+            if problem:
+                raise DataError(problem, path, where, "image_path")
+            rec["_image"] = full
+        else:
+            rec["_image"] = None
+        if meta:
+            split = split_steps(obj["input"], paragraphs=False)
+            if not split.steps:
+                skipped += 1
+                continue
+            rec.update(question=split.preamble, steps=split.steps, final=split.final,
+                       correct=bool(obj["true_false"]), _question=split.preamble, _src=(path, where))
+            records.append(rec)
+        else:
+            acc = obj["accuracy"]
+            check_labels([acc], 1, path, where, "accuracy")
+            split = split_steps(obj["add"], paragraphs=False)
+            if not split.steps:
+                skipped += 1
+                continue
+            rec.update(question=obj["input"], _question=obj["input"], _src=(path, where))
+            key = (rec["domain"], rec["id"], obj["input"], image)
+            groups.setdefault(key, []).append((split, float(acc), rec))
+    for members in groups.values():
+        # Longest prefix first; a shorter one joins the first CoT whose steps it starts.
+        members.sort(key=lambda m: -len(m[0].steps))
+        cots = []
+        for split, acc, rec in members:
+            n = len(split.steps)
+            for cot in cots:
+                if cot["steps"][:n] == split.steps:
+                    cot["mc"][n - 1] = acc
+                    break
+            else:
+                rec.update(steps=split.steps, final=split.final, mc=[None] * (n - 1) + [acc], correct=acc >= 0.5)
+                cots.append(rec)
+        records.extend(cots)
+    return records, skipped
+
+
+def read_cots(path, kind, image_root=None):
+    """Our JSONL (validated as `kind`) or the published JSON. Returns (records, n_skipped).
+    Our records with no steps are skipped and counted too."""
+    if is_published(path):
+        return read_published(path, image_root)
+    records = read_records(path, kind, image_root)
+    kept = [r for r in records if r["steps"]]
+    return kept, len(records) - len(kept)
