@@ -41,6 +41,7 @@ STEP_SEP = "\n"                 # written between steps; each step's last token 
 FINAL_PREFIX = "Final answer: "  # the structured prompt's answer line, attached to the last step
 V_CLAMP = 1e-6                  # logit(V) is taken of V clamped to [V_CLAMP, 1 - V_CLAMP]
 PRM_FORMAT = 1                  # version of prm.json
+IMAGE_CACHE_SIZE = 256          # preprocessed images kept per PRM (a question's N CoTs share one)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +186,8 @@ def encode_cot(tokenizer, question, steps, final="", image=None, image_processor
         if image_cache is not None and isinstance(image, str):
             if image not in image_cache:
                 image_cache[image] = image_inputs(image_processor, Image.open(image))
+                if len(image_cache) > IMAGE_CACHE_SIZE:
+                    image_cache.pop(next(iter(image_cache)))    # oldest first: bounded memory
             pixel_values, grid = image_cache[image]
         else:
             pixel_values, grid = image_inputs(image_processor, Image.open(image) if isinstance(image, str) else image)
@@ -281,13 +284,16 @@ class PRM(nn.Module):
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
-    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False):
-        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`."""
+    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False, attn_implementation=None):
+        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`.
+        attn_implementation: None (transformers' default, sdpa), or "eager" where double backward
+        through attention is needed (the hypergradient test)."""
         from transformers import AutoModel, AutoTokenizer
         _quiet_transformers()
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise DataError("not a model directory (no config.json)", file=path)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         _ensure_chat_template(tokenizer, path)
         image_processor = None
@@ -298,7 +304,10 @@ class PRM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False):
-        """Load a PRM written by save_pretrained. A directory without the PRM files is a DataError."""
+        """Load a PRM written by save_pretrained (or the run directory of bilevel_train.py, which
+        holds it in prm/). A directory without the PRM files is a DataError."""
+        if not _is_prm_dir(path) and _is_prm_dir(os.path.join(path, "prm")):
+            path = os.path.join(path, "prm")                     # a bilevel_train.py run directory
         if not _is_prm_dir(path):
             raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
                             "a plain backbone is loaded with --model, not as a PRM)", file=path)
@@ -721,7 +730,7 @@ def read_published(path, image_root=None):
     ({"id", "sid", "input", "add", "image_path", "dataset", "accuracy"}) are one step prefix each:
     prefixes of the same question that extend one another are grouped into one CoT whose step
     sid gets that record's MC label (other steps stay unlabelled, None).
-    Returns (records, n_skipped): records without steps are skipped and counted.
+    Returns (records, skipped): records without steps are left out and returned apart.
     """
     image_root = image_root or os.path.dirname(os.path.abspath(path))
     try:
@@ -731,7 +740,7 @@ def read_published(path, image_root=None):
         raise DataError(f"malformed JSON ({e.msg} at line {e.lineno})", file=path, line=e.lineno) from None
     if not isinstance(data, list):
         raise DataError("expected a JSON list of records", file=path)
-    records, skipped = [], 0
+    records, skipped = [], []
     groups = {}
     for i, obj in enumerate(data):
         where = f"record {i}"
@@ -756,7 +765,7 @@ def read_published(path, image_root=None):
         if meta:
             split = split_steps(obj["input"], paragraphs=False)
             if not split.steps:
-                skipped += 1
+                skipped.append(rec)
                 continue
             rec.update(question=split.preamble, steps=split.steps, final=split.final,
                        correct=bool(obj["true_false"]), _question=split.preamble, _src=(path, where))
@@ -766,7 +775,7 @@ def read_published(path, image_root=None):
             check_labels([acc], 1, path, where, "accuracy")
             split = split_steps(obj["add"], paragraphs=False)
             if not split.steps:
-                skipped += 1
+                skipped.append(rec)
                 continue
             rec.update(question=obj["input"], _question=obj["input"], _src=(path, where))
             key = (rec["domain"], rec["id"], obj["input"], image)
@@ -789,10 +798,9 @@ def read_published(path, image_root=None):
 
 
 def read_cots(path, kind, image_root=None):
-    """Our JSONL (validated as `kind`) or the published JSON. Returns (records, n_skipped).
-    Our records with no steps are skipped and counted too."""
+    """Our JSONL (validated as `kind`) or the published JSON. Returns (records, skipped): the
+    records without steps are left out, and returned apart so the caller can count and name them."""
     if is_published(path):
         return read_published(path, image_root)
     records = read_records(path, kind, image_root)
-    kept = [r for r in records if r["steps"]]
-    return kept, len(records) - len(kept)
+    return [r for r in records if r["steps"]], [r for r in records if not r["steps"]]

@@ -165,11 +165,11 @@ def write_published(tmp_path, images):
 def test_published_format_parses(tmp_path, images, tiny_prm):
     meta_path, train_path = write_published(tmp_path, images)
     meta, skipped = prm.read_cots(meta_path, "cots")
-    assert skipped == 1 and len(meta) == 1
+    assert len(skipped) == 1 and len(meta) == 1
     assert meta[0]["correct"] is True and len(meta[0]["steps"]) == 3 and meta[0]["final"] == "7"
     assert meta[0]["_question"].startswith("Question: Sum?")
     train, skipped = prm.read_cots(train_path, "labels")
-    assert skipped == 1
+    assert len(skipped) == 1 and skipped[0]["domain"] == "m3cot"
     by_id = {r["id"]: r for r in train}
     assert by_id["5"]["mc"] == [0.75, 0.5] and by_id["5"]["domain"] == "ai2d"
     assert by_id["6"]["mc"] == [1.0]

@@ -1,0 +1,586 @@
+"""DreamPRM bi-level training: fit the PRM on domain-weighted step labels (lower level) while
+learning the domain weights from the aggregation-function loss on a clean meta set (upper level).
+
+Reads   --train labels.jsonl [more]  (our JSONL with MC labels, or the published DreamPRM train.json)
+        --meta  cots.jsonl           (whole CoTs with `correct`, or the published meta.json)
+Writes  --out RUN_DIR: prm/ (load with prm.PRM.from_pretrained(RUN_DIR)), domain_weights.json,
+        domain_weights.png, metrics.jsonl, config.json, checkpoint/ (resume with --resume)
+
+The math (DESIGN.md section 2; symbols as in the paper):
+  alpha_k = softplus(a_k) / mean_j softplus(a_j)                             domain weights
+  L_tr(phi, alpha) = sum_b alpha_d(b) sum_i (V_phi(x_b, yhat_bi) - p_bi)^2 / sum_b n_b
+                   = sum_b w_b(alpha) l_b(phi)                               lower loss
+  L_meta(phi) = mean_m (A(V_phi(x_m, yhat_m1..n)) - r_m)^2                   upper loss
+  every U lower steps (AdamW on phi, lr xi), one upper step (Adam on a, meta lr) with
+  v = grad_phi L_meta(phi),  eps = r / ||v||
+  g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
+
+Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
+    python bilevel_train.py
+Real data:
+    python bilevel_train.py --train labels.jsonl --meta meta.jsonl --domains ai2d,m3cot \\
+        --model /models/Qwen2-VL-2B-Instruct --precision bf16 --out runs/dreamprm
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import prm
+
+TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.py --toy, mc_label.py)
+TOY_META = "toy/meta_cots.jsonl"
+# Defaults for real data, and the toy preset used when no data is given (a tiny PRM learns in
+# minutes, and larger meta batches keep the hypergradient's noise below its signal).
+DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01)
+TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights and losses
+# --------------------------------------------------------------------------------------------
+
+def domain_weights(a):
+    """alpha = softplus(a) / mean(softplus(a)): positive, mean 1, a = 0 gives uniform weights. (K,) -> (K,)"""
+    s = F.softplus(a)
+    return s / s.mean()
+
+
+def instance_weights(a, max_weight=2.0):
+    """One weight per training CoT, bounded in (0, max_weight); a = 0 gives 1 when max_weight = 2."""
+    return max_weight * torch.sigmoid(a)
+
+
+def cot_weights(a, batch_keys, mode):
+    """alpha_b for each CoT of a batch (B,): its domain's weight, its own weight, or 1."""
+    if mode == "domain":
+        return domain_weights(a)[batch_keys]
+    if mode == "instance":
+        return instance_weights(a[batch_keys])
+    return torch.ones(len(batch_keys), dtype=a.dtype, device=a.device)
+
+
+def step_losses(values, mask, p, p_mask):
+    """Per-CoT lower losses l_b = sum_i (V_bi - p_bi)^2 over labelled steps, and n_b.
+
+    values (B, S), mask (B, S) from prm.step_values; p (B, S) MC labels; p_mask (B, S) labelled steps.
+    Returns l (B,) and n (B,).
+    """
+    m = (mask & p_mask).to(values.dtype)
+    return ((values - p) ** 2 * m).sum(-1), m.sum(-1)
+
+
+def lower_loss(values, mask, p, p_mask, alpha_b):
+    """L_tr = sum_b alpha_b l_b / sum_b n_b (each labelled step counts once). Returns (L_tr, l (B,), n (B,))."""
+    l, n = step_losses(values, mask, p, p_mask)
+    return (alpha_b * l).sum() / n.sum().clamp(min=1), l, n
+
+
+def meta_loss(values, mask, r, loss="mse", aggregation=True, p=None, p_mask=None):
+    """Upper loss on whole meta CoTs.
+
+    aggregation: L_meta = mean_m (A(V_m1..n) - r_m)^2 with A = prm.aggregate (mean_logit); BCE optional.
+    aggregation=False (the w/o-AFL ablation): step-level MSE against meta MC labels p where given,
+    else the last step against r (p_mask marks which steps have a target).
+    """
+    if aggregation:
+        A = prm.aggregate(values, mask, "mean_logit")           # (M,)
+        if loss == "bce":
+            return F.binary_cross_entropy(A.clamp(prm.V_CLAMP, 1 - prm.V_CLAMP), r)
+        return ((A - r) ** 2).mean()
+    l, n = step_losses(values, mask, p, p_mask)
+    return (l / n.clamp(min=1)).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The hypergradient (finite difference, as DARTS and Betty's "darts" method)
+# --------------------------------------------------------------------------------------------
+
+def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01):
+    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
+
+    phi: list of trainable tensors; a: raw weights (requires_grad).
+    meta_loss_fn(): L_meta at the current phi (with autograd graph).
+    train_losses_fn(): per-CoT losses l_b of the latest train batch (B,), run without autograd.
+    weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
+    Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
+    two forward passes, no backward through the network. phi is restored bit for bit.
+    Returns (g_a, L_meta value).
+    """
+    L_meta = meta_loss_fn()
+    v = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
+    v = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(phi, v)]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v))
+    if norm == 0:
+        return torch.zeros_like(a), L_meta.item()
+    eps = r / norm.item()
+    saved = [p.detach().clone() for p in phi]                   # exact restore, not p - eps v + eps v
+    with torch.no_grad():
+        for p, g in zip(phi, v):
+            p.add_(g.to(p.dtype), alpha=eps)                    # phi + eps v
+        l_plus = train_losses_fn()                              # (B,)
+        for p, s, g in zip(phi, saved, v):
+            p.copy_(s).add_(g.to(p.dtype), alpha=-eps)          # phi - eps v
+        l_minus = train_losses_fn()                             # (B,)
+        for p, s in zip(phi, saved):
+            p.copy_(s)
+    with torch.enable_grad():
+        w = weights_fn(a)                                       # (B,)
+        s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
+        g_a, = torch.autograd.grad(s, a)
+    return -xi * g_a, L_meta.item()
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
+    """A small labelled set made on the spot (text only), for runs with no data and for tests.
+
+    Each CoT has 1 to 4 steps; a step either "checks out" or "fails", and a CoT is correct when no
+    step fails. Domains: clean (labels p = 1 before the first failed step, 0 from it on), noisy
+    (the same labels flipped), random (labels drawn at random). The meta set is clean.
+    Returns (train, meta) record lists.
+    """
+    rng = random.Random(seed)
+
+    def cot(i):
+        n = rng.randint(1, 4)
+        bad_at = rng.randrange(n) if rng.random() < 0.5 else n
+        steps = [f"Step {k + 1}: the check " + ("fails" if k == bad_at else "passes") + "." for k in range(n)]
+        true_p = [1.0 if k < bad_at else 0.0 for k in range(n)]
+        return {"id": f"s{i}", "question": "Does every check pass?", "answer": "yes", "image": None,
+                "steps": steps, "final": "yes" if bad_at == n else "no", "correct": bad_at == n,
+                "_image": None, "_question": "Does every check pass?"}, true_p
+
+    train = []
+    for d in ("clean", "noisy", "random"):
+        for i in range(n_per_domain):
+            rec, p = cot(len(train))
+            rec["mc"] = {"clean": p, "noisy": [1 - x for x in p],
+                         "random": [float(rng.random() < 0.5) for _ in p]}[d]
+            rec["domain"] = d
+            train.append(rec)
+    meta = []
+    for i in range(n_meta):
+        rec, _ = cot(10_000 + i)
+        rec["domain"] = "meta"
+        meta.append(rec)
+    return train, meta
+
+
+def load_data(args):
+    """Train and meta records (validated), the chosen domains, and counts of skipped records."""
+    if not args.train and not args.meta:
+        if os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META):
+            args.train, args.meta = [TOY_TRAIN], TOY_META
+        else:
+            print("no --train/--meta given and no toy world built: using a small synthetic set")
+            train, meta = synthetic_data(args.seed)
+            return train, meta, sorted({r["domain"] for r in train}), 0, 0
+    if not args.train or not args.meta:
+        raise prm.DataError("give both --train and --meta (or neither, for the toy demo)")
+    train, skipped_train = [], []
+    for path in args.train:
+        recs, skipped = prm.read_cots(path, "labels", args.image_root)
+        train += recs
+        skipped_train += skipped
+    meta, skipped_meta = prm.read_cots(args.meta, "cots", args.image_root)
+    present = sorted({r["domain"] for r in train + skipped_train})
+    usable = sorted({r["domain"] for r in train if any(p is not None for p in r["mc"])})
+    if not args.domains and usable != present:
+        print(f"domains with no usable records, left out: {', '.join(sorted(set(present) - set(usable)))}")
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] or usable
+    unknown = [d for d in domains if d not in present]
+    if unknown:
+        raise prm.DataError(f"unknown domain(s) {', '.join(unknown)}; domains present: {', '.join(present)}",
+                            field="--domains")
+    train = [r for r in train if r["domain"] in domains and any(p is not None for p in r["mc"])]
+    for d in domains:
+        if not any(r["domain"] == d for r in train):
+            raise prm.DataError(f"domain '{d}' has no usable records (none with steps and labels)",
+                                field="--domains")
+    if not meta:
+        raise prm.DataError(f"no usable meta records ({len(skipped_meta)} without steps)", file=args.meta)
+    return train, meta, domains, len(skipped_train), len(skipped_meta)
+
+
+def encode(model, rec):
+    """Encoded CoT; kept on the record when it has no image (image CoTs share an LRU image cache,
+    so memory stays bounded on large image sets)."""
+    if "_enc" in rec:
+        return rec["_enc"]
+    e = model.encode(rec)
+    if rec.get("_image") is None:
+        rec["_enc"] = e
+    return e
+
+
+def label_tensors(records, S, device, dtype=torch.float32):
+    """MC labels (B, S) and which steps are labelled (B, S)."""
+    p = torch.zeros(len(records), S, dtype=dtype)
+    p_mask = torch.zeros(len(records), S, dtype=torch.bool)
+    for b, rec in enumerate(records):
+        for i, x in enumerate(rec["mc"]):
+            if x is not None:
+                p[b, i], p_mask[b, i] = x, True
+    return p.to(device), p_mask.to(device)
+
+
+def meta_targets(records, S, device, dtype=torch.float32):
+    """For the w/o-AFL ablation: meta MC labels where present, else the last step against r."""
+    p = torch.zeros(len(records), S, dtype=dtype)
+    p_mask = torch.zeros(len(records), S, dtype=torch.bool)
+    for b, rec in enumerate(records):
+        if rec.get("mc"):
+            for i, x in enumerate(rec["mc"]):
+                if x is not None:
+                    p[b, i], p_mask[b, i] = x, True
+        else:
+            p[b, len(rec["steps"]) - 1] = float(rec["correct"])
+            p_mask[b, len(rec["steps"]) - 1] = True
+    return p.to(device), p_mask.to(device)
+
+
+def sample(n, k, seed, *key):
+    """k indices in [0, n), a pure function of (seed, key): a resumed run draws the same batches."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + key).encode()))
+    return torch.randint(n, (k,), generator=g).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# One lower step, one upper step
+# --------------------------------------------------------------------------------------------
+
+def forward(model, records, autocast):
+    """Packed step values of a list of records: (B, S) values, (B, S) mask."""
+    with autocast:
+        return prm.step_values(model, [encode(model, r) for r in records])
+
+
+@dataclass
+class TrainBatch:
+    """The latest lower step's batch: the hypergradient re-evaluates its per-CoT losses."""
+    records: list
+    keys: torch.Tensor      # (B,) index into a of each CoT (its domain, or itself)
+    p: torch.Tensor         # (B, S) MC labels
+    p_mask: torch.Tensor    # (B, S) labelled steps
+    L_tr: torch.Tensor      # the weighted loss (scalar, detached)
+    l: torch.Tensor         # (B,) per-CoT losses
+    n: torch.Tensor         # (B,) labelled steps per CoT
+
+
+def lower_step(model, opt_phi, a, records, keys, weighting, autocast):
+    """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached)."""
+    values, mask = forward(model, records, autocast)                     # (B, S)
+    p, p_mask = label_tensors(records, values.shape[1], values.device)
+    L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, cot_weights(a.detach(), keys, weighting))
+    if torch.isfinite(L_tr):
+        opt_phi.zero_grad(set_to_none=True)
+        L_tr.backward()
+        opt_phi.step()
+    return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
+
+
+def upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast):
+    """a <- Adam step on the finite-difference hypergradient g_a. Returns L_meta (NaN, and no
+    step, when L_meta or g_a is not finite)."""
+    r = torch.tensor([float(x["correct"]) for x in m_records], device=a.device)   # (M,)
+
+    def meta_loss_fn():
+        values, mask = forward(model, m_records, autocast)
+        pm, pm_mask = meta_targets(m_records, values.shape[1], a.device) if args.no_aggregation else (None, None)
+        return meta_loss(values.float(), mask, r, args.upper_loss, not args.no_aggregation, pm, pm_mask)
+
+    def train_losses_fn():
+        values, mask = forward(model, batch.records, autocast)
+        return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]      # (B,)
+
+    def weights_fn(a_):
+        return cot_weights(a_, batch.keys, args.weighting) / batch.n.sum().clamp(min=1)   # w_b(a)
+
+    g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, args.fd_radius)
+    if not torch.isfinite(g_a).all():
+        return float("nan")                                             # the caller stops the run
+    opt_a.zero_grad(set_to_none=True)
+    a.grad = g_a
+    opt_a.step()
+    return L_meta
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON, written atomically)
+# --------------------------------------------------------------------------------------------
+
+def optimizer_tensors(opt, prefix):
+    """An optimizer's per-parameter state as flat tensors {prefix.i.name: tensor}."""
+    out = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for name, t in opt.state.get(p, {}).items():
+            out[f"{prefix}.{i}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+    return out
+
+
+def load_optimizer(opt, tensors, prefix):
+    params = opt.param_groups[0]["params"]
+    for key, t in tensors.items():
+        if key.startswith(prefix + "."):
+            _, i, name = key.rsplit(".", 2)
+            p = params[int(i)]
+            opt.state.setdefault(p, {})[name] = t.to(p.device) if name != "step" else t
+    return opt
+
+
+def trainable_state(model):
+    """What a checkpoint must hold of the model: every trainable tensor (backbone and head)."""
+    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration):
+    with prm.atomic_dir(os.path.join(run_dir, "checkpoint")) as tmp:
+        prm.save_tensors_atomic(os.path.join(tmp, "model.safetensors"), trainable_state(model))
+        tensors = {"a": a.detach()}
+        tensors.update(optimizer_tensors(opt_phi, "phi"))
+        tensors.update(optimizer_tensors(opt_a, "a"))
+        prm.save_tensors_atomic(os.path.join(tmp, "state.safetensors"), tensors)
+        prm.write_json_atomic(os.path.join(tmp, "state.json"), {"iteration": iteration})
+
+
+def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
+    """Restore model, a and both optimizers; returns the iteration to continue from."""
+    from safetensors.torch import load_file
+    ck = os.path.join(run_dir, "checkpoint")
+    weights = load_file(os.path.join(ck, "model.safetensors"))
+    model.load_state_dict({k: v.to(model.device) for k, v in weights.items()}, strict=False)
+    tensors = load_file(os.path.join(ck, "state.safetensors"))
+    with torch.no_grad():
+        a.copy_(tensors["a"].to(a.device))
+    load_optimizer(opt_phi, tensors, "phi")
+    load_optimizer(opt_a, tensors, "a")
+    with open(os.path.join(ck, "state.json")) as f:
+        return json.load(f)["iteration"]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs a person reads
+# --------------------------------------------------------------------------------------------
+
+def plot_weights(history, names, path, title="domain weights alpha"):
+    """Draw alpha_k over iterations with Pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 720, 420, 60, 150, 30, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    its = [h["iteration"] for h in history]
+    vals = [[h["alpha"][n] for h in history] for n in names]
+    lo, hi = 0.0, max(1.5, max((max(v) for v in vals), default=1.5)) * 1.05
+    x0, x1 = min(its, default=0), max(max(its, default=1), min(its, default=0) + 1)
+    X = lambda i: L + (W - L - R) * (i - x0) / (x1 - x0)  # noqa: E731
+    Y = lambda v: H - B - (H - T - B) * (v - lo) / (hi - lo)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for k in range(6):
+        v = lo + (hi - lo) * k / 5
+        d.text((5, Y(v) - 6), f"{v:.2f}", fill="black")
+    d.text((L, H - B + 8), f"iteration {x0}", fill="black")
+    d.text((W - R - 80, H - B + 8), f"{x1}", fill="black")
+    d.text((L, 8), title, fill="black")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+              "#bcbd22", "#17becf"]
+    for k, (n, v) in enumerate(zip(names, vals)):
+        c = colors[k % len(colors)]
+        pts = [(X(i), Y(x)) for i, x in zip(its, v)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        d.text((W - R + 10, T + 16 * k), f"{n} {v[-1]:.2f}" if v else n, fill=c)
+    img.save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", nargs="*", default=[], help="training labels: our labels.jsonl or published train.json")
+    ap.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
+    ap.add_argument("--domains", default="", help="comma-separated training domains (default: all present)")
+    ap.add_argument("--image-root", default=None, help="folder image paths are relative to (default: each file's folder)")
+    ap.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
+    ap.add_argument("--out", default="runs/toy", help="run directory")
+    ap.add_argument("--iterations", type=int, default=None, help="outer iterations, each U lower steps + 1 upper step "
+                    "(default: 1000; toy 150)")
+    ap.add_argument("--unroll-steps", type=int, default=5, help="U: lower steps per upper step")
+    ap.add_argument("--train-batch", type=int, default=None, help="training CoTs per lower step (default: 8; toy 16)")
+    ap.add_argument("--meta-batch", type=int, default=None, help="meta CoTs per upper step (default: 16; toy 32)")
+    ap.add_argument("--lr", type=float, default=None, help="xi, the lower (PRM) learning rate "
+                    "(default: 5e-7; toy and --model tiny 1e-4)")
+    ap.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the raw domain weights a "
+                    "(default: 0.01; toy 0.05)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on phi")
+    ap.add_argument("--fd-radius", type=float, default=0.01, help="r: finite-difference radius, eps = r / ||v||")
+    ap.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
+    ap.add_argument("--weighting", choices=["domain", "fixed", "instance"], default="domain",
+                    help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); instance: one weight per CoT")
+    ap.add_argument("--no-aggregation", action="store_true",
+                    help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: bf16 compute with fp32 master weights (updates are never rounded away)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N outer iterations")
+    ap.add_argument("--log-every", type=int, default=10, help="metrics and weights every N outer iterations")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the value head and the batch order")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    args = ap.parse_args(argv)
+    toy = not args.train and not args.meta
+    for k, v in (TOY_PRESET if toy else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.lr is None:
+        args.lr = 1e-4 if toy or args.model == "tiny" else 5e-7
+    return args
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    train, meta, domains, skipped_train, skipped_meta = load_data(args)
+    if skipped_meta or skipped_train:
+        print(f"skipped records without steps: {skipped_train} train, {skipped_meta} meta")
+    print(f"{len(train)} training CoTs in {len(domains)} domains: "
+          + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
+
+    model_dir = prm.resolve_model(args.model)
+    xi = args.lr
+    model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
+    model.train()
+    if args.grad_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    phi = [p for p in model.parameters() if p.requires_grad]
+    dom_index = {d: k for k, d in enumerate(domains)}
+    # Raw weights: one per domain, or one per training CoT; a = 0 is uniform.
+    n_a = len(train) if args.weighting == "instance" else len(domains)
+    a = torch.zeros(n_a, device=device, requires_grad=True)
+    opt_phi = torch.optim.AdamW(phi, lr=xi, weight_decay=args.weight_decay)
+    opt_a = torch.optim.Adam([a], lr=args.meta_lr)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start = 0
+    if args.resume:
+        if not os.path.isfile(os.path.join(args.out, "checkpoint", "state.json")):
+            raise prm.DataError("no checkpoint to resume from", file=args.out)
+        start = load_checkpoint(args.out, model, a, opt_phi, opt_a)
+        # Metrics logged after the checkpoint are replayed by this run: drop them.
+        kept = [o for _, o in prm.iter_jsonl(metrics_path, True)] if os.path.isfile(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            for o in kept:
+                if o["iteration"] <= start:
+                    f.write(json.dumps(o) + "\n")
+        print(f"resumed {args.out} at iteration {start}")
+    elif os.path.isfile(os.path.join(args.out, "checkpoint", "state.json")):
+        raise prm.DataError("run directory already has a checkpoint: pass --resume to continue it, "
+                            "or choose another --out", file=args.out)
+    else:
+        open(metrics_path, "w").close()
+    config = dict(vars(args), lr=xi, domains=domains, n_train=len(train), n_meta=len(meta),
+                  skipped_train=skipped_train, skipped_meta=skipped_meta, model_dir=model_dir)
+    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
+
+    def batch_alpha_keys(idx, records):
+        if args.weighting == "instance":
+            return torch.tensor(idx, device=device)
+        return torch.tensor([dom_index[r["domain"]] for r in records], device=device)
+
+    def current_alpha():
+        if args.weighting == "domain":
+            w = domain_weights(a.detach())
+            return {d: w[k].item() for k, d in enumerate(domains)}
+        if args.weighting == "instance":
+            w = instance_weights(a.detach())
+            keys = torch.tensor([dom_index[r["domain"]] for r in train], device=device)
+            return {d: w[keys == k].mean().item() for k, d in enumerate(domains)}
+        return {d: 1.0 for d in domains}
+
+    history = [o for _, o in prm.iter_jsonl(metrics_path, True)]
+    history = [{"iteration": o["iteration"], "alpha": {d: o[f"alpha/{d}"] for d in domains}} for o in history]
+    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
+    sums = dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
+    for it in bar:
+        t0 = time.perf_counter()
+        for u in range(args.unroll_steps):
+            idx = sample(len(train), args.train_batch, args.seed, "train", it, u)
+            records = [train[i] for i in idx]
+            batch = lower_step(model, opt_phi, a, records, batch_alpha_keys(idx, records), args.weighting, autocast)
+            if not torch.isfinite(batch.L_tr):
+                raise Diverged(f"non-finite lower loss at iteration {it}")
+            sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
+            sums["weighted"] += batch.L_tr.item()
+        L_meta = float("nan")
+        if args.weighting != "fixed":
+            m_records = [meta[i] for i in sample(len(meta), args.meta_batch, args.seed, "meta", it)]
+            L_meta = upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast)
+            if not math.isfinite(L_meta):
+                raise Diverged(f"non-finite upper loss at iteration {it}")
+        sums["upper"] += 0.0 if math.isnan(L_meta) else L_meta
+        sums["n"] += 1
+        seconds = time.perf_counter() - t0
+        alpha = current_alpha()
+        bar.set_postfix_str(" ".join(f"{d}={w:.2f}" for d, w in list(alpha.items())[:6]))
+        done = it + 1
+        if done % args.log_every == 0 or done == args.iterations:
+            k = sums["n"]
+            row = {"iteration": done, "lower/loss": sums["lower"] / (k * args.unroll_steps),
+                   "lower/weighted_loss": sums["weighted"] / (k * args.unroll_steps),
+                   "upper/loss": sums["upper"] / k if args.weighting != "fixed" else None,
+                   "time/seconds_per_iteration": seconds}
+            row.update({f"alpha/{d}": w for d, w in alpha.items()})
+            with open(metrics_path, "a") as f:
+                prm.append_jsonl(f, row)
+            history.append({"iteration": done, "alpha": alpha})
+            sums = dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
+        if done % args.save_every == 0 or done == args.iterations:
+            save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
+    bar.close()
+
+    model.save_pretrained(os.path.join(args.out, "prm"))
+    alpha = current_alpha()
+    prm.write_json_atomic(os.path.join(args.out, "domain_weights.json"),
+                          {"final": alpha, "weighting": args.weighting, "history": history})
+    plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
+    print("learned domain weights (alpha):")
+    for d, w in sorted(alpha.items(), key=lambda x: -x[1]):
+        print(f"  {d:24s} {w:.3f}")
+    print(f"PRM saved to {os.path.join(args.out, 'prm')}")
+    return 0
+
+
+def cli(argv=None):
+    try:
+        return prm.run_cli(main, argv)
+    except Diverged as e:
+        print(f"error: {e}; stopped, the last good checkpoint is kept (resume with --resume after "
+              f"lowering --lr)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,191 @@
+"""bilevel_train.py: hypergradient against autograd, weighted loss, direction, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bilevel_train as bt
+import prm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAINS = ["clean", "noisy", "random"]
+
+
+def test_hypergradient_matches_double_backward(backbone_dir):
+    """The finite difference g_a against -xi d/da [grad_phi L_tr(phi, a) . v] by double backward."""
+    torch.manual_seed(0)
+    train, meta = bt.synthetic_data(0, 8, 8)
+    model = prm.PRM.from_backbone(backbone_dir, attn_implementation="eager").double()
+    phi = list(model.parameters())
+    records, m_records = train[::3][:8], meta[:6]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    enc, m_enc = [model.encode(r) for r in records], [model.encode(r) for r in m_records]
+    r = torch.tensor([float(x["correct"]) for x in m_records], dtype=torch.float64)
+    p, p_mask = bt.label_tensors(records, 4, "cpu", torch.float64)
+    p, p_mask = p[:, : max(len(e.step_ends) for e in enc)], p_mask[:, : max(len(e.step_ends) for e in enc)]
+    N = p_mask.sum()
+    a = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    xi = 1e-3
+
+    def meta_loss_fn():
+        return bt.meta_loss(*prm.step_values(model, m_enc), r)
+
+    def train_losses_fn():
+        return bt.step_losses(*prm.step_values(model, enc), p, p_mask)[0]
+
+    def weights_fn(a_):
+        return bt.cot_weights(a_, keys, "domain") / N
+
+    before = [x.detach().clone() for x in phi]
+    g, _ = bt.hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=1e-4)
+    assert all(torch.equal(x, y) for x, y in zip(before, phi)), "phi must be restored bit for bit"
+
+    def grads(loss, create_graph=False):
+        gs = torch.autograd.grad(loss, phi, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(x) if gi is None else gi for x, gi in zip(phi, gs)]
+
+    v = [gi.detach() for gi in grads(meta_loss_fn())]
+    L_tr = (weights_fn(a) * train_losses_fn()).sum()
+    dot = sum((gi * vi).sum() for gi, vi in zip(grads(L_tr, create_graph=True), v))
+    g_ref = -xi * torch.autograd.grad(dot, a)[0]
+    rel = ((g - g_ref).norm() / g_ref.norm()).item()
+    print(f"hypergradient relative error {rel:.2e}")
+    assert rel <= 1e-4
+    assert g_ref.abs().min() > 0
+
+
+def test_lower_loss_is_the_weighted_mean():
+    values = torch.tensor([[0.9, 0.2, 0.6], [0.7, 0.3, 0.5], [0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    p = torch.tensor([[1.0, 0.0, 0.5], [1.0, 0.25, 0.0], [0.0, 0.0, 0.0]])
+    p_mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)   # one unlabelled step
+    a = torch.tensor([0.5, -1.0, 2.0])                  # three domains; domain 2 absent from the batch
+    keys = torch.tensor([0, 1, 0])
+    alpha = bt.domain_weights(a)
+    assert torch.allclose(alpha.mean(), torch.tensor(1.0)) and (alpha > 0).all()
+    L, l, n = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights(a, keys, "domain"))
+    sq = [(0.9 - 1) ** 2 + 0.2 ** 2, (0.7 - 1) ** 2 + (0.3 - 0.25) ** 2, 0.1 ** 2]
+    w = [alpha[0], alpha[1], alpha[0]]
+    by_hand = sum(wi * s for wi, s in zip(w, sq)) / 5
+    assert torch.allclose(L, by_hand) and n.tolist() == [2, 2, 1]
+    assert torch.allclose(bt.domain_weights(torch.zeros(4)), torch.ones(4))
+    a.requires_grad_(True)
+    L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights(a, keys, "domain"))
+    L.backward()
+    assert torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clean_domain_gets_the_largest_weight(backbone_dir, tmp_path, monkeypatch, seed):
+    """Synthetic set: clean labels, flipped labels, random labels; the meta set is clean."""
+    monkeypatch.chdir(tmp_path)                         # no toy world here: the synthetic set is used
+    out = str(tmp_path / "run")
+    assert bt.main(["--model", backbone_dir, "--out", out, "--seed", str(seed), "--iterations", "120",
+                    "--unroll-steps", "1", "--train-batch", "16", "--meta-batch", "32", "--meta-lr", "0.05",
+                    "--log-every", "50", "--save-every", "1000"]) == 0
+    alpha = json.load(open(f"{out}/domain_weights.json"))["final"]
+    print(seed, alpha)
+    assert max(alpha, key=alpha.get) == "clean"
+    assert alpha["clean"] > 1.2 * max(alpha["noisy"], alpha["random"])
+
+
+def run_script(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "bilevel_train.py")] + args, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def final_state(out):
+    a = load_file(f"{out}/checkpoint/state.safetensors")["a"]
+    head = load_file(f"{out}/prm/prm.safetensors")
+    return a, head["head.weight"], head["head.bias"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
+    args = ["--model", backbone_dir, "--iterations", "30", "--unroll-steps", "2", "--save-every", "5",
+            "--log-every", "5", "--train-batch", "4", "--meta-batch", "4"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    proc = run_script(args + ["--out", full], tmp_path)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    proc = run_script(args + ["--out", cut], tmp_path)
+    state = os.path.join(cut, "checkpoint", "state.json")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(state) and json.load(open(state))["iteration"] >= 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.load(open(state))["iteration"]
+    assert 10 <= killed_at < 30
+    proc = run_script(args + ["--out", cut], tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "--resume" in err          # no silent overwrite of a run
+    proc = run_script(args + ["--out", cut, "--resume"], tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resumed {cut} at iteration {killed_at}" in out
+    for x, y in zip(final_state(full), final_state(cut)):
+        assert (x - y).abs().max().item() <= 1e-6
+    iters = [json.loads(line)["iteration"] for line in open(f"{cut}/metrics.jsonl")]
+    assert iters == list(range(5, 31, 5))                      # nothing missing, nothing twice
+
+
+def write_labels(path, rows):
+    with open(path, "w") as f:
+        for i, (domain, mc, steps) in enumerate(rows):
+            f.write(json.dumps({"id": f"q{i}", "domain": domain, "question": "Sum?", "image": None, "answer": "7",
+                                "steps": [f"Step {k + 1}: x" for k in range(steps)], "final": "7", "pred": "7",
+                                "correct": True, "mc": mc}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["unknown_domain", "empty_domain", "meta_unusable", "nan_label"])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    train = write_labels(tmp_path / "train.jsonl", [("ai2d", [1.0, 0.5], 2), ("m3cot", [], 0)])
+    meta = write_labels(tmp_path / "meta.jsonl", [("meta", [1.0], 1)])
+    args = ["--train", train, "--meta", meta, "--model", "tiny", "--out", str(tmp_path / "run")]
+    if case == "unknown_domain":
+        args += ["--domains", "ai2d,chartqa"]
+        words = "unknown domain(s) chartqa; domains present: ai2d, m3cot"
+    elif case == "empty_domain":
+        args += ["--domains", "m3cot"]
+        words = "domain 'm3cot' has no usable records"
+    elif case == "meta_unusable":
+        args[3] = write_labels(tmp_path / "meta0.jsonl", [("meta", [], 0)])
+        words = "no usable meta records (1 without steps)"
+    else:
+        (tmp_path / "train.jsonl").write_text(
+            (tmp_path / "train.jsonl").read_text().replace("[1.0, 0.5]", "[1.0, NaN]"))
+        words = "train.jsonl:1: field 'mc': label nan is not a number in [0, 1]"
+    code = bt.cli(args)
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_diverged_run_stops_and_keeps_checkpoint(backbone_dir, tmp_path, monkeypatch, capsys):
+    """A NaN lower loss at the 4th lower step: the run stops, the checkpoint of step 3 stays."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    real = bt.lower_loss
+
+    def lower_loss_nan_at_4(*args):
+        calls.append(1)
+        L, l, n = real(*args)
+        return (L * float("nan") if len(calls) == 4 else L), l, n
+
+    monkeypatch.setattr(bt, "lower_loss", lower_loss_nan_at_4)
+    out = str(tmp_path / "run")
+    code = bt.cli(["--model", backbone_dir, "--out", out, "--iterations", "10", "--unroll-steps", "1",
+                   "--save-every", "1", "--train-batch", "4", "--meta-batch", "4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite lower loss at iteration 3" in err and "last good checkpoint" in err
+    assert json.load(open(f"{out}/checkpoint/state.json"))["iteration"] == 3
+    assert not os.path.exists(f"{out}/prm")
