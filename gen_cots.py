@@ -1,0 +1,472 @@
+"""Sample N structured chains of thought (CoTs) per question from a policy model.
+
+Reads   questions.jsonl  {"id", "domain", "question", "image", "answer", "choices"?}
+Writes  cots.jsonl       the question fields + {"sample", "seed", "steps", "final", "pred", "correct", "policy"}
+        appended and flushed record by record; a rerun skips finished questions (crash-safe).
+
+Policies (the interface mc_label.py uses too): `policy.sample(prompts, n)` returns n continuations
+for each prompt (question, image, assistant prefix):
+  toy     the scripted solver of the toy world (DESIGN.md section 5); continues from any prefix
+  hf      a transformers image-text model from a local directory (batched sampling)
+  openai  any OpenAI-compatible chat-completions server (vLLM, SGLang, a hosted API)
+
+Build the toy world and sample its CoTs:
+    python gen_cots.py --toy
+Real data:
+    python gen_cots.py --questions q.jsonl --out cots.jsonl --policy openai \\
+        --base-url http://localhost:8000/v1 --model-name Qwen2-VL-7B-Instruct --n 8
+"""
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+import prm
+
+# The paper's structured-thinking prompt: five steps, then the answer line.
+STRUCTURED_PROMPT = (
+    "You are given a question about an image. Solve it step by step, in exactly this structure:\n"
+    "Step 1: Restate the question.\n"
+    "Step 2: Gather evidence from the image.\n"
+    "Step 3: Identify any background knowledge needed.\n"
+    "Step 4: Reason with the current evidence.\n"
+    "Step 5: Summarize and conclude with all the information.\n"
+    "Then write the last line as 'Final answer: <answer>'.\n\n"
+)
+FREE_PROMPT = "Answer the question about the image. Think it through, then write 'Final answer: <answer>'.\n\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Answers: extraction and rule-based matching
+# --------------------------------------------------------------------------------------------
+
+_NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def normalize(s):
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.\-]", " ", str(s).lower())).strip()
+
+
+def extract_answer(text):
+    """The answer a CoT gives: the text after 'Final answer:', else its last non-empty line."""
+    final = prm.split_steps(text).final
+    if final:
+        return final.splitlines()[0].strip()
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def to_number(s):
+    m = _NUM_RE.search(str(s))
+    return float(m.group().replace(",", "")) if m else None
+
+
+def match_answer(pred, answer, choices=None, rel_tol=1e-3):
+    """Whether pred matches the answer key.
+
+    Multiple choice: a letter ('B', '(B)', 'B.') or the option text nearest to pred, compared with
+    the key given as a letter or as option text. Numbers: equal within rel_tol (and to the key's
+    precision: '3.14' matches 3.1416 only if rounding agrees). Otherwise normalized strings.
+    """
+    pred_n, ans_n = normalize(pred), normalize(answer)
+    if choices:
+        letters = [chr(65 + i) for i in range(len(choices))]
+
+        def as_letter(s, raw):
+            m = re.fullmatch(r"\(?([a-z])\)?\.?", s)
+            if m and m.group(1).upper() in letters:
+                return m.group(1).upper()
+            m = re.match(r"^\(?([A-Z])\)[ .:]", raw.strip()) or re.match(r"^([A-Z])[.:] ", raw.strip())
+            if m and m.group(1) in letters:
+                return m.group(1)
+            opts = [normalize(c) for c in choices]
+            if s in opts:
+                return letters[opts.index(s)]
+            close = [i for i, o in enumerate(opts) if o and (o in s or s in o)]
+            return letters[close[0]] if len(close) == 1 else None
+
+        a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
+        if a is not None:
+            return p == a
+    x, y = to_number(pred_n), to_number(ans_n)
+    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_n):
+        digits = len(ans_n.split(".")[1].split()[0]) if "." in ans_n.split()[0] else 0
+        return abs(x - y) <= rel_tol * max(1.0, abs(y)) or round(x, digits) == y
+    return pred_n == ans_n
+
+
+def cot_record(question, text, sample, seed, policy_name):
+    """A cots.jsonl record from a question record and a sampled CoT text."""
+    split = prm.split_steps(text)
+    pred = split.final.splitlines()[0].strip() if split.final else extract_answer(text)
+    rec = {k: v for k, v in question.items()}
+    rec.update(sample=sample, seed=seed, steps=split.steps, final=split.final, pred=pred,
+               correct=match_answer(pred, question["answer"], question.get("choices")), policy=policy_name)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# The toy world: Pillow images, domains of known quality, a scripted policy
+# --------------------------------------------------------------------------------------------
+
+# Every toy parameter in one place (the README quotes this table).
+#   key_noise: chance that a question's answer key is corrupted (its labels are then wrong)
+#   misread / miscalc: the toy policy's chance to misread a number in the image / to add wrongly
+#   in_text: the numbers are written in the question too (trivially easy: the image is not needed)
+#   blank_image: the image shows unrelated shapes, not the numbers (image-irrelevant)
+TOY_DOMAINS = {
+    "clean":      dict(key_noise=0.0, misread=0.3, miscalc=0.3, in_text=False, blank_image=False, quality=3),
+    "irrelevant": dict(key_noise=0.2, misread=0.3, miscalc=0.3, in_text=True, blank_image=True, quality=2),
+    "easy":       dict(key_noise=0.0, misread=0.0, miscalc=0.0, in_text=True, blank_image=False, quality=1),
+    "noisy":      dict(key_noise=0.5, misread=0.3, miscalc=0.3, in_text=False, blank_image=False, quality=0),
+}
+TOY_SETS = dict(train=dict(per_domain=40), meta=dict(n=40), test=dict(n=40))
+TOY_N = 8            # CoTs per question
+TOY_DIR = "toy"
+
+# Error steps carry the policy's hedge, the surface cue a tiny PRM can learn.
+_READ_RE = re.compile(r"shows (-?\d+) and (-?\d+)")
+_SUM_RE = re.compile(r"= (-?\d+)")
+
+
+def draw_numbers(path, a, b, blank, seed):
+    from PIL import Image, ImageDraw
+    rng = random.Random(seed)
+    img = Image.new("RGB", (112, 56), "white")
+    d = ImageDraw.Draw(img)
+    if blank:
+        for _ in range(4):
+            x, y = rng.randrange(90), rng.randrange(40)
+            d.ellipse([x, y, x + 18, y + 14], fill=(rng.randrange(256), rng.randrange(256), 120))
+    else:
+        d.rectangle([4, 4, 52, 52], outline="navy", width=2)
+        d.rectangle([60, 4, 108, 52], outline="darkred", width=2)
+        d.text((22, 22), str(a), fill="black")
+        d.text((78, 22), str(b), fill="black")
+    img.save(path)
+
+
+def toy_question(qid, domain, rng, image_dir):
+    cfg = TOY_DOMAINS.get(domain, TOY_DOMAINS["clean"])
+    a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+    answer = a + b
+    if rng.random() < cfg["key_noise"]:
+        answer += rng.choice([-10, -5, 5, 10])
+    image = f"images/{qid}.png"
+    draw_numbers(os.path.join(image_dir, f"{qid}.png"), a, b, cfg["blank_image"], rng.random())
+    q = f"The two boxes hold {a} and {b}. What is their sum?" if cfg["in_text"] else \
+        "What is the sum of the two numbers in the image?"
+    return {"id": qid, "domain": domain, "question": q, "image": image, "answer": str(answer),
+            "toy": {"a": a, "b": b, "domain": domain}}
+
+
+def build_toy_world(root=TOY_DIR, seed=0):
+    """Write the toy question sets: root/{train,meta,test}_questions.jsonl and root/images/."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    sets = {"train": [toy_question(f"train-{d}-{i}", d, rng, os.path.join(root, "images"))
+                      for d in TOY_DOMAINS for i in range(TOY_SETS["train"]["per_domain"])],
+            "meta": [toy_question(f"meta-{i}", "clean", rng, os.path.join(root, "images"))
+                     for i in range(TOY_SETS["meta"]["n"])],
+            "test": [toy_question(f"test-{i}", "clean", rng, os.path.join(root, "images"))
+                     for i in range(TOY_SETS["test"]["n"])]}
+    for name, records in sets.items():
+        for r in records:
+            if name != "train":
+                r["domain"] = name
+        tmp = os.path.join(root, f"{name}_questions.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, os.path.join(root, f"{name}_questions.jsonl"))
+    return {name: os.path.join(root, f"{name}_questions.jsonl") for name in sets}
+
+
+class ToyPolicy:
+    """The scripted solver: writes the five structured steps, misreading or miscalculating with
+    its domain's rates, and continues from any prefix by reading back what the prefix states."""
+    name = "toy"
+
+    def __init__(self, seed=0):
+        self.seed = seed
+
+    def continue_cot(self, question, prefix, k=0):
+        """Continue `prefix`; the k-th sample from a given (question, prefix) is always the same."""
+        toy = question.get("toy")
+        if toy is None:
+            raise prm.DataError("the toy policy needs toy questions (gen_cots.py --toy)", field="toy")
+        cfg = TOY_DOMAINS.get(toy["domain"], TOY_DOMAINS["clean"])
+        rng = random.Random(zlib.crc32(f"{self.seed}|{question['id']}|{prefix}|{k}".encode()))
+        done = prm.split_steps(prefix).steps if prefix.strip() else []
+        out = []
+        read = _READ_RE.search(prefix)
+        x, y = (int(read.group(1)), int(read.group(2))) if read else (None, None)
+        s = None
+        m4 = [st for st in done if st.startswith("Step 4")]
+        if m4 and _SUM_RE.search(m4[0]):
+            s = int(_SUM_RE.search(m4[0]).group(1))
+        for k in range(len(done) + 1, 6):
+            if k == 1:
+                out.append("Step 1: Restate the question. We need the sum of the two numbers.")
+            elif k == 2:
+                x, y = toy["a"], toy["b"]
+                if rng.random() < cfg["misread"]:
+                    x += rng.choice([-3, -2, 2, 3])
+                    out.append(f"Step 2: Gather evidence. Hmm, I guess the image shows {x} and {y}.")
+                else:
+                    out.append(f"Step 2: Gather evidence. The image shows {x} and {y}.")
+            elif k == 3:
+                out.append("Step 3: Background knowledge. Add the two numbers.")
+            elif k == 4:
+                s = x + y
+                if rng.random() < cfg["miscalc"]:
+                    s += rng.choice([-2, -1, 1, 2])
+                    out.append(f"Step 4: Reason. Maybe {x} + {y} = {s}.")
+                else:
+                    out.append(f"Step 4: Reason. {x} + {y} = {s}.")
+            else:
+                out.append(f"Step 5: Conclude. The sum is {s}.")
+        text = "\n".join(out)
+        return (("\n" if prefix.strip() and text else "") + text + f"\nFinal answer: {s}").lstrip("\n")
+
+    def sample(self, prompts, n):
+        return [[self.continue_cot(p["question"], p["prefix"], p.get("first", 0) + k) for k in range(n)]
+                for p in prompts]
+
+
+# --------------------------------------------------------------------------------------------
+# hf and openai policies
+# --------------------------------------------------------------------------------------------
+
+def user_text(question, structured=True):
+    return (STRUCTURED_PROMPT if structured else FREE_PROMPT) + prm.question_text(question)
+
+
+class HFPolicy:
+    """A transformers image-text model from a local directory; several prompts per generate call."""
+
+    def __init__(self, path, temperature=0.7, max_new_tokens=512, structured=True, device="auto",
+                 trust_remote_code=False, batch_size=8):
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        prm._quiet_transformers()
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
+        prm._ensure_chat_template(self.tokenizer, path)
+        self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.temperature, self.max_new_tokens, self.structured = temperature, max_new_tokens, structured
+        self.batch_size = batch_size
+        self.name = f"hf:{os.path.basename(os.path.normpath(path))}"
+
+    def sample(self, prompts, n):
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            out += self._generate(prompts[i:i + self.batch_size], n)
+        return out
+
+    def _generate(self, prompts, n):
+        import torch
+        seqs, images, mms = [], [], []
+        pad_image = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        for p in prompts:
+            grid = None
+            if p["question"].get("_image"):
+                from PIL import Image
+                pixel_values, grid = prm.image_inputs(self.image_processor, Image.open(p["question"]["_image"]))
+                images.append((pixel_values, grid))
+            ids = prm.encode_prompt(self.tokenizer, user_text(p["question"], self.structured), grid,
+                                    getattr(self.image_processor, "merge_size", 2))
+            if p["prefix"]:
+                ids += self.tokenizer(p["prefix"], add_special_tokens=False)["input_ids"]
+            seqs.append(torch.tensor(ids))
+            mms.append((seqs[-1] == pad_image).long())
+        L = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, L - len(s):], mask[b, L - len(s):] = s, 1
+        kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        if images:
+            mm = torch.zeros_like(ids)
+            for b, (m, s) in enumerate(zip(mms, seqs)):
+                mm[b, L - len(s):] = m
+            kwargs.update(pixel_values=torch.cat([x for x, _ in images]).to(self.device, self.model.dtype),
+                          image_grid_thw=torch.cat([g for _, g in images]).to(self.device),
+                          mm_token_type_ids=mm.to(self.device))
+        with torch.no_grad():
+            gen = self.model.generate(**kwargs, do_sample=True, temperature=self.temperature, top_p=1.0,
+                                      max_new_tokens=self.max_new_tokens, num_return_sequences=n)
+        texts = self.tokenizer.batch_decode(gen[:, L:], skip_special_tokens=True)
+        return [texts[b * n:(b + 1) * n] for b in range(len(prompts))]
+
+
+class OpenAIPolicy:
+    """Any OpenAI-compatible chat-completions server. The API key is read from an environment
+    variable and never printed. The assistant prefix is sent as a final assistant message that
+    the server continues (vLLM: continue_final_message)."""
+
+    def __init__(self, base_url, model_name, api_key_env="OPENAI_API_KEY", temperature=0.7, max_tokens=512,
+                 structured=True, concurrency=8, retries=5, timeout=120, backoff=1.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model_name, self.key = model_name, os.environ.get(api_key_env, "")
+        self.temperature, self.max_tokens, self.structured = temperature, max_tokens, structured
+        self.concurrency, self.retries, self.timeout, self.backoff = concurrency, retries, timeout, backoff
+        self.name = f"openai:{model_name}"
+
+    def payload(self, p, n):
+        content = [{"type": "text", "text": user_text(p["question"], self.structured)}]
+        image = p["question"].get("_image")
+        if image:
+            mime = mimetypes.guess_type(image)[0] or "image/png"
+            with open(image, "rb") as f:
+                data = base64.b64encode(f.read()).decode()
+            content.insert(0, {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
+        messages = [{"role": "user", "content": content}]
+        body = dict(model=self.model_name, messages=messages, n=n, temperature=self.temperature,
+                    max_tokens=self.max_tokens)
+        if p["prefix"]:
+            messages.append({"role": "assistant", "content": p["prefix"]})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return body
+
+    def request(self, body):
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        last = None
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    out = json.loads(resp.read())
+                return [c["message"]["content"] for c in sorted(out["choices"], key=lambda c: c.get("index", 0))]
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code != 429 and e.code < 500:
+                    break
+            except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+                last = type(e).__name__ + (f": {e.reason}" if hasattr(e, "reason") else "")
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        raise PolicyError(f"{self.url}: request failed after {self.retries + 1} tries ({last})")
+
+    def sample(self, prompts, n):
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda p: self.request(self.payload(p, n)), prompts))
+
+
+class PolicyError(prm.DataError):
+    """The policy could not answer (an unreachable server after its retries): one line, exit 2."""
+
+
+def add_policy_args(ap):
+    """Policy flags shared by gen_cots.py and mc_label.py."""
+    ap.add_argument("--policy", choices=["toy", "hf", "openai"], default="toy", help="policy back end")
+    ap.add_argument("--model", default=None, help="hf: local model directory ('tiny' for the tiny backbone)")
+    ap.add_argument("--base-url", default="http://localhost:8000/v1", help="openai: server base URL")
+    ap.add_argument("--model-name", default="default", help="openai: model name on the server")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
+    ap.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
+    ap.add_argument("--retries", type=int, default=5, help="openai: retries on 429, 5xx and network errors")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    ap.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample")
+    ap.add_argument("--no-structure", action="store_true", help="free-form prompt (ablation)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--trust-remote-code", action="store_true", help="hf: allow model code from the directory")
+
+
+def make_policy(args):
+    if args.policy == "toy":
+        return ToyPolicy(args.seed)
+    if args.policy == "hf":
+        if not args.model:
+            raise prm.DataError("--policy hf needs --model DIR", field="--model")
+        import torch
+        torch.manual_seed(args.seed)
+        return HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
+                        trust_remote_code=args.trust_remote_code)
+    return OpenAIPolicy(args.base_url, args.model_name, args.api_key_env, args.temperature, args.max_tokens,
+                        not args.no_structure, args.concurrency, args.retries)
+
+
+# --------------------------------------------------------------------------------------------
+# Crash-safe output
+# --------------------------------------------------------------------------------------------
+
+def done_keys(path, key):
+    """Keys of the records already in an output file (a torn last line is cut off first)."""
+    prm.drop_torn_tail(path)
+    if not os.path.isfile(path):
+        return set()
+    return {key(o) for _, o in prm.iter_jsonl(path)}
+
+
+def read_questions(path):
+    questions = prm.read_records(path, "questions")
+    seen = {}
+    for q in questions:
+        if q["id"] in seen:
+            raise prm.DataError(f"duplicate id {q['id']!r} (first on line {seen[q['id']]})",
+                                file=path, line=q["_src"][1], field="id")
+        seen[q["id"]] = q["_src"][1]
+    return questions
+
+
+def generate(questions, out_path, policy, n, seed):
+    """Sample n CoTs per question into out_path, skipping the (question, sample) pairs already there."""
+    done = done_keys(out_path, lambda o: (o["id"], o["sample"]))
+    todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
+    todo = [(q, missing) for q, missing in todo if missing]
+    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"gen {os.path.basename(out_path)}",
+               unit="q", dynamic_ncols=True)
+    with open(out_path, "a", encoding="utf-8") as f:
+        for q, missing in todo:
+            texts = policy.sample([{"question": q, "prefix": "", "first": missing[0]}], len(missing))[0]
+            for i, t in zip(missing, texts):
+                prm.append_jsonl(f, cot_record(q, t, i, seed, policy.name))
+            bar.update(1)
+    bar.close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", default=None, help="questions.jsonl")
+    ap.add_argument("--out", default=None, help="cots.jsonl to append to (default: beside the questions)")
+    ap.add_argument("--n", type=int, default=TOY_N, help="CoTs per question")
+    ap.add_argument("--toy", action="store_true", help=f"build the toy world in {TOY_DIR}/ and sample its CoTs")
+    ap.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world goes")
+    add_policy_args(ap)
+    args = ap.parse_args(argv)
+    if args.toy or not args.questions:
+        paths = build_toy_world(args.toy_dir, args.seed)
+        policy = make_policy(args)
+        for name, path in paths.items():
+            generate(read_questions(path), os.path.join(args.toy_dir, f"{name}_cots.jsonl"), policy, args.n, args.seed)
+        print(f"toy world written to {args.toy_dir}/ (questions, images, CoTs for train, meta and test)")
+        return 0
+    policy = make_policy(args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.questions)), "cots.jsonl")
+    generate(read_questions(args.questions), out, policy, args.n, args.seed)
+    print(f"CoTs written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(prm.run_cli(main))

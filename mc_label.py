@@ -1,0 +1,113 @@
+"""Monte Carlo step labels: for every step prefix of every CoT, K rollouts continue the CoT and
+
+    p_i = (# rollouts from yhat_i that reach the right answer) / (# rollouts)
+
+Reads   cots.jsonl   (gen_cots.py output)
+Writes  labels.jsonl the cots fields + {"mc": [p_i per step], "rollouts": [rollouts per step]}
+        appended and flushed record by record; a rerun skips labelled CoTs and drops a torn last line.
+
+The last step's label is the CoT's own correctness (its answer is already written). All prefixes of
+a CoT go to the policy in one batched call. Options: adaptive stopping (stop a prefix once
+--min-rollouts agree), early stop after a prefix with p = 0 (later steps get 0), a step cap.
+
+Toy world (after python gen_cots.py --toy):
+    python mc_label.py
+Real data, through a vLLM server:
+    python mc_label.py --cots cots.jsonl --out labels.jsonl --policy openai --base-url http://localhost:8000/v1
+"""
+
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+import gen_cots
+import prm
+
+
+def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
+    """MC labels (mc, rollouts) for one CoT record.
+
+    With min_rollouts > 0, each prefix first gets min_rollouts; prefixes whose rollouts all agree
+    stop there, the others get the remaining K - min_rollouts. With zero_stop, once a prefix has
+    p = 0 every later step is labelled 0 without rollouts.
+    """
+    steps = cot["steps"]
+    n = len(steps) if max_steps is None else min(len(steps), max_steps)
+    prefixes = list(range(n - 1 if n == len(steps) else n))           # the last step is labelled by `correct`
+    outcomes = {i: [] for i in prefixes}
+
+    def roll(indices, k, first):
+        prompts = [{"question": cot, "prefix": "\n".join(steps[:i + 1]), "first": first} for i in indices]
+        for i, texts in zip(indices, policy.sample(prompts, k)):
+            outcomes[i] += [gen_cots.match_answer(gen_cots.extract_answer(steps_text(steps, i, t)), cot["answer"],
+                                                  cot.get("choices")) for t in texts]
+
+    first_k = min_rollouts if 0 < min_rollouts < K else K
+    roll(prefixes, first_k, 0)
+    if first_k < K:
+        undecided = [i for i in prefixes if 0 < sum(outcomes[i]) < len(outcomes[i])]
+        if undecided:
+            roll(undecided, K - first_k, first_k)
+    mc, counts = [], []
+    for i in range(n):
+        if i in outcomes:
+            mc.append(sum(outcomes[i]) / len(outcomes[i]))
+            counts.append(len(outcomes[i]))
+        else:
+            mc.append(1.0 if cot["correct"] else 0.0)
+            counts.append(0)
+        if zero_stop and mc[-1] == 0.0:
+            mc += [0.0] * (n - i - 1)
+            counts += [0] * (n - i - 1)
+            break
+    return mc, counts
+
+
+def steps_text(steps, i, continuation):
+    """The full CoT text of prefix i plus a rollout (for answer extraction)."""
+    return "\n".join(steps[:i + 1]) + continuation
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cots", default=None, help=f"cots.jsonl (default: the toy world's {gen_cots.TOY_DIR}/train_cots.jsonl)")
+    ap.add_argument("--out", default=None, help="labels.jsonl to append to (default: beside the CoTs)")
+    ap.add_argument("--rollouts", type=int, default=16, help="K: rollouts per step prefix")
+    ap.add_argument("--min-rollouts", type=int, default=0, help="adaptive stopping: stop a prefix after this "
+                    "many rollouts if they all agree (0: off)")
+    ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0")
+    ap.add_argument("--max-steps", type=int, default=None, help="label at most this many steps per CoT")
+    gen_cots.add_policy_args(ap)
+    args = ap.parse_args(argv)
+    if args.cots is None:
+        args.cots = os.path.join(gen_cots.TOY_DIR, "train_cots.jsonl")
+        if not os.path.isfile(args.cots):
+            raise prm.DataError("no --cots given and no toy world: run python gen_cots.py --toy first", file=args.cots)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cots)),
+                                   os.path.basename(args.cots).replace("cots", "labels")
+                                   if "cots" in os.path.basename(args.cots) else "labels.jsonl")
+    cots = prm.read_records(args.cots, "cots")
+    policy = gen_cots.make_policy(args)
+    done = gen_cots.done_keys(out, lambda o: (o["id"], o["sample"]))
+    todo = [c for c in cots if (c["id"], c.get("sample", 0)) not in done and c["steps"]]
+    skipped = sum(1 for c in cots if not c["steps"])
+    if skipped:
+        print(f"{skipped} CoTs without steps: not labelled")
+    bar = tqdm(total=len(cots) - skipped, initial=len(cots) - skipped - len(todo), desc="mc_label", unit="cot",
+               dynamic_ncols=True)
+    with open(out, "a", encoding="utf-8") as f:
+        for cot in todo:
+            mc, counts = label_cot(cot, policy, args.rollouts, args.min_rollouts, args.zero_stop, args.max_steps)
+            if args.max_steps is not None and len(mc) < len(cot["steps"]):
+                cot = dict(cot, steps=cot["steps"][:len(mc)])
+            prm.append_jsonl(f, dict(cot, mc=mc, rollouts=counts))
+            bar.update(1)
+    bar.close()
+    print(f"labels written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(prm.run_cli(main))
