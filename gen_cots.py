@@ -100,9 +100,10 @@ def match_answer(pred, answer, choices=None, rel_tol=1e-3):
         a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
         if a is not None:
             return p == a
-    x, y = to_number(pred_n), to_number(ans_n)
-    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_n):
-        digits = len(ans_n.split(".")[1].split()[0]) if "." in ans_n.split()[0] else 0
+    ans_raw = str(answer).strip().lower()
+    x, y = to_number(str(pred)), to_number(ans_raw)
+    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_raw):
+        digits = len(ans_raw.split(".")[1].split()[0]) if "." in ans_raw.split()[0] else 0
         return abs(x - y) <= rel_tol * max(1.0, abs(y)) or round(x, digits) == y
     return pred_n == ans_n
 
@@ -434,15 +435,14 @@ def generate(questions, out_path, policy, n, seed):
     done = done_keys(out_path, lambda o: (o["id"], o["sample"]))
     todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
     todo = [(q, missing) for q, missing in todo if missing]
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"gen {os.path.basename(out_path)}",
-               unit="q", dynamic_ncols=True)
-    with open(out_path, "a", encoding="utf-8") as f:
+    with open(out_path, "a", encoding="utf-8") as f, \
+            tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", dynamic_ncols=True,
+                 desc=f"gen {os.path.basename(out_path)}") as bar:
         for q, missing in todo:
             texts = policy.sample([{"question": q, "prefix": "", "first": missing[0]}], len(missing))[0]
             for i, t in zip(missing, texts):
                 prm.append_jsonl(f, cot_record(q, t, i, seed, policy.name))
             bar.update(1)
-    bar.close()
 
 
 def main(argv=None):

@@ -95,16 +95,15 @@ def main(argv=None):
     skipped = sum(1 for c in cots if not c["steps"])
     if skipped:
         print(f"{skipped} CoTs without steps: not labelled")
-    bar = tqdm(total=len(cots) - skipped, initial=len(cots) - skipped - len(todo), desc="mc_label", unit="cot",
-               dynamic_ncols=True)
-    with open(out, "a", encoding="utf-8") as f:
+    with open(out, "a", encoding="utf-8") as f, \
+            tqdm(total=len(cots) - skipped, initial=len(cots) - skipped - len(todo), desc="mc_label", unit="cot",
+                 dynamic_ncols=True) as bar:
         for cot in todo:
             mc, counts = label_cot(cot, policy, args.rollouts, args.min_rollouts, args.zero_stop, args.max_steps)
-            if args.max_steps is not None and len(mc) < len(cot["steps"]):
+            if len(mc) < len(cot["steps"]):                   # --max-steps: keep only the labelled steps
                 cot = dict(cot, steps=cot["steps"][:len(mc)])
             prm.append_jsonl(f, dict(cot, mc=mc, rollouts=counts))
             bar.update(1)
-    bar.close()
     print(f"labels written to {out}")
     return 0
 
