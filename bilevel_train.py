@@ -183,12 +183,17 @@ def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
 def load_data(args):
     """Train and meta records (validated), the chosen domains, and counts of skipped records."""
     if not args.train and not args.meta:
-        if os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META):
-            args.train, args.meta = [TOY_TRAIN], TOY_META
-        else:
-            print("no --train/--meta given and no toy world built: using a small synthetic set")
+        if args.synthetic:
+            print("using the small synthetic set (clean, noisy and random labels)")
             train, meta = synthetic_data(args.seed)
             return train, meta, sorted({r["domain"] for r in train}), 0, 0
+        if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)):
+            print("building the toy world: gen_cots.py --toy, then mc_label.py")
+            import gen_cots
+            import mc_label
+            gen_cots.main(["--toy"])
+            mc_label.main([])
+        args.train, args.meta = [TOY_TRAIN], TOY_META
     if not args.train or not args.meta:
         raise prm.DataError("give both --train and --meta (or neither, for the toy demo)")
     train, skipped_train = [], []
@@ -439,6 +444,7 @@ def parse_args(argv):
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N outer iterations")
     ap.add_argument("--log-every", type=int, default=10, help="metrics and weights every N outer iterations")
+    ap.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="seed for the value head and the batch order")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -566,9 +572,11 @@ def main(argv=None):
     prm.write_json_atomic(os.path.join(args.out, "domain_weights.json"),
                           {"final": alpha, "weighting": args.weighting, "history": history})
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
-    print("learned domain weights (alpha):")
+    import gen_cots
+    toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
+    print("learned domain weights (alpha)" + (" next to each toy domain's true quality (3 best):" if toy else ":"))
     for d, w in sorted(alpha.items(), key=lambda x: -x[1]):
-        print(f"  {d:24s} {w:.3f}")
+        print(f"  {d:24s} {w:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
     return 0
 

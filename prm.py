@@ -767,7 +767,7 @@ def read_published(path, image_root=None):
             if not split.steps:
                 skipped.append(rec)
                 continue
-            rec.update(question=split.preamble, steps=split.steps, final=split.final,
+            rec.update(question=split.preamble, steps=split.steps, final=split.final, pred=split.final,
                        correct=bool(obj["true_false"]), _question=split.preamble, _src=(path, where))
             records.append(rec)
         else:

@@ -84,9 +84,8 @@ def test_lower_loss_is_the_weighted_mean():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clean_domain_gets_the_largest_weight(backbone_dir, tmp_path, monkeypatch, seed):
     """Synthetic set: clean labels, flipped labels, random labels; the meta set is clean."""
-    monkeypatch.chdir(tmp_path)                         # no toy world here: the synthetic set is used
     out = str(tmp_path / "run")
-    assert bt.main(["--model", backbone_dir, "--out", out, "--seed", str(seed), "--iterations", "120",
+    assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--seed", str(seed), "--iterations", "120",
                     "--unroll-steps", "1", "--train-batch", "16", "--meta-batch", "32", "--meta-lr", "0.05",
                     "--log-every", "50", "--save-every", "1000"]) == 0
     alpha = json.load(open(f"{out}/domain_weights.json"))["final"]
@@ -107,7 +106,7 @@ def final_state(out):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
-    args = ["--model", backbone_dir, "--iterations", "30", "--unroll-steps", "2", "--save-every", "5",
+    args = ["--synthetic", "--model", backbone_dir, "--iterations", "30", "--unroll-steps", "2", "--save-every", "5",
             "--log-every", "5", "--train-batch", "4", "--meta-batch", "4"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     proc = run_script(args + ["--out", full], tmp_path)
@@ -183,7 +182,7 @@ def test_diverged_run_stops_and_keeps_checkpoint(backbone_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(bt, "lower_loss", lower_loss_nan_at_4)
     out = str(tmp_path / "run")
-    code = bt.cli(["--model", backbone_dir, "--out", out, "--iterations", "10", "--unroll-steps", "1",
+    code = bt.cli(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "10", "--unroll-steps", "1",
                    "--save-every", "1", "--train-batch", "4", "--meta-batch", "4"])
     err = capsys.readouterr().err
     assert code == 1 and "non-finite lower loss at iteration 3" in err and "last good checkpoint" in err

@@ -1,0 +1,182 @@
+"""Best-of-N reranking: pick the best of each question's N CoTs with one or more PRMs.
+
+Reads   --cots test_cots.jsonl (N CoTs per question; our JSONL or the published meta.json)
+        --prm RUN_OR_PRM_DIR [more]  (bilevel_train.py run directories or PRM directories)
+Writes  --out DIR: results.json, results.md (the table), accuracy_vs_n.png
+
+For every question: score each CoT, A(V_1..V_n) with the chosen aggregation (default the paper's
+mean_logit), keep the argmax. Reported per domain and overall, counts exact:
+  pass@1     mean correctness over all samples
+  majority   self-consistency vote over the predicted answers (ties: the earliest sample)
+  PRM        best-of-N accuracy for each PRM given, side by side
+  oracle     pass@N: some sample is correct
+and accuracy against N for N = 1, 2, 4, ... (mean over seeded random subsets of each question's CoTs).
+
+Toy demo (after python bilevel_train.py):
+    python rerank.py
+Real data:
+    python rerank.py --cots test_cots.jsonl --prm runs/vanilla runs/dreamprm --out runs/rerank
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections import Counter, defaultdict
+
+import torch
+from tqdm import tqdm
+
+import gen_cots
+import prm
+
+TOY_TEST = os.path.join(gen_cots.TOY_DIR, "test_cots.jsonl")
+TOY_PRMS = ["runs/toy-vanilla", "runs/toy"]
+
+
+def select_best(scores, mask=None):
+    """Index of the best CoT per question. scores (Q, N); mask (Q, N) marks real CoTs. Ties: lowest index."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.argmax(-1)
+
+
+def majority_vote(preds):
+    """The most frequent normalized answer; ties go to the answer seen first. Returns its index."""
+    keys = [gen_cots.normalize(p) for p in preds]
+    counts = Counter(keys)
+    best = max(counts.values())
+    return next(i for i, k in enumerate(keys) if counts[k] == best)
+
+
+def group_questions(records):
+    """{question key: [CoT records in sample order]}."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["domain"], r["id"])].append(r)
+    return groups
+
+
+def score_cots(model, records, how, batch_size=16):
+    """A(V) for each record, packed scoring in batches. Returns a list of floats."""
+    scores = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(records), batch_size), desc="score", leave=False, dynamic_ncols=True):
+            chunk = records[i:i + batch_size]
+            values, mask = prm.step_values(model, [model.encode(r) for r in chunk])
+            scores += prm.aggregate(values.float(), mask, how).tolist()
+    return scores
+
+
+def evaluate(groups, scores_by_prm, n_subsets=20, seed=0):
+    """Accuracies per domain and overall, and accuracy against N. scores_by_prm: {name: {id(record): score}}."""
+    rows = defaultdict(lambda: defaultdict(float))
+    counts = Counter()
+    max_n = max(len(g) for g in groups.values())
+    ns = [n for n in (2 ** k for k in range(12)) if n <= max_n]
+    curve = {name: {n: 0.0 for n in ns} for name in ["pass@1", "majority", "oracle"] + list(scores_by_prm)}
+    rng = random.Random(seed)
+    for (domain, _), cots in groups.items():
+        for key in (domain, "overall"):
+            counts[key] += 1
+            rows[key]["pass@1"] += sum(c["correct"] for c in cots) / len(cots)
+            rows[key]["majority"] += cots[majority_vote([c.get("pred", c.get("final", "")) for c in cots])]["correct"]
+            rows[key]["oracle"] += any(c["correct"] for c in cots)
+            for name, scores in scores_by_prm.items():
+                s = torch.tensor([scores[id(c)] for c in cots])
+                rows[key][name] += cots[int(select_best(s[None])[0])]["correct"]
+        for n in ns:
+            for _ in range(n_subsets if n < len(cots) else 1):
+                sub = sorted(rng.sample(range(len(cots)), min(n, len(cots))))
+                sc = [cots[i] for i in sub]
+                curve["pass@1"][n] += sum(c["correct"] for c in sc) / len(sc) / (n_subsets if n < len(cots) else 1)
+                w = 1 / (n_subsets if n < len(cots) else 1)
+                curve["majority"][n] += sc[majority_vote([c.get("pred", c.get("final", "")) for c in sc])]["correct"] * w
+                curve["oracle"][n] += any(c["correct"] for c in sc) * w
+                for name, scores in scores_by_prm.items():
+                    s = torch.tensor([scores[id(c)] for c in sc])
+                    curve[name][n] += sc[int(select_best(s[None])[0])]["correct"] * w
+    table = {k: {m: v / counts[k] for m, v in r.items()} | {"questions": counts[k]} for k, r in rows.items()}
+    curve = {name: {n: v / len(groups) for n, v in c.items()} for name, c in curve.items()}
+    return table, curve
+
+
+def markdown(table, columns):
+    keys = sorted(k for k in table if k != "overall") + ["overall"]
+    lines = ["| domain | questions | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for k in keys:
+        lines.append(f"| {k} | {table[k]['questions']} | " + " | ".join(f"{100 * table[k][c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def plot_curve(curve, path):
+    """Accuracy against N, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 640, 400, 60, 170, 30, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    ns = sorted(next(iter(curve.values())))
+    X = lambda i: L + (W - L - R) * (i / max(1, len(ns) - 1))  # noqa: E731
+    Y = lambda v: H - B - (H - T - B) * v  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for k in range(6):
+        d.text((10, Y(k / 5) - 6), f"{k * 20}%", fill="black")
+    for i, n in enumerate(ns):
+        d.text((X(i) - 4, H - B + 8), str(n), fill="black")
+    d.text((L, 8), "accuracy against N (best of N)", fill="black")
+    colors = ["#7f7f7f", "#ff7f0e", "#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#8c564b"]
+    for k, (name, c) in enumerate(curve.items()):
+        pts = [(X(i), Y(c[n])) for i, n in enumerate(ns)]
+        if len(pts) > 1:
+            d.line(pts, fill=colors[k % len(colors)], width=2)
+        d.text((W - R + 10, T + 16 * k), f"{name} {100 * c[ns[-1]]:.1f}%", fill=colors[k % len(colors)])
+    img.save(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question")
+    ap.add_argument("--prm", nargs="*", default=None, help="PRM or run directories (default: the toy runs present)")
+    ap.add_argument("--names", default="", help="comma-separated column names for the PRMs (default: folder names)")
+    ap.add_argument("--aggregate", choices=prm.AGGREGATIONS, default="mean_logit", help="aggregation function A")
+    ap.add_argument("--out", default="runs/rerank", help="output folder")
+    ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    ap.add_argument("--batch-size", type=int, default=16, help="CoTs per scoring forward")
+    ap.add_argument("--subsets", type=int, default=20, help="random subsets per N for accuracy against N")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the subsets")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    args = ap.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
+    if not os.path.isfile(args.cots):
+        raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
+    records, skipped = prm.read_cots(args.cots, "cots", args.image_root)
+    if skipped:
+        print(f"{len(skipped)} CoTs without steps: skipped")
+    if not records:
+        raise prm.DataError("no CoTs with steps", file=args.cots)
+    groups = group_questions(records)
+    names = [n for n in args.names.split(",") if n] or [os.path.basename(os.path.normpath(p)) for p in prms]
+    scores_by_prm = {}
+    for name, path in zip(names, prms):
+        model = prm.PRM.from_pretrained(path).to(device).eval()
+        s = score_cots(model, records, args.aggregate, args.batch_size)
+        scores_by_prm[name] = {id(r): x for r, x in zip(records, s)}
+    table, curve = evaluate(groups, scores_by_prm, args.subsets, args.seed)
+    columns = ["pass@1", "majority"] + names + ["oracle"]
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(table, columns)
+    prm.write_json_atomic(os.path.join(args.out, "results.json"),
+                          {"table": table, "accuracy_vs_n": curve, "aggregate": args.aggregate, "prms": dict(zip(names, prms)),
+                           "cots": args.cots, "skipped_without_steps": len(skipped)})
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
+    print(md)
+    print(f"written to {args.out}/ (results.json, results.md, accuracy_vs_n.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(prm.run_cli(main))

@@ -1,0 +1,59 @@
+"""rerank.py: select_best against a brute-force loop, majority ties, published meta files."""
+import json
+import random
+
+import torch
+
+import rerank
+from test_prm import write_published
+
+
+def test_select_best_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(50):
+        Q, N = rng.randint(1, 6), rng.randint(1, 8)
+        scores = torch.tensor([[rng.choice([0.1, 0.5, 0.9, rng.random()]) for _ in range(N)] for _ in range(Q)])
+        mask = torch.tensor([[j < rng.randint(1, N) or j == 0 for j in range(N)] for _ in range(Q)])
+        best = rerank.select_best(scores, mask)
+        for q in range(Q):
+            brute, top = None, None
+            for j in range(N):
+                if mask[q, j] and (top is None or scores[q, j] > top):
+                    brute, top = j, scores[q, j]
+            assert best[q].item() == brute
+
+
+def test_majority_vote_ties_and_normalization():
+    assert rerank.majority_vote(["7", "8", "8", "7"]) == 0           # tie: the answer seen first
+    assert rerank.majority_vote(["8", " 7", "7.", "8"]) == 0
+    assert rerank.majority_vote(["A", "b", "B", "a", "B"]) == 1      # case and whitespace normalized
+    assert rerank.majority_vote(["x"]) == 0
+
+
+def test_evaluate_counts_are_exact():
+    cots = [{"domain": "d", "id": "q1", "correct": c, "pred": p} for c, p in
+            [(False, "1"), (True, "2"), (False, "1")]] + \
+           [{"domain": "e", "id": "q2", "correct": c, "pred": p} for c, p in [(True, "5"), (True, "5")]]
+    groups = rerank.group_questions(cots)
+    scores = {"prm": {id(c): s for c, s in zip(cots, [0.2, 0.9, 0.1, 0.3, 0.4])}}
+    table, curve = rerank.evaluate(groups, scores, n_subsets=5)
+    assert table["d"] == {"pass@1": 1 / 3, "majority": 0.0, "prm": 1.0, "oracle": 1.0, "questions": 1}
+    assert table["overall"]["pass@1"] == (1 / 3 + 1) / 2 and table["overall"]["prm"] == 1.0
+    assert curve["oracle"][2] >= curve["oracle"][1] and set(curve["prm"]) == {1, 2}
+
+
+def test_rerank_on_published_meta(tmp_path, images, backbone_dir, capsys):
+    import prm
+    meta_path, _ = write_published(tmp_path, images)
+    data = json.load(open(meta_path))
+    data.append(dict(data[0], id=3, true_false=False))
+    json.dump(data, open(meta_path, "w"))
+    model_dir = str(tmp_path / "prm")
+    prm.PRM.from_backbone(backbone_dir).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert rerank.main(["--cots", meta_path, "--prm", model_dir, "--names", "p", "--out", str(out)]) == 0
+    results = json.load(open(out / "results.json"))
+    assert results["skipped_without_steps"] == 1
+    assert results["table"]["overall"]["questions"] == 2
+    assert (out / "accuracy_vs_n.png").stat().st_size > 0 and "| overall | 2 |" in (out / "results.md").read_text()
+    assert "1 CoTs without steps: skipped" in capsys.readouterr().out
