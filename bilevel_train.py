@@ -180,6 +180,16 @@ def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
     return train, meta
 
 
+def build_toy_world(seed):
+    """gen_cots.py --toy, then MC labels for the training CoTs and (for rerank.py's step report) the test CoTs."""
+    import gen_cots
+    import mc_label
+    print(f"building the toy world (seed {seed}): gen_cots.py --toy, then mc_label.py")
+    gen_cots.main(["--toy", "--seed", str(seed)])
+    for name in ("train", "test"):
+        mc_label.main(["--cots", os.path.join(gen_cots.TOY_DIR, f"{name}_cots.jsonl"), "--seed", str(seed)])
+
+
 def load_data(args):
     """Train and meta records (validated), the chosen domains, and counts of skipped records."""
     if not args.train and not args.meta:
@@ -188,11 +198,7 @@ def load_data(args):
             train, meta = synthetic_data(args.seed)
             return train, meta, sorted({r["domain"] for r in train}), 0, 0
         if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)):
-            print("building the toy world: gen_cots.py --toy, then mc_label.py")
-            import gen_cots
-            import mc_label
-            gen_cots.main(["--toy"])
-            mc_label.main([])
+            build_toy_world(args.seed)
         args.train, args.meta = [TOY_TRAIN], TOY_META
     if not args.train or not args.meta:
         raise prm.DataError("give both --train and --meta (or neither, for the toy demo)")
@@ -445,6 +451,8 @@ def parse_args(argv):
     ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N outer iterations")
     ap.add_argument("--log-every", type=int, default=10, help="metrics and weights every N outer iterations")
     ap.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
+    ap.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
+                    "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="seed for the value head and the batch order")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -457,6 +465,12 @@ def parse_args(argv):
     if args.lr is None:
         args.lr = 1e-4 if toy or args.model == "tiny" else 5e-7
     return args
+
+
+def enable_checkpointing(model):
+    """Recompute activations in backward (transformers renamed the method in 5.2x; use what exists)."""
+    bb = model.backbone
+    (getattr(bb, "activation_checkpointing_enable", None) or bb.gradient_checkpointing_enable)()
 
 
 class Diverged(RuntimeError):
@@ -478,7 +492,7 @@ def main(argv=None):
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
     model.train()
     if args.grad_checkpointing:
-        model.backbone.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     phi = [p for p in model.parameters() if p.requires_grad]
     dom_index = {d: k for k, d in enumerate(domains)}
     # Raw weights: one per domain, or one per training CoT; a = 0 is uniform.
@@ -578,6 +592,11 @@ def main(argv=None):
     for d, w in sorted(alpha.items(), key=lambda x: -x[1]):
         print(f"  {d:24s} {w:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
+    baseline = args.out.rstrip("/") + "-vanilla"
+    if toy and args.weighting == "domain" and not args.no_baseline and not os.path.isdir(os.path.join(baseline, "prm")):
+        print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
+        return main(["--weighting", "fixed", "--out", baseline, "--seed", str(args.seed), "--model", args.model,
+                     "--device", args.device, "--precision", args.precision])
     return 0
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 import gen_cots
 import prm
 
-TOY_TEST = os.path.join(gen_cots.TOY_DIR, "test_cots.jsonl")
+TOY_TEST = os.path.join(gen_cots.TOY_DIR, "test_labels.jsonl")   # the toy test CoTs with MC labels
 TOY_PRMS = ["runs/toy-vanilla", "runs/toy"]
 
 
@@ -50,23 +50,61 @@ def majority_vote(preds):
     return next(i for i, k in enumerate(keys) if counts[k] == best)
 
 
-def group_questions(records):
-    """{question key: [CoT records in sample order]}."""
+def group_questions(records, key=lambda r: r):
+    """{(domain, question id): [items in file order]}; key(item) gives an item's record."""
     groups = defaultdict(list)
-    for r in records:
-        groups[(r["domain"], r["id"])].append(r)
+    for item in records:
+        r = key(item)
+        groups[(r["domain"], r["id"])].append(item)
     return groups
 
 
-def score_cots(model, records, how, batch_size=16):
-    """A(V) for each record, packed scoring in batches. Returns a list of floats."""
-    scores = []
+def score_cots(model, records, how, batch_size=16, shared_prefix=True):
+    """Step values and A(V) for each record.
+
+    shared_prefix: the CoTs of one question go through prm.shared_prefix_values (image and question
+    encoded once); otherwise packed batches of batch_size CoTs (prm.step_values).
+    Returns (scores [float per record], values [list of step values per record]).
+    """
+    if shared_prefix:
+        groups = [[i for i, _ in g] for g in group_questions(list(enumerate(records)), key=lambda x: x[1]).values()]
+    else:
+        groups = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
+    scores, values = [None] * len(records), [None] * len(records)
     with torch.no_grad():
-        for i in tqdm(range(0, len(records), batch_size), desc="score", leave=False, dynamic_ncols=True):
-            chunk = records[i:i + batch_size]
-            values, mask = prm.step_values(model, [model.encode(r) for r in chunk])
-            scores += prm.aggregate(values.float(), mask, how).tolist()
-    return scores
+        for idx in tqdm(groups, desc="score", leave=False, dynamic_ncols=True):
+            encoded = [model.encode(records[i]) for i in idx]
+            fn = prm.shared_prefix_values if shared_prefix else prm.step_values
+            V, mask = fn(model, encoded)                                          # (B, S)
+            V = V.float()
+            for b, (i, A) in enumerate(zip(idx, prm.aggregate(V, mask, how).tolist())):
+                scores[i], values[i] = A, V[b][mask[b]].tolist()
+    return scores, values
+
+
+def first_error(xs, threshold):
+    """Index of the first step below threshold, or -1 when there is none."""
+    return next((i for i, x in enumerate(xs) if x < threshold), -1)
+
+
+def step_report(records, values):
+    """PRM step values against MC labels, on records that have them: mean squared error over
+    labelled steps, and how often the PRM's first step below 0.5 is the first step with p = 0
+    (both -1 when the CoT has no such step)."""
+    se, n_steps, hits, n_cots = 0.0, 0, 0, 0
+    for r, v in zip(records, values):
+        mc = r.get("mc")
+        if not mc:
+            continue
+        pairs = [(x, p) for x, p in zip(v, mc) if p is not None]
+        se += sum((x - p) ** 2 for x, p in pairs)
+        n_steps += len(pairs)
+        true_first = next((i for i, p in enumerate(mc) if p == 0.0), -1)
+        hits += first_error(v, 0.5) == true_first
+        n_cots += 1
+    if not n_cots:
+        return None
+    return {"step_mse": se / max(1, n_steps), "first_error_accuracy": hits / n_cots, "cots": n_cots, "steps": n_steps}
 
 
 def evaluate(groups, scores_by_prm, n_subsets=20, seed=0):
@@ -142,7 +180,9 @@ def main(argv=None):
     ap.add_argument("--aggregate", choices=prm.AGGREGATIONS, default="mean_logit", help="aggregation function A")
     ap.add_argument("--out", default="runs/rerank", help="output folder")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
-    ap.add_argument("--batch-size", type=int, default=16, help="CoTs per scoring forward")
+    ap.add_argument("--batch-size", type=int, default=16, help="CoTs per scoring forward (with --no-shared-prefix)")
+    ap.add_argument("--no-shared-prefix", action="store_true", help="score in packed batches instead of encoding "
+                    "each question's image and text once (same numbers, slower)")
     ap.add_argument("--subsets", type=int, default=20, help="random subsets per N for accuracy against N")
     ap.add_argument("--seed", type=int, default=0, help="seed of the subsets")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -152,24 +192,31 @@ def main(argv=None):
     if not os.path.isfile(args.cots):
         raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
     records, skipped = prm.read_cots(args.cots, "cots", args.image_root)
+    if not prms:
+        raise prm.DataError("no PRM given (--prm DIR ...) and no toy runs found: run python bilevel_train.py first")
     if skipped:
         print(f"{len(skipped)} CoTs without steps: skipped")
     if not records:
         raise prm.DataError("no CoTs with steps", file=args.cots)
     groups = group_questions(records)
     names = [n for n in args.names.split(",") if n] or [os.path.basename(os.path.normpath(p)) for p in prms]
-    scores_by_prm = {}
+    scores_by_prm, steps = {}, {}
     for name, path in zip(names, prms):
         model = prm.PRM.from_pretrained(path).to(device).eval()
-        s = score_cots(model, records, args.aggregate, args.batch_size)
+        s, values = score_cots(model, records, args.aggregate, args.batch_size, not args.no_shared_prefix)
         scores_by_prm[name] = {id(r): x for r, x in zip(records, s)}
+        steps[name] = step_report(records, values)
     table, curve = evaluate(groups, scores_by_prm, args.subsets, args.seed)
     columns = ["pass@1", "majority"] + names + ["oracle"]
     os.makedirs(args.out, exist_ok=True)
     md = markdown(table, columns)
+    if any(steps.values()):
+        md += "\n\nStep level, against the MC labels:\n\n| PRM | step MSE | first wrong step found |\n|---|---:|---:|\n"
+        md += "\n".join(f"| {n} | {s['step_mse']:.4f} | {100 * s['first_error_accuracy']:.1f}% |"
+                        for n, s in steps.items() if s)
     prm.write_json_atomic(os.path.join(args.out, "results.json"),
-                          {"table": table, "accuracy_vs_n": curve, "aggregate": args.aggregate, "prms": dict(zip(names, prms)),
-                           "cots": args.cots, "skipped_without_steps": len(skipped)})
+                          {"table": table, "accuracy_vs_n": curve, "step_level": steps, "aggregate": args.aggregate,
+                           "prms": dict(zip(names, prms)), "cots": args.cots, "skipped_without_steps": len(skipped)})
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
     plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))

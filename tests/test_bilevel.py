@@ -188,3 +188,59 @@ def test_diverged_run_stops_and_keeps_checkpoint(backbone_dir, tmp_path, monkeyp
     assert code == 1 and "non-finite lower loss at iteration 3" in err and "last good checkpoint" in err
     assert json.load(open(f"{out}/checkpoint/state.json"))["iteration"] == 3
     assert not os.path.exists(f"{out}/prm")
+
+
+def changed_fraction(model, before):
+    """Fraction of backbone weights with a non-zero gradient that changed in the step (embedding
+    rows of tokens absent from the batch get no gradient, so no update, in any precision)."""
+    changed = total = 0
+    for p, b in zip(model.backbone.parameters(), before):
+        if p.grad is not None:
+            live = p.grad != 0
+            changed += (p.detach().float() != b.float())[live].sum().item()
+            total += live.sum().item()
+    return changed / total
+
+
+def test_bf16_compute_keeps_updates_far_below_bf16_resolution(backbone_dir):
+    """--precision bf16: bf16 autocast compute on fp32 master weights. An AdamW step of lr 5e-7
+    (bf16's half-ulp at |w| = 0.02 is 7.8e-5) must still move >= 99% of the weights; plain bf16
+    weights, as the published code keeps them, lose almost all of it."""
+    train, _ = bt.synthetic_data(0, 8, 8)
+    records = train[:8]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    a = torch.zeros(3)
+    fractions = {}
+    for mode in ("master_fp32", "plain_bf16"):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        if mode == "plain_bf16":
+            model.backbone.to(torch.bfloat16)
+        before = [p.detach().clone() for p in model.backbone.parameters()]
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-7, weight_decay=0.0)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        batch = bt.lower_step(model, opt, a, records, keys, "domain", autocast)
+        assert torch.isfinite(batch.L_tr)
+        fractions[mode] = changed_fraction(model, before)
+        if mode == "master_fp32":
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+    print(fractions)
+    assert fractions["master_fp32"] >= 0.99
+    assert fractions["plain_bf16"] < 0.5
+
+
+def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
+    train, _ = bt.synthetic_data(1, 8, 8)
+    records = train[::6][:6]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    a = torch.tensor([0.2, -0.1, 0.0])
+    params = {}
+    for ckpt in (False, True):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        if ckpt:
+            bt.enable_checkpointing(model)
+            assert model.backbone.language_model.gradient_checkpointing
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        bt.lower_step(model, opt, a, records, keys, "domain", torch.autocast("cpu", enabled=False))
+        params[ckpt] = [p.detach().clone() for p in model.parameters()]
+    assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
+    assert any((x != y0).any() for x, y0 in zip(params[False], prm.PRM.from_backbone(backbone_dir).parameters()))

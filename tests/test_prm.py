@@ -243,3 +243,19 @@ def test_torn_tail_is_dropped(tmp_path):
         list(prm.iter_jsonl(str(path)))
     prm.drop_torn_tail(str(path))
     assert path.read_text() == json.dumps(GOOD) + "\n"
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_shared_prefix_equals_packed(tiny_prm, images, with_image):
+    image = images[2] if with_image else None
+    cots = [prm.encode_cot(tiny_prm.tokenizer, QUESTION, make_steps(n, b), str(b), image, tiny_prm.image_processor)
+            for b, n in enumerate([3, 5, 1, 7, 2, 5, 4, 6])]
+    with torch.no_grad():
+        v, m = prm.step_values(tiny_prm, cots)
+        v_shared, m_shared = prm.shared_prefix_values(tiny_prm, cots)
+    assert torch.equal(m, m_shared)
+    assert (v - v_shared)[m].abs().max().item() <= 1e-4
+    assert v[m].std().item() > 1e-3
+    other = prm.encode_cot(tiny_prm.tokenizer, "Another question?", ["Step 1: a"], "", image, tiny_prm.image_processor)
+    with pytest.raises(ValueError, match="one question"):
+        prm.shared_prefix_values(tiny_prm, cots[:2] + [other])
