@@ -87,10 +87,11 @@ def first_error(xs, threshold):
     return next((i for i, x in enumerate(xs) if x < threshold), -1)
 
 
-def step_report(records, values):
-    """PRM step values against MC labels, on records that have them: mean squared error over
-    labelled steps, and how often the PRM's first step below 0.5 is the first step with p = 0
-    (both -1 when the CoT has no such step)."""
+def step_report(records, values, threshold=0.25):
+    """PRM step values against MC labels, on records that have them: the mean squared error over
+    labelled steps, and how often the PRM finds the first wrong step. The first wrong step is the
+    first whose value falls below `threshold`, by the same rule for the MC labels and for the PRM
+    (-1 when there is none, e.g. a correct CoT: both -1 is a hit)."""
     se, n_steps, hits, n_cots = 0.0, 0, 0, 0
     for r, v in zip(records, values):
         mc = r.get("mc")
@@ -99,12 +100,13 @@ def step_report(records, values):
         pairs = [(x, p) for x, p in zip(v, mc) if p is not None]
         se += sum((x - p) ** 2 for x, p in pairs)
         n_steps += len(pairs)
-        true_first = next((i for i, p in enumerate(mc) if p == 0.0), -1)
-        hits += first_error(v, 0.5) == true_first
+        labelled = [p if p is not None else 1.0 for p in mc]
+        hits += first_error(v, threshold) == first_error(labelled, threshold)
         n_cots += 1
     if not n_cots:
         return None
-    return {"step_mse": se / max(1, n_steps), "first_error_accuracy": hits / n_cots, "cots": n_cots, "steps": n_steps}
+    return {"step_mse": se / max(1, n_steps), "first_error_accuracy": hits / n_cots, "cots": n_cots,
+            "steps": n_steps, "threshold": threshold}
 
 
 def evaluate(groups, scores_by_prm, n_subsets=20, seed=0):

@@ -244,3 +244,22 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
         params[ckpt] = [p.detach().clone() for p in model.parameters()]
     assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
     assert any((x != y0).any() for x, y0 in zip(params[False], prm.PRM.from_backbone(backbone_dir).parameters()))
+
+
+@pytest.mark.parametrize("flags", [["--weighting", "instance"], ["--no-aggregation"], ["--upper-loss", "bce"],
+                                   ["--weighting", "fixed"]])
+def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
+    out = str(tmp_path / "run")
+    assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "4", "--unroll-steps", "2",
+                    "--log-every", "2", "--train-batch", "4", "--meta-batch", "4"] + flags) == 0
+    weights = json.load(open(f"{out}/domain_weights.json"))
+    assert set(weights["final"]) == set(DOMAINS) and len(weights["history"]) == 2
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [2, 4] and all(f"alpha/{d}" in rows[0] for d in DOMAINS)
+    assert (rows[0]["upper/loss"] is None) == (flags == ["--weighting", "fixed"])
+    if flags[0] == "--weighting" and flags[1] == "fixed":
+        assert all(w == 1.0 for w in weights["final"].values())
+    else:
+        assert any(abs(w - 1.0) > 1e-4 for w in weights["final"].values())     # the upper level moved a
+    assert os.path.getsize(f"{out}/domain_weights.png") > 0
+    prm.PRM.from_pretrained(out)
