@@ -118,19 +118,22 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01)
     Returns (g_a, L_meta value).
     """
     L_meta = meta_loss_fn()
-    v = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
-    v = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(phi, v)]
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v))
+    grads = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
+    # Tensors the meta batch does not reach (e.g. the vision tower on text) have v = 0: skip them.
+    reached = [(p, g.detach()) for p, g in zip(phi, grads) if g is not None]
+    phi, v = [p for p, _ in reached], [g for _, g in reached]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
+        if v else 0.0                                           # ||v||_2, one device sync
     if norm == 0:
         return torch.zeros_like(a), L_meta.item()
-    eps = r / norm.item()
+    eps = r / norm
     saved = [p.detach().clone() for p in phi]                   # exact restore, not p - eps v + eps v
     with torch.no_grad():
         for p, g in zip(phi, v):
-            p.add_(g.to(p.dtype), alpha=eps)                    # phi + eps v
+            p.add_(g, alpha=eps)                                # phi + eps v
         l_plus = train_losses_fn()                              # (B,)
         for p, s, g in zip(phi, saved, v):
-            p.copy_(s).add_(g.to(p.dtype), alpha=-eps)          # phi - eps v
+            p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
         l_minus = train_losses_fn()                             # (B,)
         for p, s in zip(phi, saved):
             p.copy_(s)

@@ -143,6 +143,13 @@ class Encoded:
     image_grid_thw: torch.Tensor = None  # (1, 3), or None
     mm_token_type_ids: torch.Tensor = None  # (L,) 1 at image tokens, 0 elsewhere
 
+    def prefix(self, i):
+        """The CoT cut after step i: one step prefix yhat_i, as the per-prefix reference sees it."""
+        end = int(self.step_ends[i])
+        mm = None if self.mm_token_type_ids is None else self.mm_token_type_ids[:end + 1]
+        return Encoded(self.input_ids[:end + 1], self.step_ends[i:i + 1], self.prompt_len, self.pixel_values,
+                       self.image_grid_thw, mm)
+
 
 def image_inputs(image_processor, image):
     """Pixel values and grid for one PIL image (Pillow image processor, no torchvision)."""
@@ -402,12 +409,7 @@ def prefix_values(prm, cots):
     Same output as step_values; it exists for tests and as the cost baseline."""
     rows = []
     for c in cots:
-        row = []
-        for end in c.step_ends.tolist():
-            prefix = Encoded(c.input_ids[:end + 1], torch.tensor([end]), c.prompt_len, c.pixel_values,
-                             c.image_grid_thw, None if c.mm_token_type_ids is None else c.mm_token_type_ids[:end + 1])
-            v, _ = step_values(prm, [prefix])                    # (1, 1)
-            row.append(v[0, 0])
+        row = [step_values(prm, [c.prefix(i)])[0][0, 0] for i in range(len(c.step_ends))]   # (1, 1) each
         rows.append(torch.stack(row))
     S = max(len(r) for r in rows)
     values = torch.zeros(len(rows), S, device=prm.device)

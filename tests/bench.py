@@ -115,10 +115,8 @@ def train_packed(model, opt, cots, autocast):
 def train_per_prefix(model, opt, cots, autocast):
     """The published way: every step prefix is its own example, one forward+backward each."""
     for c in cots:
-        for end in c.step_ends.tolist():
-            prefix = prm.Encoded(c.input_ids[:end + 1], torch.tensor([end]), c.prompt_len, c.pixel_values,
-                                 c.image_grid_thw, c.mm_token_type_ids[:end + 1])
-            train_packed(model, opt, [prefix], autocast)
+        for i in range(len(c.step_ends)):
+            train_packed(model, opt, [c.prefix(i)], autocast)
 
 
 def training_loop(model, mode, U, batch, iterations, device, autocast):
