@@ -425,7 +425,7 @@ def plot_weights(history, names, path, title="domain weights alpha"):
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
     ap.add_argument("--train", nargs="*", default=[], help="training labels: our labels.jsonl or published train.json")
     ap.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
     ap.add_argument("--domains", default="", help="comma-separated training domains (default: all present)")

@@ -446,7 +446,7 @@ def generate(questions, out_path, policy, n, seed):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
     ap.add_argument("--questions", default=None, help="questions.jsonl")
     ap.add_argument("--out", default=None, help="cots.jsonl to append to (default: beside the questions)")
     ap.add_argument("--n", type=int, default=TOY_N, help="CoTs per question")

@@ -19,6 +19,7 @@ Real data, through a vLLM server:
 import argparse
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -71,7 +72,7 @@ def steps_text(steps, i, continuation):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
     ap.add_argument("--cots", default=None, help=f"cots.jsonl (default: the toy world's {gen_cots.TOY_DIR}/train_cots.jsonl)")
     ap.add_argument("--out", default=None, help="labels.jsonl to append to (default: beside the CoTs)")
     ap.add_argument("--rollouts", type=int, default=16, help="K: rollouts per step prefix")
@@ -95,6 +96,7 @@ def main(argv=None):
     skipped = sum(1 for c in cots if not c["steps"])
     if skipped:
         print(f"{skipped} CoTs without steps: not labelled")
+    t0, n_rollouts = time.perf_counter(), 0
     with open(out, "a", encoding="utf-8") as f, \
             tqdm(total=len(cots) - skipped, initial=len(cots) - skipped - len(todo), desc="mc_label", unit="cot",
                  dynamic_ncols=True) as bar:
@@ -103,8 +105,11 @@ def main(argv=None):
             if len(mc) < len(cot["steps"]):                   # --max-steps: keep only the labelled steps
                 cot = dict(cot, steps=cot["steps"][:len(mc)])
             prm.append_jsonl(f, dict(cot, mc=mc, rollouts=counts))
+            n_rollouts += sum(counts)
             bar.update(1)
-    print(f"labels written to {out}")
+    seconds = time.perf_counter() - t0
+    print(f"labels written to {out}: {len(todo)} CoTs, {n_rollouts} rollouts in {seconds:.1f} s "
+          f"({n_rollouts / max(seconds, 1e-9):.0f} rollouts/s)")
     return 0
 
 

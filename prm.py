@@ -23,6 +23,7 @@ What lives here (every stage imports it, none re-implements it):
 Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 """
 
+import argparse
 import inspect
 import json
 import math
@@ -57,6 +58,16 @@ class DataError(ValueError):
         where = ":".join(str(p) for p in (file, line) if p is not None)
         parts = [p for p in (where, f"field '{field}'" if field else None, message) if p]
         super().__init__(": ".join(parts))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the scripts' docstrings as written and shows every flag's default (flags whose
+    help already explains a computed default say it themselves)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_cli(main, argv=None):
@@ -447,7 +458,8 @@ def shared_prefix_values(prm, cots):
                       mm_token_type_ids=mm, position_ids=position_ids)            # (3, 1, P)
         start = int(position_ids.max()) + 1
     out = prm.backbone(**kwargs)
-    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    cache = getattr(out, "cache", None)                                        # transformers >= 5.2x
+    cache = cache if cache is not None else out.past_key_values
     cache.batch_repeat_interleave(N)                                            # the prefix, N times
     L = max(len(c.input_ids) - P for c in cots)
     cont = torch.full((N, L), prm.pad_id, dtype=torch.long)

@@ -175,7 +175,7 @@ def plot_curve(curve, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
     ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question")
     ap.add_argument("--prm", nargs="*", default=None, help="PRM or run directories (default: the toy runs present)")
     ap.add_argument("--names", default="", help="comma-separated column names for the PRMs (default: folder names)")
