@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import gen_cots
+import mc_label
 import prm
 
 TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.py --toy, mc_label.py)
@@ -185,8 +187,6 @@ def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
 
 def build_toy_world(seed):
     """gen_cots.py --toy, then MC labels for the training CoTs and (for rerank.py's step report) the test CoTs."""
-    import gen_cots
-    import mc_label
     print(f"building the toy world (seed {seed}): gen_cots.py --toy, then mc_label.py")
     gen_cots.main(["--toy", "--seed", str(seed)])
     for name in ("train", "test"):
@@ -390,6 +390,12 @@ def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
 # Outputs a person reads
 # --------------------------------------------------------------------------------------------
 
+def write_weights(run_dir, alpha, weighting, history):
+    """domain_weights.json: the latest weights ("final" once the run ends) and every logged iteration's."""
+    prm.write_json_atomic(os.path.join(run_dir, "domain_weights.json"),
+                          {"final": alpha, "weighting": weighting, "history": history})
+
+
 def plot_weights(history, names, path, title="domain weights alpha"):
     """Draw alpha_k over iterations with Pillow (no plotting library needed)."""
     from PIL import Image, ImageDraw
@@ -579,6 +585,7 @@ def main(argv=None):
             with open(metrics_path, "a") as f:
                 prm.append_jsonl(f, row)
             history.append({"iteration": done, "alpha": alpha})
+            write_weights(args.out, alpha, args.weighting, history)
             sums = dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
         if done % args.save_every == 0 or done == args.iterations:
             save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
@@ -586,10 +593,8 @@ def main(argv=None):
 
     model.save_pretrained(os.path.join(args.out, "prm"))
     alpha = current_alpha()
-    prm.write_json_atomic(os.path.join(args.out, "domain_weights.json"),
-                          {"final": alpha, "weighting": args.weighting, "history": history})
+    write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
-    import gen_cots
     toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
     print("learned domain weights (alpha)" + (" next to each toy domain's true quality (3 best):" if toy else ":"))
     for d, w in sorted(alpha.items(), key=lambda x: -x[1]):

@@ -19,6 +19,7 @@ Real data:
 
 import argparse
 import base64
+import difflib
 import json
 import mimetypes
 import os
@@ -76,9 +77,11 @@ def to_number(s):
 def match_answer(pred, answer, choices=None, rel_tol=1e-3):
     """Whether pred matches the answer key.
 
-    Multiple choice: a letter ('B', '(B)', 'B.') or the option text nearest to pred, compared with
-    the key given as a letter or as option text. Numbers: equal within rel_tol (and to the key's
-    precision: '3.14' matches 3.1416 only if rounding agrees). Otherwise normalized strings.
+    Multiple choice: pred is read as a letter ('B', '(B)', 'B.', 'B: dog'), else as the option its
+    text equals or contains, else the nearest option text (difflib ratio >= 0.5); the key is read
+    the same way. Numbers: equal within rel_tol, or equal once rounded to the key's decimals
+    ('3.14159' matches '3.14'; '1,000' matches '1000'; a unit after the key is allowed).
+    Otherwise the normalized strings (case, punctuation, whitespace) must be equal.
     """
     pred_n, ans_n = normalize(pred), normalize(answer)
     if choices:
@@ -95,7 +98,11 @@ def match_answer(pred, answer, choices=None, rel_tol=1e-3):
             if s in opts:
                 return letters[opts.index(s)]
             close = [i for i, o in enumerate(opts) if o and (o in s or s in o)]
-            return letters[close[0]] if len(close) == 1 else None
+            if len(close) == 1:
+                return letters[close[0]]
+            ratios = [difflib.SequenceMatcher(None, s, o).ratio() for o in opts]
+            best = max(ratios)
+            return letters[ratios.index(best)] if best >= 0.5 and ratios.count(best) == 1 else None
 
         a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
         if a is not None:
@@ -218,19 +225,19 @@ class ToyPolicy:
         m4 = [st for st in done if st.startswith("Step 4")]
         if m4 and _SUM_RE.search(m4[0]):
             s = int(_SUM_RE.search(m4[0]).group(1))
-        for k in range(len(done) + 1, 6):
-            if k == 1:
+        for step in range(len(done) + 1, 6):
+            if step == 1:
                 out.append("Step 1: Restate the question. We need the sum of the two numbers.")
-            elif k == 2:
+            elif step == 2:
                 x, y = toy["a"], toy["b"]
                 if rng.random() < cfg["misread"]:
                     x += rng.choice([-3, -2, 2, 3])
                     out.append(f"Step 2: Gather evidence. Hmm, I guess the image shows {x} and {y}.")
                 else:
                     out.append(f"Step 2: Gather evidence. The image shows {x} and {y}.")
-            elif k == 3:
+            elif step == 3:
                 out.append("Step 3: Background knowledge. Add the two numbers.")
-            elif k == 4:
+            elif step == 4:
                 s = x + y
                 if rng.random() < cfg["miscalc"]:
                     s += rng.choice([-2, -1, 1, 2])

@@ -283,21 +283,17 @@ class PRM(nn.Module):
     so no vocabulary-sized logits are ever computed.
     """
 
-    def __init__(self, backbone, tokenizer, image_processor=None, head=None, seed=0):
+    def __init__(self, backbone, tokenizer, image_processor=None, seed=0):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         hidden = backbone.config.get_text_config().hidden_size
-        self.head = nn.Linear(hidden, 1)
-        if head is None:
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                self.head.weight.normal_(0.0, hidden ** -0.5, generator=g)
-                self.head.bias.zero_()
-        else:
-            self.head.load_state_dict(head)
-        self.head.to(torch.float32)  # the head stays fp32 whatever the backbone's dtype
+        self.head = nn.Linear(hidden, 1)                         # w, b; seeded so runs repeat exactly
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, hidden ** -0.5, generator=g)
+            self.head.bias.zero_()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_cache = {}
 

@@ -19,7 +19,6 @@ Real data:
 """
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -109,34 +108,36 @@ def step_report(records, values, threshold=0.25):
             "steps": n_steps, "threshold": threshold}
 
 
+def question_metrics(cots, scores_by_prm):
+    """For one question's CoTs: pass@1 (mean correctness), majority vote, each PRM's pick and the
+    oracle, each as 0..1."""
+    out = {"pass@1": sum(c["correct"] for c in cots) / len(cots),
+           "majority": float(cots[majority_vote([c.get("pred", c.get("final", "")) for c in cots])]["correct"]),
+           "oracle": float(any(c["correct"] for c in cots))}
+    for name, scores in scores_by_prm.items():
+        s = torch.tensor([scores[id(c)] for c in cots])             # (N,)
+        out[name] = float(cots[int(select_best(s[None])[0])]["correct"])
+    return out
+
+
 def evaluate(groups, scores_by_prm, n_subsets=20, seed=0):
-    """Accuracies per domain and overall, and accuracy against N. scores_by_prm: {name: {id(record): score}}."""
-    rows = defaultdict(lambda: defaultdict(float))
-    counts = Counter()
-    max_n = max(len(g) for g in groups.values())
-    ns = [n for n in (2 ** k for k in range(12)) if n <= max_n]
+    """Accuracy per domain and overall (exact counts over questions), and accuracy against N
+    (each question's N-subsets drawn with a seeded generator). scores_by_prm: {name: {id(record): score}}."""
+    rows, counts = defaultdict(lambda: defaultdict(float)), Counter()
+    ns = [n for n in (2 ** k for k in range(12)) if n <= max(len(g) for g in groups.values())]
     curve = {name: {n: 0.0 for n in ns} for name in ["pass@1", "majority", "oracle"] + list(scores_by_prm)}
     rng = random.Random(seed)
     for (domain, _), cots in groups.items():
         for key in (domain, "overall"):
             counts[key] += 1
-            rows[key]["pass@1"] += sum(c["correct"] for c in cots) / len(cots)
-            rows[key]["majority"] += cots[majority_vote([c.get("pred", c.get("final", "")) for c in cots])]["correct"]
-            rows[key]["oracle"] += any(c["correct"] for c in cots)
-            for name, scores in scores_by_prm.items():
-                s = torch.tensor([scores[id(c)] for c in cots])
-                rows[key][name] += cots[int(select_best(s[None])[0])]["correct"]
+            for metric, v in question_metrics(cots, scores_by_prm).items():
+                rows[key][metric] += v
         for n in ns:
-            for _ in range(n_subsets if n < len(cots) else 1):
-                sub = sorted(rng.sample(range(len(cots)), min(n, len(cots))))
-                sc = [cots[i] for i in sub]
-                curve["pass@1"][n] += sum(c["correct"] for c in sc) / len(sc) / (n_subsets if n < len(cots) else 1)
-                w = 1 / (n_subsets if n < len(cots) else 1)
-                curve["majority"][n] += sc[majority_vote([c.get("pred", c.get("final", "")) for c in sc])]["correct"] * w
-                curve["oracle"][n] += any(c["correct"] for c in sc) * w
-                for name, scores in scores_by_prm.items():
-                    s = torch.tensor([scores[id(c)] for c in sc])
-                    curve[name][n] += sc[int(select_best(s[None])[0])]["correct"] * w
+            repeats = n_subsets if n < len(cots) else 1
+            for _ in range(repeats):
+                subset = [cots[i] for i in sorted(rng.sample(range(len(cots)), min(n, len(cots))))]
+                for metric, v in question_metrics(subset, scores_by_prm).items():
+                    curve[metric][n] += v / repeats
     table = {k: {m: v / counts[k] for m, v in r.items()} | {"questions": counts[k]} for k, r in rows.items()}
     curve = {name: {n: v / len(groups) for n, v in c.items()} for name, c in curve.items()}
     return table, curve

@@ -169,6 +169,7 @@ def test_hf_back_end_with_the_tiny_backbone(tmp_path, images, backbone_dir):
     ("B", "B", ["cat", "dog"], True), ("(b)", "B", ["cat", "dog"], True), ("B.", "B", ["cat", "dog"], True),
     ("The answer is dog", "B", ["cat", "dog"], True), ("Dog", "dog", ["cat", "dog"], True),
     ("A", "B", ["cat", "dog"], False), ("cat", "B", ["cat", "dog"], False),
+    ("a dgo", "B", ["a cat", "a dog"], True), ("B: dog", "B", ["cat", "dog"], True),
     ("42", "42", None, True), ("42.0", "42", None, True), ("41", "42", None, False),
     ("3.14159", "3.14", None, True), ("3.2", "3.14", None, False), ("1,000", "1000", None, True),
     ("12 cm", "12", None, True), ("  Paris ", "paris", None, True), ("Lyon", "Paris", None, False),
