@@ -32,6 +32,8 @@ import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import prm
@@ -150,7 +152,6 @@ _SUM_RE = re.compile(r"= (-?\d+)")
 
 
 def draw_numbers(path, a, b, blank, seed):
-    from PIL import Image, ImageDraw
     rng = random.Random(seed)
     img = Image.new("RGB", (112, 56), "white")
     d = ImageDraw.Draw(img)
@@ -267,7 +268,6 @@ class HFPolicy:
 
     def __init__(self, path, temperature=0.7, max_new_tokens=512, structured=True, device="auto",
                  trust_remote_code=False, batch_size=8):
-        import torch
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
         prm._quiet_transformers()
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -288,13 +288,11 @@ class HFPolicy:
         return out
 
     def _generate(self, prompts, n):
-        import torch
         seqs, images, mms = [], [], []
         pad_image = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         for p in prompts:
             grid = None
             if p["question"].get("_image"):
-                from PIL import Image
                 pixel_values, grid = prm.image_inputs(self.image_processor, Image.open(p["question"]["_image"]))
                 images.append((pixel_values, grid))
             ids = prm.encode_prompt(self.tokenizer, user_text(p["question"], self.structured), grid,
@@ -406,7 +404,6 @@ def make_policy(args):
     if args.policy == "hf":
         if not args.model:
             raise prm.DataError("--policy hf needs --model DIR", field="--model")
-        import torch
         torch.manual_seed(args.seed)
         return HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
                         trust_remote_code=args.trust_remote_code)
