@@ -100,9 +100,11 @@ def run_script(args, cwd, **kw):
 
 
 def final_state(out):
+    """a, the value head, and every trainable tensor of the last checkpoint (backbone included)."""
     a = load_file(f"{out}/checkpoint/state.safetensors")["a"]
     head = load_file(f"{out}/prm/prm.safetensors")
-    return a, head["head.weight"], head["head.bias"]
+    weights = load_file(f"{out}/checkpoint/model.safetensors")
+    return [a, head["head.weight"], head["head.bias"]] + [weights[k] for k in sorted(weights)]
 
 
 def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
@@ -130,7 +132,9 @@ def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resumed {cut} at iteration {killed_at}" in out
-    for x, y in zip(final_state(full), final_state(cut)):
+    full_state, cut_state = final_state(full), final_state(cut)
+    assert len(full_state) == len(cut_state) > 10
+    for x, y in zip(full_state, cut_state):
         assert (x - y).abs().max().item() <= 1e-6
     iters = [json.loads(line)["iteration"] for line in open(f"{cut}/metrics.jsonl")]
     assert iters == list(range(5, 31, 5))                      # nothing missing, nothing twice
