@@ -47,6 +47,8 @@ def test_adaptive_and_zero_stop(small_toy):
     easy = dict(cot, toy=dict(cot["toy"], domain="easy"))          # the easy policy never errs
     mc, counts = mc_label.label_cot(easy, policy, K=16, min_rollouts=4)
     assert counts[:-1] == [4, 4, 4, 4] and mc[:-1] == [1.0] * 4
+    mc, counts = mc_label.label_cot(easy, policy, K=3, max_steps=2)  # the step cap: rollouts for both
+    assert mc == [1.0, 1.0] and counts == [3, 3]
     wrong = dict(cot, answer="-1", correct=False)                   # no rollout can reach this key
     mc, counts = mc_label.label_cot(wrong, policy, K=8, zero_stop=True)
     assert mc == [0.0] * 5 and counts == [8, 0, 0, 0, 0]
