@@ -191,3 +191,13 @@ def test_gen_bad_input(tmp_path, capsys, rows, words):
     err = capsys.readouterr().err
     assert code == 2 and words in err and "q.jsonl:" in err and err.count("\n") == 1
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_mc_label_rejects_cots_it_could_not_resume(tmp_path, capsys):
+    row = {"id": "a", "domain": "d", "question": "q?", "answer": "1", "steps": ["Step 1: x"], "final": "1",
+           "correct": True}
+    path = write_questions(tmp_path / "cots.jsonl", [row, row])          # two CoTs, no sample numbers
+    code = prm.run_cli(mc_label.main, ["--cots", path, "--out", str(tmp_path / "l.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cots.jsonl:2: field 'sample': duplicate (id, sample)" in err
+    assert not (tmp_path / "l.jsonl").exists()
