@@ -30,39 +30,49 @@ import prm
 def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
     """MC labels (mc, rollouts) for one CoT record.
 
-    With min_rollouts > 0, each prefix first gets min_rollouts; prefixes whose rollouts all agree
-    stop there, the others get the remaining K - min_rollouts. With zero_stop, once a prefix has
-    p = 0 every later step is labelled 0 without rollouts.
+    All step prefixes go to the policy in one batched call. With min_rollouts > 0, each prefix
+    first gets min_rollouts; the prefixes whose rollouts all agree stop there, the others get the
+    remaining K - min_rollouts in a second call. With zero_stop, prefixes are rolled out one after
+    another instead, and once one has p = 0 the later steps are labelled 0 without rollouts (fewer
+    rollouts, at the price of the batching).
     """
     steps = cot["steps"]
     n = len(steps) if max_steps is None else min(len(steps), max_steps)
     prefixes = list(range(n - 1 if n == len(steps) else n))           # the last step is labelled by `correct`
-    outcomes = {i: [] for i in prefixes}
+    outcomes = {}
 
     def roll(indices, k, first):
         prompts = [{"question": cot, "prefix": "\n".join(steps[:i + 1]), "first": first} for i in indices]
         for i, texts in zip(indices, policy.sample(prompts, k)):
-            outcomes[i] += [gen_cots.match_answer(gen_cots.extract_answer(steps_text(steps, i, t)), cot["answer"],
-                                                  cot.get("choices")) for t in texts]
+            outcomes.setdefault(i, []).extend(
+                gen_cots.match_answer(gen_cots.extract_answer(steps_text(steps, i, t)), cot["answer"],
+                                      cot.get("choices")) for t in texts)
 
-    first_k = min_rollouts if 0 < min_rollouts < K else K
-    roll(prefixes, first_k, 0)
-    if first_k < K:
-        undecided = [i for i in prefixes if 0 < sum(outcomes[i]) < len(outcomes[i])]
-        if undecided:
+    def label(indices):
+        first_k = min_rollouts if 0 < min_rollouts < K else K
+        roll(indices, first_k, 0)
+        undecided = [i for i in indices if 0 < sum(outcomes[i]) < len(outcomes[i])]
+        if first_k < K and undecided:
             roll(undecided, K - first_k, first_k)
+
+    if zero_stop:
+        for i in prefixes:
+            label([i])
+            if sum(outcomes[i]) == 0:
+                break
+    elif prefixes:
+        label(prefixes)
     mc, counts = [], []
     for i in range(n):
         if i in outcomes:
             mc.append(sum(outcomes[i]) / len(outcomes[i]))
             counts.append(len(outcomes[i]))
-        else:
-            mc.append(1.0 if cot["correct"] else 0.0)
+        elif zero_stop and 0.0 in mc:
+            mc.append(0.0)                                            # after a prefix with p = 0
             counts.append(0)
-        if zero_stop and mc[-1] == 0.0:
-            mc += [0.0] * (n - i - 1)
-            counts += [0] * (n - i - 1)
-            break
+        else:
+            mc.append(1.0 if cot["correct"] else 0.0)                 # the last step: the CoT's correctness
+            counts.append(0)
     return mc, counts
 
 
@@ -78,7 +88,8 @@ def main(argv=None):
     ap.add_argument("--rollouts", type=int, default=16, help="K: rollouts per step prefix")
     ap.add_argument("--min-rollouts", type=int, default=0, help="adaptive stopping: stop a prefix after this "
                     "many rollouts if they all agree (0: off)")
-    ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0")
+    ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0 "
+                    "without rolling them out (prefixes then go to the policy one at a time)")
     ap.add_argument("--max-steps", type=int, default=None, help="label at most this many steps per CoT")
     gen_cots.add_policy_args(ap)
     args = ap.parse_args(argv)

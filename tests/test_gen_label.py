@@ -50,8 +50,13 @@ def test_adaptive_and_zero_stop(small_toy):
     mc, counts = mc_label.label_cot(easy, policy, K=3, max_steps=2)  # the step cap: rollouts for both
     assert mc == [1.0, 1.0] and counts == [3, 3]
     wrong = dict(cot, answer="-1", correct=False)                   # no rollout can reach this key
-    mc, counts = mc_label.label_cot(wrong, policy, K=8, zero_stop=True)
-    assert mc == [0.0] * 5 and counts == [8, 0, 0, 0, 0]
+    calls = []
+    counting = gen_cots.ToyPolicy(0)
+    counting.sample = lambda prompts, n: calls.append(len(prompts) * n) or policy.sample(prompts, n)
+    mc, counts = mc_label.label_cot(wrong, counting, K=8, zero_stop=True)
+    assert mc == [0.0] * 5 and counts == [8, 0, 0, 0, 0] and calls == [8]     # later prefixes never rolled
+    mc, counts = mc_label.label_cot(wrong, counting, K=8)
+    assert counts == [8, 8, 8, 8, 0] and calls == [8, 32]                      # all prefixes in one call
 
 
 def test_mc_label_killed_and_resumed_gives_the_same_records(small_toy, tmp_path):
