@@ -132,17 +132,21 @@ def cot_record(question, text, sample, seed, policy_name):
 # --------------------------------------------------------------------------------------------
 
 # Every toy parameter in one place (the README quotes this table).
-#   key_noise: chance that a question's answer key is corrupted (its labels are then wrong)
+#   key_noise: chance that a question's answer key is the misread answer, as an annotator who
+#              misreads the image the way the policy does would write it (its labels then reward
+#              the misreading and punish the right reading)
 #   misread / miscalc: the toy policy's chance to misread a number in the image / to add wrongly
 #   in_text: the numbers are written in the question too (trivially easy: the image is not needed)
 #   blank_image: the image shows unrelated shapes, not the numbers (image-irrelevant)
+#   quality: the true quality rank of the domain's labels (3 best), for the README's comparison
 TOY_DOMAINS = {
     "clean":      dict(key_noise=0.0, misread=0.3, miscalc=0.3, in_text=False, blank_image=False, quality=3),
-    "irrelevant": dict(key_noise=0.2, misread=0.3, miscalc=0.3, in_text=True, blank_image=True, quality=2),
+    "irrelevant": dict(key_noise=0.1, misread=0.3, miscalc=0.3, in_text=True, blank_image=True, quality=2),
     "easy":       dict(key_noise=0.0, misread=0.0, miscalc=0.0, in_text=True, blank_image=False, quality=1),
-    "noisy":      dict(key_noise=0.5, misread=0.3, miscalc=0.3, in_text=False, blank_image=False, quality=0),
+    "noisy":      dict(key_noise=0.9, misread=0.3, miscalc=0.3, in_text=False, blank_image=False, quality=0),
 }
-TOY_SETS = dict(train=dict(per_domain=40), meta=dict(n=40), test=dict(n=40))
+# Questions per set; the noisy domain is the largest, as scraped data often is.
+TOY_SETS = dict(train=dict(clean=40, irrelevant=40, easy=40, noisy=80), meta=40, test=40)
 TOY_N = 8            # CoTs per question
 TOY_DIR = "toy"
 
@@ -170,15 +174,16 @@ def draw_numbers(path, a, b, blank, seed):
 def toy_question(qid, domain, rng, image_dir):
     cfg = TOY_DOMAINS.get(domain, TOY_DOMAINS["clean"])
     a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+    misread = rng.choice([-3, -2, 2, 3])        # how this image's first number gets misread
     answer = a + b
     if rng.random() < cfg["key_noise"]:
-        answer += rng.choice([-10, -5, 5, 10])
+        answer += misread
     image = f"images/{qid}.png"
     draw_numbers(os.path.join(image_dir, f"{qid}.png"), a, b, cfg["blank_image"], rng.random())
     q = f"The two boxes hold {a} and {b}. What is their sum?" if cfg["in_text"] else \
         "What is the sum of the two numbers in the image?"
     return {"id": qid, "domain": domain, "question": q, "image": image, "answer": str(answer),
-            "toy": {"a": a, "b": b, "domain": domain}}
+            "toy": {"a": a, "b": b, "misread": misread, "domain": domain}}
 
 
 def build_toy_world(root=TOY_DIR, seed=0):
@@ -186,11 +191,11 @@ def build_toy_world(root=TOY_DIR, seed=0):
     rng = random.Random(seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     sets = {"train": [toy_question(f"train-{d}-{i}", d, rng, os.path.join(root, "images"))
-                      for d in TOY_DOMAINS for i in range(TOY_SETS["train"]["per_domain"])],
+                      for d in TOY_DOMAINS for i in range(TOY_SETS["train"][d])],
             "meta": [toy_question(f"meta-{i}", "clean", rng, os.path.join(root, "images"))
-                     for i in range(TOY_SETS["meta"]["n"])],
+                     for i in range(TOY_SETS["meta"])],
             "test": [toy_question(f"test-{i}", "clean", rng, os.path.join(root, "images"))
-                     for i in range(TOY_SETS["test"]["n"])]}
+                     for i in range(TOY_SETS["test"])]}
     for name, records in sets.items():
         for r in records:
             if name != "train":
@@ -232,7 +237,7 @@ class ToyPolicy:
             elif step == 2:
                 x, y = toy["a"], toy["b"]
                 if rng.random() < cfg["misread"]:
-                    x += rng.choice([-3, -2, 2, 3])
+                    x += toy["misread"]
                     out.append(f"Step 2: Gather evidence. Hmm, I guess the image shows {x} and {y}.")
                 else:
                     out.append(f"Step 2: Gather evidence. The image shows {x} and {y}.")

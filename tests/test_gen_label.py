@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def small_toy(tmp_path, monkeypatch):
-    monkeypatch.setattr(gen_cots, "TOY_SETS", dict(train=dict(per_domain=4), meta=dict(n=3), test=dict(n=3)))
+    monkeypatch.setattr(gen_cots, "TOY_SETS", dict(train={d: 4 for d in gen_cots.TOY_DOMAINS}, meta=3, test=3))
     assert gen_cots.main(["--toy", "--toy-dir", str(tmp_path / "toy"), "--n", "4"]) == 0
     return tmp_path / "toy"
 
@@ -32,7 +32,7 @@ def test_toy_pipeline_labels_drop_after_planted_error(small_toy):
     assert mc_label.main(["--cots", str(small_toy / "train_cots.jsonl"), "--rollouts", "16"]) == 0
     labels = prm.read_records(str(small_toy / "train_labels.jsonl"), "labels")
     assert len(labels) == len(cots)
-    misread = [r for r in labels if "I guess" in r["steps"][1]]
+    misread = [r for r in labels if "I guess" in r["steps"][1] and r["domain"] == "clean"]
     assert misread, "the toy policy plants misreads"
     before = sum(r["mc"][0] for r in misread) / len(misread)
     after = sum(r["mc"][2] for r in misread) / len(misread)
