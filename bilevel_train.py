@@ -514,6 +514,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = 0
+    prm.recover_dir(os.path.join(args.out, "checkpoint"))
     if args.resume:
         if not os.path.isfile(os.path.join(args.out, "checkpoint", "state.json")):
             raise prm.DataError("no checkpoint to resume from", file=args.out)

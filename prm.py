@@ -612,7 +612,11 @@ def resolve_model(model, cache_dir="runs/tiny-backbone"):
 # --------------------------------------------------------------------------------------------
 
 class atomic_dir:
-    """`with atomic_dir(path) as tmp:` write into tmp; on success tmp replaces path in one rename."""
+    """`with atomic_dir(path) as tmp:` write into tmp; on success tmp replaces path.
+
+    The replacement is two renames (path -> path.old, tmp -> path); a crash between them leaves
+    no `path` but a complete `path.old`, which `recover_dir` puts back.
+    """
 
     def __init__(self, path):
         self.path = path.rstrip("/")
@@ -634,6 +638,14 @@ class atomic_dir:
         os.replace(self.tmp, self.path)
         shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def recover_dir(path):
+    """Undo a replacement cut short by a crash (see atomic_dir): bring path.old back. Returns path."""
+    path = path.rstrip("/")
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    return path
 
 
 def write_json_atomic(path, obj):

@@ -117,17 +117,20 @@ def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
     state = os.path.join(cut, "checkpoint", "state.json")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(state) and json.load(open(state))["iteration"] >= 10:
-            break
+        try:
+            if json.load(open(state))["iteration"] >= 10:
+                break
+        except (FileNotFoundError, ValueError):     # not written yet, or between the two renames
+            pass
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = json.load(open(state))["iteration"]
-    assert 10 <= killed_at < 30
     proc = run_script(args + ["--out", cut], tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "--resume" in err          # no silent overwrite of a run
+    killed_at = json.load(open(state))["iteration"]
+    assert 10 <= killed_at < 30
     proc = run_script(args + ["--out", cut, "--resume"], tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -171,6 +174,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_checkpoint_cut_between_renames_is_recovered(tmp_path):
+    """A crash between atomic_dir's two renames leaves only checkpoint.old: it is brought back."""
+    ck = tmp_path / "checkpoint"
+    with prm.atomic_dir(str(ck)) as tmp:
+        (tmp_path / "checkpoint.tmp" / "state.json").write_text('{"iteration": 5}')
+    os.replace(ck, str(ck) + ".old")                        # the state right after the first rename
+    assert not ck.exists()
+    prm.recover_dir(str(ck))
+    assert json.loads((ck / "state.json").read_text())["iteration"] == 5
 
 
 def test_diverged_run_stops_and_keeps_checkpoint(backbone_dir, tmp_path, monkeypatch, capsys):
