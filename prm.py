@@ -321,6 +321,8 @@ class PRM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False):
         """Load a PRM written by save_pretrained (or the run directory of bilevel_train.py, which
         holds it in prm/). A directory without the PRM files is a DataError."""
+        recover_dir(path)
+        recover_dir(os.path.join(path, "prm"))
         if not _is_prm_dir(path) and _is_prm_dir(os.path.join(path, "prm")):
             path = os.path.join(path, "prm")                     # a bilevel_train.py run directory
         if not _is_prm_dir(path):
@@ -586,6 +588,7 @@ def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1):
 
 def save_tiny_backbone(path, seed=0, **kwargs):
     """Write tiny_backbone(seed) into `path` (once; reused if it is already there). Returns path."""
+    recover_dir(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     model, tokenizer, image_processor = tiny_backbone(seed, **kwargs)
