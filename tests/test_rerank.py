@@ -68,3 +68,20 @@ def test_step_report_by_hand():
     # CoT 1: labels and PRM both first below 0.25 at step 1: found. CoT 2: PRM flags step 1, labels
     # none: missed. CoT 3: labels flag step 1, the PRM (0.3) none: missed.
     assert abs(rep["first_error_accuracy"] - 1 / 3) < 1e-12
+
+
+def test_shared_prefix_scoring_equals_packed_batches(images, tiny_prm):
+    """rerank's per-question shared-prefix scoring against packed batches of mixed questions."""
+    from test_prm import make_steps
+    records = []
+    for q in range(3):
+        for s in range(4):
+            records.append({"id": f"q{q}", "domain": "d", "question": f"Question {q}?", "_question": f"Question {q}?",
+                            "_image": images[q] if q < 2 else None, "steps": make_steps(1 + (q + s) % 5, s),
+                            "final": str(s)})
+    shared, v_shared = rerank.score_cots(tiny_prm, records, "mean_logit", shared_prefix=True)
+    packed, v_packed = rerank.score_cots(tiny_prm, records, "mean_logit", batch_size=5, shared_prefix=False)
+    assert max(abs(a - b) for a, b in zip(shared, packed)) <= 1e-4
+    assert all(len(a) == len(b) == len(r["steps"]) for a, b, r in zip(v_shared, v_packed, records))
+    assert max(abs(x - y) for a, b in zip(v_shared, v_packed) for x, y in zip(a, b)) <= 1e-4
+    assert len(set(shared)) > 1
