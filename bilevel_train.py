@@ -254,17 +254,8 @@ def label_tensors(records, S, device, dtype=torch.float32):
 
 def meta_targets(records, S, device, dtype=torch.float32):
     """For the w/o-AFL ablation: meta MC labels where present, else the last step against r."""
-    p = torch.zeros(len(records), S, dtype=dtype)
-    p_mask = torch.zeros(len(records), S, dtype=torch.bool)
-    for b, rec in enumerate(records):
-        if rec.get("mc"):
-            for i, x in enumerate(rec["mc"]):
-                if x is not None:
-                    p[b, i], p_mask[b, i] = x, True
-        else:
-            p[b, len(rec["steps"]) - 1] = float(rec["correct"])
-            p_mask[b, len(rec["steps"]) - 1] = True
-    return p.to(device), p_mask.to(device)
+    return label_tensors([r if r.get("mc") else dict(r, mc=[None] * (len(r["steps"]) - 1) + [float(r["correct"])])
+                          for r in records], S, device, dtype)
 
 
 def sample(n, k, seed, *key):

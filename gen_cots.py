@@ -430,12 +430,7 @@ def done_keys(path, key):
 
 def read_questions(path):
     questions = prm.read_records(path, "questions")
-    seen = {}
-    for q in questions:
-        if q["id"] in seen:
-            raise prm.DataError(f"duplicate id {q['id']!r} (first on line {seen[q['id']]})",
-                                file=path, line=q["_src"][1], field="id")
-        seen[q["id"]] = q["_src"][1]
+    prm.check_unique(questions, lambda q: q["id"], path, "id")
     return questions
 
 

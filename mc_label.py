@@ -101,13 +101,7 @@ def main(argv=None):
                                    os.path.basename(args.cots).replace("cots", "labels")
                                    if "cots" in os.path.basename(args.cots) else "labels.jsonl")
     cots = prm.read_records(args.cots, "cots")
-    seen = {}
-    for c in cots:                    # (id, sample) is what a rerun skips by: it must be unique
-        key = (c["id"], c.get("sample", 0))
-        if key in seen:
-            raise prm.DataError(f"duplicate (id, sample) {key} (first on line {seen[key]}); give each CoT of a "
-                                "question its own 'sample' number", file=args.cots, line=c["_src"][1], field="sample")
-        seen[key] = c["_src"][1]
+    prm.check_unique(cots, lambda c: (c["id"], c.get("sample", 0)), args.cots, "sample")   # what a rerun skips by
     policy = gen_cots.make_policy(args)
     done = gen_cots.done_keys(out, lambda o: (o["id"], o["sample"]))
     todo = [c for c in cots if (c["id"], c.get("sample", 0)) not in done and c["steps"]]

@@ -775,6 +775,16 @@ def check_record(obj, kind, file, line, image_root):
     return obj
 
 
+def check_unique(records, key, file, field):
+    """A DataError at the first record whose key(record) repeats an earlier one's (reruns skip by it)."""
+    seen = {}
+    for r in records:
+        k, line = key(r), r["_src"][1]
+        if k in seen:
+            raise DataError(f"duplicate {field} {k!r} (first on line {seen[k]})", file, line, field)
+        seen[k] = line
+
+
 def check_labels(mc, n_steps, file=None, line=None, field="mc"):
     """MC labels: one per step, each a number in [0, 1] (None: that step is unlabelled)."""
     if len(mc) != n_steps:

@@ -180,7 +180,8 @@ def test_checkpoint_cut_between_renames_is_recovered(tmp_path):
     """A crash between atomic_dir's two renames leaves only checkpoint.old: it is brought back."""
     ck = tmp_path / "checkpoint"
     with prm.atomic_dir(str(ck)) as tmp:
-        (tmp_path / "checkpoint.tmp" / "state.json").write_text('{"iteration": 5}')
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            f.write('{"iteration": 5}')
     os.replace(ck, str(ck) + ".old")                        # the state right after the first rename
     assert not ck.exists()
     prm.recover_dir(str(ck))

@@ -204,5 +204,5 @@ def test_mc_label_rejects_cots_it_could_not_resume(tmp_path, capsys):
     path = write_questions(tmp_path / "cots.jsonl", [row, row])          # two CoTs, no sample numbers
     code = prm.run_cli(mc_label.main, ["--cots", path, "--out", str(tmp_path / "l.jsonl")])
     err = capsys.readouterr().err
-    assert code == 2 and "cots.jsonl:2: field 'sample': duplicate (id, sample)" in err
+    assert code == 2 and "cots.jsonl:2: field 'sample': duplicate sample ('a', 0) (first on line 1)" in err
     assert not (tmp_path / "l.jsonl").exists()
