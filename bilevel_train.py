@@ -387,34 +387,14 @@ def write_weights(run_dir, alpha, weighting, history):
                           {"final": alpha, "weighting": weighting, "history": history})
 
 
-def plot_weights(history, names, path, title="domain weights alpha"):
-    """Draw alpha_k over iterations with Pillow (no plotting library needed)."""
-    from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 720, 420, 60, 150, 30, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
+def plot_weights(history, names, path):
+    """domain_weights.png: alpha_k over the logged iterations."""
     its = [h["iteration"] for h in history]
-    vals = [[h["alpha"][n] for h in history] for n in names]
-    lo, hi = 0.0, max(1.5, max((max(v) for v in vals), default=1.5)) * 1.05
-    x0, x1 = min(its, default=0), max(max(its, default=1), min(its, default=0) + 1)
-    X = lambda i: L + (W - L - R) * (i - x0) / (x1 - x0)  # noqa: E731
-    Y = lambda v: H - B - (H - T - B) * (v - lo) / (hi - lo)  # noqa: E731
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for k in range(6):
-        v = lo + (hi - lo) * k / 5
-        d.text((5, Y(v) - 6), f"{v:.2f}", fill="black")
-    d.text((L, H - B + 8), f"iteration {x0}", fill="black")
-    d.text((W - R - 80, H - B + 8), f"{x1}", fill="black")
-    d.text((L, 8), title, fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-              "#bcbd22", "#17becf"]
-    for k, (n, v) in enumerate(zip(names, vals)):
-        c = colors[k % len(colors)]
-        pts = [(X(i), Y(x)) for i, x in zip(its, v)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        d.text((W - R + 10, T + 16 * k), f"{n} {v[-1]:.2f}" if v else n, fill=c)
-    img.save(path)
+    series = {n: [(i, h["alpha"][n]) for i, h in zip(its, history)] for n in names}
+    y_max = max([1.5] + [y for points in series.values() for _, y in points]) * 1.05
+    ticks = [(its[0], f"iteration {its[0]}"), (its[-1], str(its[-1]))] if its else []
+    legend = {n: f"{n} {history[-1]['alpha'][n]:.2f}" if history else n for n in names}
+    prm.line_plot(path, "domain weights alpha", series, ticks, y_max, lambda y: f"{y:.2f}", legend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +459,7 @@ class Diverged(RuntimeError):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = prm.pick_device(args.device)
     torch.manual_seed(args.seed)
     train, meta, domains, skipped_train, skipped_meta = load_data(args)
     if skipped_meta or skipped_train:

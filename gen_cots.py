@@ -275,8 +275,8 @@ class HFPolicy:
                  trust_remote_code=False, batch_size=8):
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
         prm._quiet_transformers()
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.device = prm.pick_device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")

@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 STEP_SEP = "\n"                 # written between steps; each step's last token is its "step end"
@@ -608,6 +608,41 @@ def resolve_model(model, cache_dir="runs/tiny-backbone"):
         raise DataError("no such model directory (weights are never downloaded; give a local "
                         "directory written by save_pretrained, or 'tiny')", file=model)
     return model
+
+
+def pick_device(name):
+    """--device: 'auto' is cuda when a GPU is present, else cpu; anything else is taken as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def line_plot(path, title, series, x_ticks, y_max, y_label, legend):
+    """A line chart drawn with Pillow (no plotting library needed), for the PNGs a person reads.
+
+    series: {name: [(x, y), ...]}; x_ticks: [(x, text)] under the axis; y runs from 0 to y_max,
+    labelled at six points by y_label(value); legend: {name: text} on the right.
+    """
+    W, H, L, R, T, B = 720, 420, 60, 170, 30, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for points in series.values() for x, _ in points] + [x for x, _ in x_ticks]
+    x0, x1 = min(xs, default=0), max(xs, default=1)
+    x1 = x1 if x1 > x0 else x0 + 1
+    X = lambda x: L + (W - L - R) * (x - x0) / (x1 - x0)  # noqa: E731
+    Y = lambda y: H - B - (H - T - B) * y / y_max  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for k in range(6):
+        d.text((5, Y(y_max * k / 5) - 6), y_label(y_max * k / 5), fill="black")
+    for x, text in x_ticks:
+        d.text((X(x) - 4, H - B + 8), text, fill="black")
+    d.text((L, 8), title, fill="black")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+              "#bcbd22", "#17becf"]
+    for k, (name, points) in enumerate(series.items()):
+        color = colors[k % len(colors)]
+        if len(points) > 1:
+            d.line([(X(x), Y(y)) for x, y in points], fill=color, width=2)
+        d.text((W - R + 10, T + 16 * k), legend[name], fill=color)
+    img.save(path)
 
 
 # --------------------------------------------------------------------------------------------

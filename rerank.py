@@ -152,27 +152,12 @@ def markdown(table, columns):
 
 
 def plot_curve(curve, path):
-    """Accuracy against N, drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 640, 400, 60, 170, 30, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
+    """accuracy_vs_n.png: accuracy against N (N = 1, 2, 4, ... evenly spaced)."""
     ns = sorted(next(iter(curve.values())))
-    X = lambda i: L + (W - L - R) * (i / max(1, len(ns) - 1))  # noqa: E731
-    Y = lambda v: H - B - (H - T - B) * v  # noqa: E731
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for k in range(6):
-        d.text((10, Y(k / 5) - 6), f"{k * 20}%", fill="black")
-    for i, n in enumerate(ns):
-        d.text((X(i) - 4, H - B + 8), str(n), fill="black")
-    d.text((L, 8), "accuracy against N (best of N)", fill="black")
-    colors = ["#7f7f7f", "#ff7f0e", "#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#8c564b"]
-    for k, (name, c) in enumerate(curve.items()):
-        pts = [(X(i), Y(c[n])) for i, n in enumerate(ns)]
-        if len(pts) > 1:
-            d.line(pts, fill=colors[k % len(colors)], width=2)
-        d.text((W - R + 10, T + 16 * k), f"{name} {100 * c[ns[-1]]:.1f}%", fill=colors[k % len(colors)])
-    img.save(path)
+    series = {name: [(i, c[n]) for i, n in enumerate(ns)] for name, c in curve.items()}
+    legend = {name: f"{name} {100 * c[ns[-1]]:.1f}%" for name, c in curve.items()}
+    prm.line_plot(path, "accuracy against N (best of N)", series, [(i, str(n)) for i, n in enumerate(ns)],
+                  1.0, lambda y: f"{100 * y:.0f}%", legend)
 
 
 def main(argv=None):
@@ -190,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the subsets")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = ap.parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = prm.pick_device(args.device)
     prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
     if not os.path.isfile(args.cots):
         raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
