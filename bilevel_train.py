@@ -193,25 +193,60 @@ def build_toy_world(seed):
         mc_label.main(["--cots", os.path.join(gen_cots.TOY_DIR, f"{name}_cots.jsonl"), "--seed", str(seed)])
 
 
+def read_inputs(args):
+    """Train and meta records from the files given (every format of prm.read_cots), with a line
+    per file on what was read and skipped. Duplicate records within or across --train files are
+    an error."""
+    train, train_skips = [], []
+    for path in args.train:
+        recs, skips = prm.read_cots(path, "labels", args.image_root, args.format, args.domain)
+        print(f"{path}: {len(recs)} training CoTs" + (f" ({recs[0]['_format']} format)" if recs else "")
+              + (f"; {prm.skip_report(recs, skips)}" if skips else ""))
+        train += recs
+        train_skips += skips
+    prm.check_unique(train, prm.record_key, "record key (question, image and steps, or id and sample)")
+    meta, skips = prm.read_cots(args.meta, "cots", args.image_root, args.format, args.domain)
+    print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(meta, skips)}" if skips else ""))
+    if not meta:
+        raise prm.DataError("no usable meta records: " + (prm.skip_report(meta, skips) or "the file is empty"),
+                            file=args.meta)
+    return train, meta, {s.domain for s in train_skips}
+
+
+def check_meta(meta, train, args):
+    """A meta set must teach something: both correct and incorrect CoTs (else the upper loss has one
+    target and cannot tell domains apart), and no question that is also in the training data."""
+    if args.weighting != "fixed" and len({r["correct"] for r in meta}) < 2:
+        which = "correct" if meta[0]["correct"] else "incorrect"
+        msg = (f"all {len(meta)} usable meta CoTs are {which}: the upper loss then has a single target "
+               f"and cannot tell the domains apart")
+        if not args.allow_one_class_meta:
+            raise prm.DataError(msg + " (--allow-one-class-meta runs anyway)", file=args.meta)
+        print(f"warning: {msg}")
+    if not args.allow_overlap:
+        seen = {prm.question_key(r): r for r in train}
+        for m in meta:
+            t = seen.get(prm.question_key(m))
+            if t is not None:
+                raise prm.DataError(f"this meta question is also in the training data ({t['_src'][0]}:"
+                                    f"{t['_src'][1]}; same text and image); --allow-overlap to run anyway",
+                                    *m["_src"])
+
+
 def load_data(args):
-    """Train and meta records (validated), the chosen domains, and counts of skipped records."""
+    """Train and meta records (validated), the chosen domains, and the final-answer rule."""
     if not args.train and not args.meta:
         if args.synthetic:
             print("using the small synthetic set (clean, noisy and random labels)")
             train, meta = synthetic_data(args.seed)
-            return train, meta, sorted({r["domain"] for r in train}), 0, 0
+            return train, meta, sorted({r["domain"] for r in train})
         if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)):
             build_toy_world(args.seed)
         args.train, args.meta = [TOY_TRAIN], TOY_META
     if not args.train or not args.meta:
         raise prm.DataError("give both --train and --meta (or neither, for the toy demo)")
-    train, skipped_train = [], []
-    for path in args.train:
-        recs, skipped = prm.read_cots(path, "labels", args.image_root)
-        train += recs
-        skipped_train += skipped
-    meta, skipped_meta = prm.read_cots(args.meta, "cots", args.image_root)
-    present = sorted({r["domain"] for r in train + skipped_train})
+    train, meta, skipped_domains = read_inputs(args)
+    present = sorted({r["domain"] for r in train} | skipped_domains)
     usable = sorted({r["domain"] for r in train if any(p is not None for p in r["mc"])})
     if not args.domains and usable != present:
         print(f"domains with no usable records, left out: {', '.join(sorted(set(present) - set(usable)))}")
@@ -225,9 +260,16 @@ def load_data(args):
         if not any(r["domain"] == d for r in train):
             raise prm.DataError(f"domain '{d}' has no usable records (none with steps and labels)",
                                 field="--domains")
-    if not meta:
-        raise prm.DataError(f"no usable meta records ({len(skipped_meta)} without steps)", file=args.meta)
-    return train, meta, domains, len(skipped_train), len(skipped_meta)
+    check_meta(meta, train, args)
+    return train, meta, domains
+
+
+def final_answer_rule(args, train):
+    """--final-answer auto: 'drop' when any training file is published DreamPRM data (its prefixes
+    never carry the answer line), else 'last-step'. One rule for train, meta and test alike."""
+    if args.final_answer != "auto":
+        return args.final_answer
+    return "drop" if any(r.get("_format") == "dreamprm" for r in train) else "last-step"
 
 
 def encode(model, rec):
@@ -407,6 +449,14 @@ def parse_args(argv):
     ap.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
     ap.add_argument("--domains", default="", help="comma-separated training domains (default: all present)")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to (default: each file's folder)")
+    prm.add_format_args(ap)
+    ap.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
+                    help="the final answer line: joins the last step (last-step) or is never encoded (drop), "
+                    "for train, meta and test alike (auto: drop for published DreamPRM data, else last-step)")
+    ap.add_argument("--allow-overlap", action="store_true", help="allow meta questions that are also in the "
+                    "training data (same text and image)")
+    ap.add_argument("--allow-one-class-meta", action="store_true", help="run even when every meta CoT is "
+                    "correct (or every one incorrect), with a warning")
     ap.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
     ap.add_argument("--out", default="runs/toy", help="run directory")
     ap.add_argument("--iterations", type=int, default=None, help="outer iterations, each U lower steps + 1 upper step "
@@ -461,15 +511,15 @@ def main(argv=None):
     args = parse_args(argv)
     device = prm.pick_device(args.device)
     torch.manual_seed(args.seed)
-    train, meta, domains, skipped_train, skipped_meta = load_data(args)
-    if skipped_meta or skipped_train:
-        print(f"skipped records without steps: {skipped_train} train, {skipped_meta} meta")
+    train, meta, domains = load_data(args)
+    final_answer = final_answer_rule(args, train)
     print(f"{len(train)} training CoTs in {len(domains)} domains: "
           + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
 
     model_dir = prm.resolve_model(args.model)
     xi = args.lr
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
+    model.final_answer = final_answer
     model.train()
     if args.grad_checkpointing:
         enable_checkpointing(model)
@@ -503,7 +553,7 @@ def main(argv=None):
     else:
         open(metrics_path, "w").close()
     config = dict(vars(args), lr=xi, domains=domains, n_train=len(train), n_meta=len(meta),
-                  skipped_train=skipped_train, skipped_meta=skipped_meta, model_dir=model_dir)
+                  final_answer=final_answer, model_dir=model_dir)
     prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
 
     def batch_alpha_keys(idx, records):

@@ -62,15 +62,6 @@ def normalize(s):
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s.\-]", " ", str(s).lower())).strip()
 
 
-def extract_answer(text):
-    """The answer a CoT gives: the text after 'Final answer:', else its last non-empty line."""
-    final = prm.split_steps(text).final
-    if final:
-        return final.splitlines()[0].strip()
-    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
-    return lines[-1] if lines else ""
-
-
 def to_number(s):
     m = _NUM_RE.search(str(s))
     return float(m.group().replace(",", "")) if m else None
@@ -120,7 +111,7 @@ def match_answer(pred, answer, choices=None, rel_tol=1e-3):
 def cot_record(question, text, sample, seed, policy_name):
     """A cots.jsonl record from a question record and a sampled CoT text."""
     split = prm.split_steps(text)
-    pred = split.final.splitlines()[0].strip() if split.final else extract_answer(text)
+    pred = split.final.splitlines()[0].strip() if split.final else prm.extract_answer(text)
     rec = {k: v for k, v in question.items()}
     rec.update(sample=sample, seed=seed, steps=split.steps, final=split.final, pred=pred,
                correct=match_answer(pred, question["answer"], question.get("choices")), policy=policy_name)
@@ -171,31 +162,35 @@ def draw_numbers(path, a, b, blank, seed):
     img.save(path)
 
 
-def toy_question(qid, domain, rng, image_dir):
+def toy_question(qid, domain, rng, image_dir, used):
+    """One toy question; `used` holds the number pairs drawn so far, so that no question (text and
+    image) appears twice in the toy world: a meta or test question is never a training question."""
     cfg = TOY_DOMAINS.get(domain, TOY_DOMAINS["clean"])
     a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+    while (a, b) in used:
+        a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+    used.add((a, b))
     misread = rng.choice([-3, -2, 2, 3])        # how this image's first number gets misread
     answer = a + b
-    if rng.random() < cfg["key_noise"]:
+    corrupted = rng.random() < cfg["key_noise"]
+    if corrupted:
         answer += misread
     image = f"images/{qid}.png"
     draw_numbers(os.path.join(image_dir, f"{qid}.png"), a, b, cfg["blank_image"], rng.random())
     q = f"The two boxes hold {a} and {b}. What is their sum?" if cfg["in_text"] else \
         "What is the sum of the two numbers in the image?"
     return {"id": qid, "domain": domain, "question": q, "image": image, "answer": str(answer),
-            "toy": {"a": a, "b": b, "misread": misread, "domain": domain}}
+            "toy": {"a": a, "b": b, "misread": misread, "domain": domain, "key_corrupted": corrupted}}
 
 
 def build_toy_world(root=TOY_DIR, seed=0):
     """Write the toy question sets: root/{train,meta,test}_questions.jsonl and root/images/."""
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    sets = {"train": [toy_question(f"train-{d}-{i}", d, rng, os.path.join(root, "images"))
+    rng, used, images = random.Random(seed), set(), os.path.join(root, "images")
+    os.makedirs(images, exist_ok=True)
+    sets = {"train": [toy_question(f"train-{d}-{i}", d, rng, images, used)
                       for d in TOY_DOMAINS for i in range(TOY_SETS["train"][d])],
-            "meta": [toy_question(f"meta-{i}", "clean", rng, os.path.join(root, "images"))
-                     for i in range(TOY_SETS["meta"])],
-            "test": [toy_question(f"test-{i}", "clean", rng, os.path.join(root, "images"))
-                     for i in range(TOY_SETS["test"])]}
+            "meta": [toy_question(f"meta-{i}", "clean", rng, images, used) for i in range(TOY_SETS["meta"])],
+            "test": [toy_question(f"test-{i}", "clean", rng, images, used) for i in range(TOY_SETS["test"])]}
     for name, records in sets.items():
         for r in records:
             if name != "train":
@@ -430,7 +425,7 @@ def done_keys(path, key):
 
 def read_questions(path):
     questions = prm.read_records(path, "questions")
-    prm.check_unique(questions, lambda q: q["id"], path, "id")
+    prm.check_unique(questions, lambda q: q["id"], "question id")
     return questions
 
 

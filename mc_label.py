@@ -45,7 +45,7 @@ def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
         prompts = [{"question": cot, "prefix": "\n".join(steps[:i + 1]), "first": first} for i in indices]
         for i, texts in zip(indices, policy.sample(prompts, k)):
             outcomes.setdefault(i, []).extend(
-                gen_cots.match_answer(gen_cots.extract_answer(steps_text(steps, i, t)), cot["answer"],
+                gen_cots.match_answer(prm.extract_answer(steps_text(steps, i, t)), cot["answer"],
                                       cot.get("choices")) for t in texts)
 
     def label(indices):
@@ -91,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0 "
                     "without rolling them out (prefixes then go to the policy one at a time)")
     ap.add_argument("--max-steps", type=int, default=None, help="label at most this many steps per CoT")
+    prm.add_format_args(ap)
     gen_cots.add_policy_args(ap)
     args = ap.parse_args(argv)
     if args.cots is None:
@@ -100,17 +101,19 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cots)),
                                    os.path.basename(args.cots).replace("cots", "labels")
                                    if "cots" in os.path.basename(args.cots) else "labels.jsonl")
-    cots = prm.read_records(args.cots, "cots")
-    prm.check_unique(cots, lambda c: (c["id"], c.get("sample", 0)), args.cots, "sample")   # what a rerun skips by
+    cots, skips = prm.read_cots(args.cots, "cots", fmt=args.format, domain=args.domain)
+    prm.check_unique(cots, lambda c: (c["id"], c["sample"]), "question id and sample")   # what a rerun skips by
+    no_key = next((c for c in cots if not c["answer"].strip()), None)
+    if no_key:
+        raise prm.DataError("no answer key: Monte Carlo rollouts are scored against it", *no_key["_src"], "answer")
     policy = gen_cots.make_policy(args)
     done = gen_cots.done_keys(out, lambda o: (o["id"], o["sample"]))
-    todo = [c for c in cots if (c["id"], c.get("sample", 0)) not in done and c["steps"]]
-    skipped = sum(1 for c in cots if not c["steps"])
-    if skipped:
-        print(f"{skipped} CoTs without steps: not labelled")
+    todo = [c for c in cots if (c["id"], c["sample"]) not in done]
+    if skips:
+        print(f"{args.cots}: {prm.skip_report(cots, skips)}; not labelled")
     t0, n_rollouts = time.perf_counter(), 0
     with open(out, "a", encoding="utf-8") as f, \
-            tqdm(total=len(cots) - skipped, initial=len(cots) - skipped - len(todo), desc="mc_label", unit="cot",
+            tqdm(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot",
                  dynamic_ncols=True) as bar:
         for cot in todo:
             mc, counts = label_cot(cot, policy, args.rollouts, args.min_rollouts, args.zero_stop, args.max_steps)

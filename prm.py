@@ -24,6 +24,7 @@ Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 """
 
 import argparse
+import hashlib
 import inspect
 import json
 import math
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -41,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 STEP_SEP = "\n"                 # written between steps; each step's last token is its "step end"
 FINAL_PREFIX = "Final answer: "  # the structured prompt's answer line, attached to the last step
+FINAL_RULES = ("last-step", "drop")   # the final answer line joins the last step, or is never encoded
 V_CLAMP = 1e-6                  # logit(V) is taken of V clamped to [V_CLAMP, 1 - V_CLAMP]
 PRM_FORMAT = 1                  # version of prm.json
 IMAGE_CACHE_SIZE = 256          # preprocessed images kept per PRM (a question's N CoTs share one)
@@ -70,6 +73,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def add_format_args(ap):
+    """--format and --domain, for every script that reads CoT files."""
+    ap.add_argument("--format", choices=["auto"] + list(FORMATS), default="auto",
+                    help="input file format (auto: detected from the file; see the README's data section)")
+    ap.add_argument("--domain", default=None, help="domain of records whose format carries none "
+                    "(trl without a domain field; default: the file name without extension)")
+
+
 def run_cli(main, argv=None):
     """Run a script's main(argv); a DataError becomes one line on stderr and exit code 2."""
     try:
@@ -85,6 +96,7 @@ def run_cli(main, argv=None):
 
 # "Step 3: ...", "### Step 3: ...", "**Step 3**: ..." at the start of a line.
 _STEP_RE = re.compile(r"^[ \t]*(?:#+[ \t]*)?(?:\*\*)?Step[ \t]*(\d+)\b", re.IGNORECASE | re.MULTILINE)
+_DANGLING_RE = re.compile(r"\n[ \t]*(?:#+|\*\*)[ \t]*$")   # "...\n\n###" where a cut split a heading
 _FINAL_RE = re.compile(r"^[ \t]*(?:\*\*)?Final answer(?:\*\*)?[ \t]*[:：](?:\*\*)?[ \t]*", re.IGNORECASE | re.MULTILINE)
 
 
@@ -99,19 +111,21 @@ def split_steps(text, paragraphs=True):
     """Split a CoT into steps.
 
     Structured CoTs ("Step k: ..." blocks, then "Final answer: ...") split at each step marker; the
-    marker stays in the step text. Free-form CoTs (no markers) split into paragraphs at blank
-    lines when `paragraphs` is true. A text with no steps gives `steps == []`: callers report and
-    skip it, nothing here raises.
+    marker stays in the step text, and a dangling heading mark left at a step's end by a cut before
+    the next heading ("###") is dropped. Free-form CoTs (no markers) split into paragraphs at blank
+    lines when `paragraphs` is true. The steps end at the first "Final answer:" line and the final
+    answer is the text after the last one. A text with no steps gives `steps == []`: callers report
+    and skip it, nothing here raises.
     """
     final = ""
-    m = _FINAL_RE.search(text)
-    if m:
-        final = text[m.end():].strip()
-        text = text[:m.start()]
+    found = list(_FINAL_RE.finditer(text))
+    if found:
+        final = text[found[-1].end():].strip()
+        text = text[:found[0].start()]
     starts = [m.start() for m in _STEP_RE.finditer(text)]
     if starts:
         bounds = starts + [len(text)]
-        steps = [text[a:b].strip() for a, b in zip(bounds, bounds[1:])]
+        steps = [_DANGLING_RE.sub("", text[a:b].strip()).strip() for a, b in zip(bounds, bounds[1:])]
         return Split([s for s in steps if s], final, text[:starts[0]].strip())
     if not paragraphs:
         return Split([], final, text.strip())
@@ -296,6 +310,8 @@ class PRM(nn.Module):
             self.head.bias.zero_()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_cache = {}
+        # How records become inputs; saved in prm.json so that scoring reads CoTs as training did.
+        self.final_answer = "last-step"
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -336,6 +352,7 @@ class PRM(nn.Module):
         prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
         head = load_file(os.path.join(path, "prm.safetensors"))
         prm.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
+        prm.final_answer = meta.get("final_answer", "last-step")
         return prm
 
     def save_pretrained(self, path):
@@ -353,17 +370,18 @@ class PRM(nn.Module):
                       os.path.join(tmp, "prm.safetensors"))
             meta = dict(format=PRM_FORMAT, backbone_class=type(self.backbone).__name__,
                         model_type=self.backbone.config.model_type, step_sep=STEP_SEP,
-                        hidden_size=self.head.in_features,
+                        hidden_size=self.head.in_features, final_answer=self.final_answer,
                         versions=dict(torch=torch.__version__, transformers=transformers.__version__))
             with open(os.path.join(tmp, "prm.json"), "w") as f:
                 json.dump(meta, f, indent=1)
 
     # -- encoding and scoring -----------------------------------------------------------------
     def encode(self, record):
-        """Encode a record with 'question', 'steps', optional 'final' and '_image' (a path)."""
+        """Encode a record with 'question', 'steps', optional 'final' and '_image' (a path). The
+        final answer line joins the last step or is left out, by this PRM's `final_answer` rule."""
+        final = (record.get("final") or "") if self.final_answer == "last-step" else ""
         return encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
-                          record["steps"], record.get("final") or "", record.get("_image"),
-                          self.image_processor, self.image_cache)
+                          record["steps"], final, record.get("_image"), self.image_processor, self.image_cache)
 
     def hidden(self, batch):
         """Last hidden states (B, L, H) of a collated batch."""
@@ -706,19 +724,26 @@ def save_tensors_atomic(path, tensors, metadata=None):
 def iter_jsonl(path, drop_torn_tail=False):
     """Yield (line_number, object) from a JSON Lines file.
 
-    A malformed line is a DataError naming the file and line. With drop_torn_tail (our own output
-    files, on resume), a last line without its newline is a write cut short by a crash: it is
-    skipped, never parsed as data.
+    A missing file, invalid UTF-8 or a malformed line is a DataError naming the file and line. With
+    drop_torn_tail (our own output files, on resume), a last line without its newline is a write
+    cut short by a crash: it is skipped, never parsed as data.
     """
     if not os.path.isfile(path):
         raise DataError("no such file", file=path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines, 1):
-        if drop_torn_tail and i == len(lines) and not line.endswith("\n"):
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    torn = lines[-1] != b""                                      # the last line has no newline
+    for i, raw in enumerate(lines, 1):
+        if drop_torn_tail and torn and i == len(lines):
             return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"invalid UTF-8 (byte {e.start + 1} of the line)", file=path, line=i) from None
         if not line.strip():
             continue
+        if line.lstrip().startswith("["):
+            raise DataError("a JSON list, where JSON Lines (one object per line) is expected", file=path, line=i)
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -758,7 +783,18 @@ def _check_image(path):
     return None
 
 
-# Required fields per file kind and their types (DESIGN.md section 3).
+@lru_cache(maxsize=65536)
+def image_digest(path):
+    """SHA-1 of an image file's bytes: the same picture under two paths is the same image."""
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Our records: fields, validation, keys
+# --------------------------------------------------------------------------------------------
+
+# Required fields per record kind and their types.
 _FIELDS = {
     "questions": {"id": (str, int), "domain": str, "question": str, "answer": (str, int, float)},
     "cots": {"steps": list, "correct": bool},
@@ -770,8 +806,8 @@ _KINDS = {"questions": ("questions",), "cots": ("questions", "cots"), "labels": 
 def check_record(obj, kind, file, line, image_root):
     """Validate one record of a given kind ('questions', 'cots', 'labels') in place.
 
-    Adds '_image' (absolute image path or None), '_question' (the user-turn text) and '_src'.
-    Raises DataError naming file, line and field.
+    Every format's reader ends here. Adds '_image' (absolute image path or None), '_question' (the
+    user-turn text) and '_src' (file, line). Raises DataError naming file, line and field.
     """
     for k in _KINDS[kind]:
         for field, typ in _FIELDS[k].items():
@@ -780,6 +816,7 @@ def check_record(obj, kind, file, line, image_root):
             if not isinstance(obj[field], typ) or (typ is not bool and isinstance(obj[field], bool)):
                 raise DataError(f"wrong type {type(obj[field]).__name__}", file, line, field)
     obj["id"] = str(obj["id"])
+    obj["domain"] = obj["domain"].strip()
     obj["answer"] = str(obj["answer"])
     if not obj["question"].strip():
         raise DataError("empty question", file, line, "question")
@@ -810,16 +847,6 @@ def check_record(obj, kind, file, line, image_root):
     return obj
 
 
-def check_unique(records, key, file, field):
-    """A DataError at the first record whose key(record) repeats an earlier one's (reruns skip by it)."""
-    seen = {}
-    for r in records:
-        k, line = key(r), r["_src"][1]
-        if k in seen:
-            raise DataError(f"duplicate {field} {k!r} (first on line {seen[k]})", file, line, field)
-        seen[k] = line
-
-
 def check_labels(mc, n_steps, file=None, line=None, field="mc"):
     """MC labels: one per step, each a number in [0, 1] (None: that step is unlabelled)."""
     if len(mc) != n_steps:
@@ -831,98 +858,345 @@ def check_labels(mc, n_steps, file=None, line=None, field="mc"):
             raise DataError(f"label {p!r} is not a number in [0, 1]", file, line, field)
 
 
-def read_records(path, kind, image_root=None, drop_torn=False):
-    """Read and validate a JSONL file of questions, cots or labels. Returns a list of dicts."""
-    image_root = image_root or os.path.dirname(os.path.abspath(path))
-    return [check_record(obj, kind, path, i, image_root) for i, obj in iter_jsonl(path, drop_torn)]
+def question_key(r):
+    """What makes two records the same question: the question text (whitespace collapsed) and the
+    image's content (not its path); text-only questions compare text alone."""
+    image = r.get("_image")
+    return " ".join(r["_question"].split()), image_digest(image) if image else None
 
 
-def is_published(path):
-    """The published DreamPRM files are one JSON list; ours are JSON Lines."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(64).lstrip()
-    return head.startswith("[")
+def _content_key(r):
+    """A record key from content, for formats without sample numbers: the question text, image
+    content and step texts (and the question id where the source gives one)."""
+    h = hashlib.sha1(json.dumps([r["id"] if r.get("_given_id") else None, *question_key(r), r["steps"]]).encode())
+    return "sha1:" + h.hexdigest()[:16]
 
 
-def read_published(path, image_root=None):
-    """Read a published DreamPRM train or meta JSON file into our CoT records.
+def record_key(r):
+    """The key that names one record in every format: 'domain/id#sample' for ours,
+    a hash of the question text, image content and step texts for the others."""
+    return r["_key"]
 
-    Meta records ({"id", "true_false", "input", "image_path"}) are one CoT each: the question is the
-    text before "Step 1", the steps follow, then "Final answer: ...". Train records
-    ({"id", "sid", "input", "add", "image_path", "dataset", "accuracy"}) are one step prefix each:
-    prefixes of the same question that extend one another are grouped into one CoT whose step
-    sid gets that record's MC label (other steps stay unlabelled, None).
-    Returns (records, skipped): records without steps are left out and returned apart.
-    """
-    image_root = image_root or os.path.dirname(os.path.abspath(path))
+
+def check_unique(records, key=record_key, what="question id and sample"):
+    """A DataError at the first record whose key repeats an earlier record's (in any file)."""
+    seen = {}
+    for r in records:
+        k = key(r)
+        if k in seen:
+            f0, l0 = seen[k]["_src"]
+            raise DataError(f"duplicate record: the same {what} {k!r} as {f0}:{l0}", *r["_src"])
+        seen[k] = r
+
+
+def _short_id(*parts):
+    """A question id for formats that have none: a hash of the question text and image path."""
+    return hashlib.sha1("\0".join(str(p) for p in parts).encode()).hexdigest()[:12]
+
+
+def extract_answer(text):
+    """The answer a CoT gives: the text after the last 'Final answer:', else its last non-empty line."""
+    final = split_steps(text).final
+    if final:
+        return final.splitlines()[0].strip()
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Formats: each public file format is one small function that turns a source record into ours
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Skip:
+    """A source record left out (with why), and the question and domain it belonged to."""
+    reason: str
+    question: str
+    domain: str = ""
+
+
+def _need(obj, field, types, file, where):
+    """obj[field], present and of one of the types (a bool is not a number)."""
+    if field not in obj:
+        raise DataError("missing required field", file, where, field)
+    v = obj[field]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+        raise DataError(f"wrong type {type(v).__name__}", file, where, field)
+    return v
+
+
+def _strict_bool(v, file, where, field):
+    """true/false, or the strings "true"/"false" in any case; anything else is an error."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    raise DataError(f"{v!r} is not a boolean", file, where, field)
+
+
+def _one_image(v, file, where, field):
+    """(image path or None, skip reason or None): records with several images are skipped."""
+    if isinstance(v, list):
+        if len(v) > 1:
+            return None, "several images"
+        v = v[0] if v else None
+    if isinstance(v, dict):                                     # a datasets Image feature exported to JSON
+        v = v.get("path")
+    if v is not None and not isinstance(v, str):
+        raise DataError("must be an image path, a list of paths or null", file, where, field)
+    return v or None, None
+
+
+def _from_ours(obj, file, where, domain):
+    return obj
+
+
+def _from_dreamprm(obj, file, where, domain):
+    """Published DreamPRM JSON. Meta record {id?, true_false, input, image_path}: one CoT, question
+    and steps inside input. Train record {id?, sid?, input, add, image_path, dataset, accuracy}:
+    one step prefix (grouped into CoTs afterwards, `_group_prefixes`)."""
+    meta = "true_false" in obj
+    text = _need(obj, "input", str, file, where)
+    image, several = _one_image(obj.get("image_path"), file, where, "image_path")
+    if meta:
+        correct = _strict_bool(obj["true_false"], file, where, "true_false")
+        split = split_steps(text, paragraphs=False)
+        question = split.preamble
+        rec = dict(question=question, answer="", steps=split.steps, final=split.final, pred=split.final,
+                   correct=correct, domain=obj.get("dataset") or domain or "meta")
+    else:
+        acc = _need(obj, "accuracy", (int, float), file, where)
+        check_labels([acc], 1, file, where, "accuracy")
+        split = split_steps(_need(obj, "add", str, file, where), paragraphs=False)
+        question = text
+        rec = dict(question=question, answer=str(obj.get("ground_truth", "")), steps=split.steps, final=split.final,
+                   pred=split.final, mc=[None] * (len(split.steps) - 1) + [float(acc)], correct=acc >= 0.5,
+                   domain=_need(obj, "dataset", str, file, where), _prefix=True)
+    rec.update(id=str(obj["id"]) if "id" in obj else _short_id(question, obj.get("image_path")), image=image,
+               _given_id="id" in obj)
+    if several or not split.steps:
+        return Skip(several or "no steps", rec["id"], rec["domain"])
+    return rec
+
+
+def _text_of(prompt, file, where):
+    """A prompt as text: a string, or chat messages whose text parts are joined."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        parts = []
+        for m in prompt:
+            c = m.get("content", "")
+            parts += [c] if isinstance(c, str) else [x.get("text", "") for x in c if isinstance(x, dict)]
+        return "\n".join(p for p in parts if p)
+    raise DataError("must be a string or a list of chat messages", file, where, "prompt")
+
+
+def _from_trl(obj, file, where, domain):
+    """TRL stepwise supervision {prompt, completions: [str], labels: [bool], image(s)?, domain?}:
+    each completion is a step, each label its correctness; the last label is the CoT's."""
+    question = _text_of(_need(obj, "prompt", (str, list), file, where), file, where)
+    steps = _need(obj, "completions", list, file, where)
+    labels = _need(obj, "labels", list, file, where)
+    if len(labels) != len(steps):
+        raise DataError(f"{len(labels)} labels for {len(steps)} completions", file, where, "labels")
+    mc = [float(_strict_bool(x, file, where, "labels")) for x in labels]
+    field = "images" if "images" in obj else "image"
+    image, several = _one_image(obj.get(field), file, where, field)
+    steps = [s.strip() if isinstance(s, str) else s for s in steps]
+    rec = dict(id=_short_id(question, image), domain=obj.get("domain") or domain, question=question,
+               answer=str(obj.get("answer", "")), image=image, steps=steps, final="",
+               pred=extract_answer(steps[-1]) if steps and isinstance(steps[-1], str) else "",
+               correct=bool(mc and mc[-1] == 1.0), mc=mc)
+    return _skip_or(rec, several)
+
+
+def _from_visualprocessbench(obj, file, where, domain):
+    """VisualProcessBench {image: [paths], question, answer, response: {steps, process_correctness},
+    policy_model, data_source}. Labels 1 (correct) -> 1.0, -1 (incorrect) -> 0.0, 0 (neutral) ->
+    unlabelled; the CoT is correct when no step is incorrect."""
+    question = _need(obj, "question", str, file, where)
+    response = _need(obj, "response", (dict, str), file, where)
+    if isinstance(response, str):                              # some exports keep it as JSON text
+        try:
+            response = json.loads(response)
+        except json.JSONDecodeError:
+            raise DataError("not a JSON object with steps and process_correctness", file, where, "response") from None
+    if not isinstance(response, dict):
+        raise DataError("must be an object with steps and process_correctness", file, where, "response")
+    steps = _need(response, "steps", list, file, where)
+    labels = _need(response, "process_correctness", list, file, where)
+    if len(labels) != len(steps) or any(x not in (1, 0, -1) or isinstance(x, bool) for x in labels):
+        raise DataError(f"needs one of 1, 0, -1 for each of the {len(steps)} steps", file, where,
+                        "response.process_correctness")
+    image, several = _one_image(obj.get("image"), file, where, "image")
+    steps = [s.strip() if isinstance(s, str) else s for s in steps]
+    rec = dict(id=_short_id(question, image), domain=obj.get("data_source") or domain, question=question,
+               answer=str(_need(obj, "answer", (str, int, float), file, where)), image=image, steps=steps, final="",
+               pred=extract_answer(steps[-1]) if steps and isinstance(steps[-1], str) else "",
+               correct=-1 not in labels, mc=[{1: 1.0, -1: 0.0, 0: None}[x] for x in labels],
+               policy=obj.get("policy_model", ""))
+    return _skip_or(rec, several)
+
+
+def _skip_or(rec, several):
+    """The record, or why it is skipped: several images, no steps, or an empty step."""
+    steps = rec["steps"]
+    if several or not steps or any(isinstance(s, str) and not s for s in steps):
+        return Skip(several or ("no steps" if not steps else "empty step"), rec["id"], rec["domain"])
+    return rec
+
+
+# name: (reader, what a file of this format holds; the error for an unknown file lists these)
+FORMATS = {
+    "ours": (_from_ours, "JSON Lines: id, domain, question, answer, image?, choices?; CoTs add sample, steps, "
+                         "final, correct; labels add mc"),
+    "dreamprm": (_from_dreamprm, "one JSON list: train records input, add, accuracy, dataset, image_path "
+                                 "(id, sid optional); meta records input, true_false, image_path (id optional)"),
+    "trl": (_from_trl, "JSON list or JSON Lines: prompt, completions [str], labels [bool], image or images "
+                       "optional, domain optional"),
+    "visualprocessbench": (_from_visualprocessbench, "JSON Lines: image [paths], question, answer, "
+                                                     "response {steps, process_correctness}, data_source"),
+}
+
+
+def _load_items(path):
+    """('list', [(where, object)]) for a JSON list, ('lines', [(line, object)]) for JSON Lines."""
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return "lines", list(iter_jsonl(path))
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid UTF-8 (byte {e.start + 1})", file=path) from None
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e.msg} at line {e.lineno})", file=path, line=e.lineno) from None
-    if not isinstance(data, list):
-        raise DataError("expected a JSON list of records", file=path)
-    records, skipped = [], []
-    groups = {}
     for i, obj in enumerate(data):
-        where = f"record {i}"
         if not isinstance(obj, dict):
-            raise DataError("each record must be an object", path, where)
-        meta = "true_false" in obj
-        needed = ("id", "true_false", "input", "image_path") if meta else \
-            ("id", "sid", "input", "add", "image_path", "dataset", "accuracy")
-        for field in needed:
-            if field not in obj:
-                raise DataError("missing required field", path, where, field)
-        image = obj["image_path"]
-        rec = {"id": str(obj["id"]), "domain": obj.get("dataset", "meta"), "answer": "", "image": image}
-        if image:
-            full = os.path.abspath(image if os.path.isabs(image) else os.path.join(image_root, image))
-            problem = _check_image(full)
-            if problem:
-                raise DataError(problem, path, where, "image_path")
-            rec["_image"] = full
-        else:
-            rec["_image"] = None
-        if meta:
-            split = split_steps(obj["input"], paragraphs=False)
-            if not split.steps:
-                skipped.append(rec)
-                continue
-            rec.update(question=split.preamble, steps=split.steps, final=split.final, pred=split.final,
-                       correct=bool(obj["true_false"]), _question=split.preamble, _src=(path, where))
-            records.append(rec)
-        else:
-            acc = obj["accuracy"]
-            check_labels([acc], 1, path, where, "accuracy")
-            split = split_steps(obj["add"], paragraphs=False)
-            if not split.steps:
-                skipped.append(rec)
-                continue
-            rec.update(question=obj["input"], _question=obj["input"], _src=(path, where))
-            key = (rec["domain"], rec["id"], obj["input"], image)
-            groups.setdefault(key, []).append((split, float(acc), rec))
+            raise DataError("each record must be an object", path, f"record {i}")
+    return "list", [(f"record {i}", obj) for i, obj in enumerate(data)]
+
+
+def detect_format(container, items, path):
+    """The format of a file, from its container and its first record's fields."""
+    first = items[0][1] if items else {}
+    if "completions" in first and "prompt" in first:
+        return "trl"
+    if container == "list" and ("add" in first or "true_false" in first):
+        return "dreamprm"
+    if container == "lines" and "response" in first and "question" in first:
+        return "visualprocessbench"
+    if container == "lines" and (not first or "question" in first or "steps" in first):
+        return "ours"
+    if container == "list" and "question" in first:
+        raise DataError("a JSON list of records in our format: ours is JSON Lines, one object per line", file=path)
+    raise DataError("matches no known format. Formats and their fields: "
+                    + "; ".join(f"{name}: {desc}" for name, (_, desc) in FORMATS.items()),
+                    file=path, line=items[0][0] if items else None)
+
+
+def _norm_step(s):
+    """A step without heading markup and extra whitespace, for matching prefixes of one CoT."""
+    return " ".join(re.sub(r"[#*]+", " ", s).split())
+
+
+def _group_prefixes(prefixes):
+    """Published train records are step prefixes; those of one question that extend one another
+    become one CoT whose step i has the label of the prefix ending at step i (others None).
+    Headings ("### Step k") are ignored when matching, and a prefix whose slot is already taken
+    (two CoTs sharing their first steps) starts or joins another CoT."""
+    groups = {}
+    for r in prefixes:
+        groups.setdefault((r["domain"], r["id"], r["question"], r["image"]), []).append(r)
+    cots = []
     for members in groups.values():
-        # Longest prefix first; a shorter one joins the first CoT whose steps it starts.
-        members.sort(key=lambda m: -len(m[0].steps))
-        cots = []
-        for split, acc, rec in members:
-            n = len(split.steps)
-            for cot in cots:
-                if cot["steps"][:n] == split.steps:
-                    cot["mc"][n - 1] = acc
+        members.sort(key=lambda r: -len(r["steps"]))          # longest prefix first
+        group = []
+        for r in members:
+            n, norm = len(r["steps"]), [_norm_step(s) for s in r["steps"]]
+            for cot in group:
+                if cot["_norm"][:n] == norm and cot["mc"][n - 1] is None:
+                    cot["mc"][n - 1] = r["mc"][-1]
                     break
             else:
-                rec.update(steps=split.steps, final=split.final, mc=[None] * (n - 1) + [acc], correct=acc >= 0.5)
-                cots.append(rec)
-        records.extend(cots)
-    return records, skipped
+                group.append(dict(r, _norm=norm))
+        for cot in group:
+            del cot["_norm"], cot["_prefix"]
+            cot["correct"] = cot["mc"][-1] >= 0.5
+        cots += group
+    return cots
 
 
-def read_cots(path, kind, image_root=None):
-    """Our JSONL (validated as `kind`) or the published JSON. Returns (records, skipped): the
-    records without steps are left out, and returned apart so the caller can count and name them."""
-    if is_published(path):
-        return read_published(path, image_root)
-    records = read_records(path, kind, image_root)
-    return [r for r in records if r["steps"]], [r for r in records if not r["steps"]]
+def read_cots(path, kind, image_root=None, fmt="auto", domain=None):
+    """The one reader: any supported file -> (records, skips) in our record format.
+
+    kind: 'questions', 'cots' or 'labels' (what the caller needs: labels need step labels).
+    fmt: 'auto' (detected from the file) or a name in FORMATS. domain: for formats whose records
+    carry none (default: the file name without extension). Records without steps (and, for other
+    formats, with several images or an empty step) are skipped and returned as `Skip`s; every kept
+    record is validated by `check_record` (images are checked only for kept records) and gets its
+    key (`record_key`). Duplicate keys inside the file are a DataError.
+    """
+    image_root = image_root or os.path.dirname(os.path.abspath(path))
+    container, items = _load_items(path)
+    if fmt == "auto":
+        fmt = detect_format(container, items, path)
+    if fmt == "ours" and container == "list":
+        raise DataError("a JSON list of records in our format: ours is JSON Lines, one object per line", file=path)
+    convert = FORMATS[fmt][0]
+    domain = domain or os.path.splitext(os.path.basename(path))[0]
+    records, skips, prefixes, seen = [], [], [], set()
+    for where, obj in items:
+        if fmt == "dreamprm":                                   # prefix records have no key of their own
+            raw = json.dumps(obj, sort_keys=True)
+            if raw in seen:
+                raise DataError("duplicate record (identical to an earlier one)", path, where)
+            seen.add(raw)
+        rec = convert(obj, path, where, domain)
+        if fmt == "ours" and rec.get("steps") == []:
+            rec = Skip("no steps", str(rec.get("id")), str(rec.get("domain", "")).strip())
+        if isinstance(rec, Skip):
+            skips.append(rec)
+            continue
+        rec["_src"] = (path, where)
+        (prefixes if rec.get("_prefix") else records).append(rec)
+    records += _group_prefixes(prefixes)
+    for rec in records:
+        if kind == "labels" and "mc" not in rec:
+            raise DataError("no step labels: training needs them (a meta or test file?)", *rec["_src"], "mc")
+        check_record(rec, kind, *rec["_src"], image_root)
+        rec["_format"] = fmt
+        if kind != "questions":
+            rec.setdefault("sample", 0)
+        rec["_key"] = _content_key(rec) if fmt != "ours" else f"{rec['domain']}/{rec['id']}" + \
+            ("" if kind == "questions" else f"#{rec.get('sample', 0)}")
+    if fmt != "ours":
+        samples = {}
+        for rec in records:                                     # the k-th CoT of a question in file order
+            rec["sample"] = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
+    check_unique(records, record_key, "question, image and steps" if fmt != "ours" else
+                 "question id" if kind == "questions" else "question id and sample")
+    return records, skips
+
+
+def read_records(path, kind, image_root=None):
+    """Our JSONL only (the stages' own outputs): validated records, none skipped."""
+    records, skips = read_cots(path, kind, image_root, fmt="ours")
+    return records
+
+
+def skip_report(records, skips):
+    """'N of M records skipped (why: count, ...); Q of P questions have no CoT left', or ''."""
+    if not skips:
+        return ""
+    reasons = Counter(s.reason for s in skips)
+    kept = {r["id"] for r in records}
+    lost = {s.question for s in skips} - kept
+    total = len(kept | {s.question for s in skips})
+    return (f"{len(skips)} of {len(records) + len(skips)} records skipped ("
+            + ", ".join(f"{why}: {n}" for why, n in reasons.most_common()) + f"); {len(lost)} of {total} "
+            f"questions have no CoT left")

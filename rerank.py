@@ -168,6 +168,7 @@ def main(argv=None):
     ap.add_argument("--aggregate", choices=prm.AGGREGATIONS, default="mean_logit", help="aggregation function A")
     ap.add_argument("--out", default="runs/rerank", help="output folder")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    prm.add_format_args(ap)
     ap.add_argument("--batch-size", type=int, default=16, help="CoTs per scoring forward (with --no-shared-prefix)")
     ap.add_argument("--no-shared-prefix", action="store_true", help="score in packed batches instead of encoding "
                     "each question's image and text once (same numbers, slower)")
@@ -179,11 +180,11 @@ def main(argv=None):
     prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
     if not os.path.isfile(args.cots):
         raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
-    records, skipped = prm.read_cots(args.cots, "cots", args.image_root)
+    records, skips = prm.read_cots(args.cots, "cots", args.image_root, args.format, args.domain)
     if not prms:
         raise prm.DataError("no PRM given (--prm DIR ...) and no toy runs found: run python bilevel_train.py first")
-    if skipped:
-        print(f"{len(skipped)} CoTs without steps: skipped")
+    if skips:
+        print(f"{args.cots}: {prm.skip_report(records, skips)}")
     if not records:
         raise prm.DataError("no CoTs with steps", file=args.cots)
     groups = group_questions(records)
@@ -204,7 +205,7 @@ def main(argv=None):
                         for n, s in steps.items() if s)
     prm.write_json_atomic(os.path.join(args.out, "results.json"),
                           {"table": table, "accuracy_vs_n": curve, "step_level": steps, "aggregate": args.aggregate,
-                           "prms": dict(zip(names, prms)), "cots": args.cots, "skipped_without_steps": len(skipped)})
+                           "prms": dict(zip(names, prms)), "cots": args.cots, "skipped": len(skips)})
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
     plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))

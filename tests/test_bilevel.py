@@ -165,7 +165,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         words = "domain 'm3cot' has no usable records"
     elif case == "meta_unusable":
         args[3] = write_labels(tmp_path / "meta0.jsonl", [("meta", [], 0)])
-        words = "no usable meta records (1 without steps)"
+        words = "no usable meta records: 1 of 1 records skipped (no steps: 1)"
     else:
         (tmp_path / "train.jsonl").write_text(
             (tmp_path / "train.jsonl").read_text().replace("[1.0, 0.5]", "[1.0, NaN]"))

@@ -186,7 +186,7 @@ def test_answer_matching(pred, answer, choices, ok):
 
 
 @pytest.mark.parametrize("rows,words", [
-    ([{"id": "a", "domain": "d", "question": "q?", "answer": "1"}] * 2, "duplicate id 'a' (first on line 1)"),
+    ([{"id": "a", "domain": "d", "question": "q?", "answer": "1"}] * 2, "duplicate record: the same question id 'd/a' as"),
     ([{"id": "a", "domain": "d", "question": "  ", "answer": "1"}], "empty question"),
     ([{"id": "a", "domain": "d", "question": "q?", "answer": "1", "image": "missing.png"}], "no such image file"),
 ])
@@ -204,5 +204,5 @@ def test_mc_label_rejects_cots_it_could_not_resume(tmp_path, capsys):
     path = write_questions(tmp_path / "cots.jsonl", [row, row])          # two CoTs, no sample numbers
     code = prm.run_cli(mc_label.main, ["--cots", path, "--out", str(tmp_path / "l.jsonl")])
     err = capsys.readouterr().err
-    assert code == 2 and "cots.jsonl:2: field 'sample': duplicate sample ('a', 0) (first on line 1)" in err
+    assert code == 2 and "cots.jsonl:2: duplicate record: the same question id and sample 'd/a#0' as " in err
     assert not (tmp_path / "l.jsonl").exists()

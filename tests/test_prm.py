@@ -169,7 +169,7 @@ def test_published_format_parses(tmp_path, images, tiny_prm):
     assert meta[0]["correct"] is True and len(meta[0]["steps"]) == 3 and meta[0]["final"] == "7"
     assert meta[0]["_question"].startswith("Question: Sum?")
     train, skipped = prm.read_cots(train_path, "labels")
-    assert len(skipped) == 1 and skipped[0]["domain"] == "m3cot"
+    assert len(skipped) == 1 and skipped[0].domain == "m3cot" and skipped[0].reason == "no steps"
     by_id = {r["id"]: r for r in train}
     assert by_id["5"]["mc"] == [0.75, 0.5] and by_id["5"]["domain"] == "ai2d"
     assert by_id["6"]["mc"] == [1.0]

@@ -53,10 +53,10 @@ def test_rerank_on_published_meta(tmp_path, images, backbone_dir, capsys):
     out = tmp_path / "out"
     assert rerank.main(["--cots", meta_path, "--prm", model_dir, "--names", "p", "--out", str(out)]) == 0
     results = json.load(open(out / "results.json"))
-    assert results["skipped_without_steps"] == 1
+    assert results["skipped"] == 1
     assert results["table"]["overall"]["questions"] == 2
     assert (out / "accuracy_vs_n.png").stat().st_size > 0 and "| overall | 2 |" in (out / "results.md").read_text()
-    assert "1 CoTs without steps: skipped" in capsys.readouterr().out
+    assert "1 of 3 records skipped (no steps: 1); 0 of 2 questions have no CoT left" in capsys.readouterr().out
 
 
 def test_step_report_by_hand():

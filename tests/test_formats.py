@@ -1,0 +1,251 @@
+"""Every input format: read faithfully, the published DreamPRM traps, duplicates and leaks.
+
+Fixtures are written here, to each format's published field layout (no downloads).
+"""
+import json
+import shutil
+
+import pytest
+import torch
+
+import bilevel_train as bt
+import prm
+import rerank
+
+QUESTION = "What is the sum of the two numbers?"
+STEPS = ["Step 1: Read the numbers 3 and 4.", "Step 2: Add them: 3 + 4 = 7.", "Step 3: The sum is 7."]
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read(path, kind="labels", **kw):
+    return prm.read_cots(path, kind, **kw)
+
+
+# -- each format, field by field ------------------------------------------------------------------
+
+def test_trl_stepwise_supervision(tmp_path, images):
+    rows = [{"prompt": QUESTION, "completions": STEPS, "labels": [True, True, False], "images": [images[0]]},
+            {"prompt": QUESTION, "completions": STEPS[:2], "labels": [True, True], "image": images[0]},
+            {"prompt": QUESTION, "completions": STEPS, "labels": [True] * 3, "images": images[:2]},   # 2 images
+            {"prompt": "No steps?", "completions": [], "labels": []},
+            {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Chat form?"}]}],
+             "completions": ["Step 1: yes."], "labels": [True], "domain": "chat"}]
+    for path in (write_jsonl(tmp_path / "math_shepherd.jsonl", rows), write_json(tmp_path / "math_shepherd.json", rows)):
+        records, skips = read(path)
+        assert [r["_format"] for r in records] == ["trl"] * 3
+        a, b, c = records
+        assert a["mc"] == [1.0, 1.0, 0.0] and a["correct"] is False and a["steps"] == STEPS
+        assert b["mc"] == [1.0, 1.0] and b["correct"] is True and b["_image"] == images[0]
+        assert a["domain"] == b["domain"] == "math_shepherd" and c["domain"] == "chat"
+        assert c["_question"] == "Chat form?" and c["_image"] is None
+        assert a["id"] == b["id"] != c["id"] and (a["sample"], b["sample"]) == (0, 1)
+        assert sorted(s.reason for s in skips) == ["no steps", "several images"]
+    records, _ = read(path, domain="prm800k")
+    assert records[0]["domain"] == "prm800k" and records[2]["domain"] == "chat"       # a field wins over the flag
+
+
+def vpb_row(image, labels, source="MathVerse", response_as_text=False):
+    response = {"steps": STEPS[:len(labels)], "process_correctness": labels}
+    return {"image": image, "question": QUESTION, "answer": "7",
+            "response": json.dumps(response) if response_as_text else response,
+            "policy_model": "InternVL2.5-8B", "data_source": source}
+
+
+def test_visualprocessbench(tmp_path, images):
+    rows = [vpb_row([images[0]], [1, 0, -1]), vpb_row([images[1]], [1, 1], "DynaMath", response_as_text=True),
+            vpb_row(images[:2], [1, 1]), vpb_row([], [1])]
+    records, skips = read(write_jsonl(tmp_path / "test.jsonl", rows))
+    a, b, c = records
+    assert a["_format"] == "visualprocessbench"
+    assert a["mc"] == [1.0, None, 0.0] and a["correct"] is False and a["domain"] == "MathVerse"
+    assert b["mc"] == [1.0, 1.0] and b["correct"] is True and b["domain"] == "DynaMath"
+    assert a["_image"] == images[0] and c["_image"] is None and a["answer"] == "7"
+    assert [s.reason for s in skips] == ["several images"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [vpb_row([images[0]], [1, 2])])
+    with pytest.raises(prm.DataError, match="bad.jsonl:1: field 'response.process_correctness'"):
+        read(bad)
+
+
+def test_dreamprm_minimal_custom_records(tmp_path, images):
+    """The official README's minimal records: no id, no sid."""
+    train = [{"input": "Question: Q1", "add": STEPS[0], "image_path": images[0], "dataset": "ai2d", "accuracy": 0.5},
+             {"input": "Question: Q1", "add": "\n\n".join(STEPS[:2]), "image_path": images[0], "dataset": "ai2d",
+              "accuracy": 0.25}]
+    meta = [{"true_false": True, "input": "Question: Q2\n\n" + "\n\n".join(STEPS) + "\n\nFinal answer: 7",
+             "image_path": images[1]},
+            {"true_false": "False", "input": "Question: Q3\n\n" + STEPS[0] + "\n\nFinal answer: 8", "image_path": images[2]}]
+    (cot,), _ = read(write_json(tmp_path / "train.json", train))
+    assert cot["mc"] == [0.5, 0.25] and cot["domain"] == "ai2d" and cot["_format"] == "dreamprm"
+    m, _ = read(write_json(tmp_path / "meta.json", meta), "cots")
+    assert [r["correct"] for r in m] == [True, False]                  # the string "False" is false
+    assert m[0]["final"] == "7" and len(m[0]["steps"]) == 3 and m[0]["_question"] == "Question: Q2"
+    meta[1]["true_false"] = "no"
+    with pytest.raises(prm.DataError, match="record 1: field 'true_false': 'no' is not a boolean"):
+        read(write_json(tmp_path / "meta.json", meta), "cots")
+
+
+def test_dreamprm_traps(tmp_path, images):
+    """'### Step k' prefixes with a dangling '###', the last final answer, list image paths, stepless
+    records with missing images, records with several images."""
+    heads = [f"### Step {k + 1}: " + s.split(": ", 1)[1] for k, s in enumerate(STEPS)]
+    full = "Let's analyze.\n\n" + "\n\n".join(heads)
+    prefixes = [full[:full.index("Step 2")].rstrip(), full[:full.index("Step 3")].rstrip(), full]
+    assert prefixes[0].endswith("###")
+    train = [{"id": 9, "sid": k + 1, "input": "Question: Q9", "add": p, "image_path": [images[0]], "dataset": "m3cot",
+              "accuracy": acc} for k, (p, acc) in enumerate(zip(prefixes, [1.0, 0.5, 0.0]))]
+    train.append({"id": 10, "sid": 1, "input": "Question: Q10", "add": "", "image_path": "gone.png",
+                  "dataset": "m3cot", "accuracy": 1.0})
+    train.append(dict(train[0], id=11, image_path=images[:2]))
+    records, skips = read(write_json(tmp_path / "train.json", train))
+    assert len(records) == 1 and records[0]["mc"] == [1.0, 0.5, 0.0] and records[0]["steps"][0] == heads[0]
+    assert sorted(s.reason for s in skips) == ["no steps", "several images"]
+    assert prm.skip_report(records, skips) == \
+        "2 of 3 records skipped (no steps: 1, several images: 1); 2 of 3 questions have no CoT left"
+    meta = [{"id": 1, "true_false": False, "input": "Question: Q\n\nStep 1: a\nFinal answer: C\nFinal answer: B",
+             "image_path": None}]
+    (m,), _ = read(write_json(tmp_path / "meta.json", meta), "cots")
+    assert m["pred"] == m["final"] == "B" and m["steps"] == ["Step 1: a"]
+    train.append(dict(train[1]))
+    with pytest.raises(prm.DataError, match="record 5: duplicate record"):
+        read(write_json(tmp_path / "train.json", train))
+
+
+def test_unknown_format_and_json_list_of_ours(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "hello"}])
+    with pytest.raises(prm.DataError) as info:
+        read(path)
+    msg = str(info.value)
+    assert "matches no known format" in msg and "\n" not in msg
+    assert all(name in msg for name in prm.FORMATS) and "completions" in msg and "process_correctness" in msg
+    ours = {"id": "a", "domain": "d", "question": "q?", "answer": "1", "steps": ["Step 1: x"], "correct": True,
+            "mc": [1.0]}
+    with pytest.raises(prm.DataError, match="a JSON list of records in our format"):
+        read(write_json(tmp_path / "list.json", [ours]))
+    with pytest.raises(prm.DataError, match="field 'prompt': missing required field"):
+        read(write_jsonl(tmp_path / "t.jsonl", [{"completions": ["a"], "labels": [True]}]), fmt="trl")
+
+
+def test_same_cots_in_every_format_encode_identically(tmp_path, images, tiny_prm):
+    """A round trip: one question with three CoTs written in each format gives identical inputs."""
+    cots = [STEPS, STEPS[:2], [STEPS[0], "Step 2: It is 8."]]
+    labels = [[1.0, 1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
+    img = images[1]
+    ours = [{"id": "q", "domain": "d", "question": QUESTION, "answer": "7", "image": img, "sample": k,
+             "steps": s, "final": "", "correct": l[-1] == 1.0, "mc": l} for k, (s, l) in enumerate(zip(cots, labels))]
+    files = {
+        "ours": write_jsonl(tmp_path / "ours.jsonl", ours),
+        "trl": write_jsonl(tmp_path / "trl.jsonl", [{"prompt": QUESTION, "completions": s, "images": [img],
+                                                     "labels": [x == 1.0 for x in l]} for s, l in zip(cots, labels)]),
+        "visualprocessbench": write_jsonl(tmp_path / "vpb.jsonl", [
+            {"image": [img], "question": QUESTION, "answer": "7", "data_source": "d",
+             "response": {"steps": s, "process_correctness": [1 if x else -1 for x in l]}} for s, l in zip(cots, labels)]),
+        "dreamprm": write_json(tmp_path / "dreamprm.json", [
+            {"id": k, "sid": i + 1, "input": QUESTION, "add": "\n\n".join(s[:i + 1]), "image_path": img,
+             "dataset": "d", "accuracy": l[i]} for k, (s, l) in enumerate(zip(cots, labels)) for i in range(len(s))]),
+    }
+    encoded = {}
+    for fmt, path in files.items():
+        records, skips = read(path)
+        assert not skips and [r["_format"] for r in records] == [fmt] * 3
+        records.sort(key=lambda r: (-len(r["steps"]), r["steps"][-1]))
+        assert [r["mc"] for r in records] == labels
+        encoded[fmt] = [tiny_prm.encode(r) for r in records]
+    for fmt, es in encoded.items():
+        for e, e0 in zip(es, encoded["ours"]):
+            assert torch.equal(e.input_ids, e0.input_ids) and torch.equal(e.step_ends, e0.step_ends), fmt
+            assert torch.equal(e.pixel_values, e0.pixel_values), fmt
+
+
+# -- duplicates, leaks and the meta set, as bilevel_train.py and rerank.py see them -------------------
+
+def labels_row(qid, question, image=None, correct=True, sample=0, domain="ai2d"):
+    return {"id": qid, "domain": domain, "question": question, "answer": "7", "image": image, "sample": sample,
+            "steps": ["Step 1: a", "Step 2: b"], "final": "7", "correct": correct, "mc": [1.0, float(correct)]}
+
+
+def run_bilevel(args, capsys):
+    code = bt.cli(args + ["--model", "tiny", "--iterations", "1", "--unroll-steps", "1", "--train-batch", "2",
+                          "--meta-batch", "2"])
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def train_meta(tmp_path, images):
+    train = write_jsonl(tmp_path / "train.jsonl", [labels_row("t1", "Q one?", images[0]),
+                                                   labels_row("t2", "Q two?", None, False)])
+    meta = write_jsonl(tmp_path / "meta.jsonl", [labels_row("m1", "Q three?", images[1], True),
+                                                 labels_row("m2", "Q four?", None, False)])
+    return train, meta
+
+
+@pytest.mark.parametrize("case,words", [
+    ("train_twice", "duplicate record: the same record key"),
+    ("meta_is_train", "this meta question is also in the training data"),
+    ("meta_copied_image", "this meta question is also in the training data"),
+    ("one_class_meta", "all 2 usable meta CoTs are correct: the upper loss then has a single target"),
+])
+def test_duplicates_leaks_and_one_class_meta(tmp_path, images, train_meta, capsys, case, words):
+    train, meta = train_meta
+    args = ["--train", train, "--meta", meta, "--out", str(tmp_path / "run")]
+    if case == "train_twice":
+        args = ["--train", train, train, "--meta", meta, "--out", str(tmp_path / "run")]
+    elif case == "meta_is_train":
+        args[3] = train
+    elif case == "meta_copied_image":                      # the same picture under another name is the same image
+        shutil.copy(images[0], tmp_path / "copy.png")
+        args[3] = write_jsonl(tmp_path / "meta2.jsonl", [labels_row("m9", "Q one?", "copy.png", False),
+                                                         labels_row("m2", "Q four?", None, True)])
+    else:
+        args[3] = write_jsonl(tmp_path / "meta3.jsonl", [labels_row("m1", "Q three?"), labels_row("m2", "Q four?")])
+    code, out = run_bilevel(args, capsys)
+    assert code == 2 and words in out.err and out.err.count("\n") == 1, out.err
+    assert not (tmp_path / "run").exists()                 # stopped before anything was written
+    flag = {"meta_is_train": "--allow-overlap", "meta_copied_image": "--allow-overlap",
+            "one_class_meta": "--allow-one-class-meta"}.get(case)
+    if flag:
+        code, out = run_bilevel(args + [flag], capsys)
+        assert code == 0, out.err
+
+
+def test_same_question_text_with_another_image_is_no_leak(tmp_path, images, train_meta, capsys):
+    train, _ = train_meta
+    meta = write_jsonl(tmp_path / "m.jsonl", [labels_row("m1", "Q one?", images[2]), labels_row("m2", "Q x?", None, False)])
+    code, out = run_bilevel(["--train", train, "--meta", meta, "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, out.err
+
+
+def test_final_answer_rule_is_stored_and_applied(tmp_path, images, capsys):
+    """Published training prefixes carry no answer line: the run drops it everywhere, and the PRM
+    directory tells rerank.py to do the same."""
+    train = [{"id": q, "sid": 1, "input": f"Question: Q{q}", "add": STEPS[0], "image_path": images[0],
+              "dataset": d, "accuracy": 0.5} for q, d in [(1, "ai2d"), (2, "m3cot")]]
+    meta = [{"id": q, "true_false": q == 3, "input": f"Question: Q{q}\n\n{STEPS[0]}\n\nFinal answer: 7",
+             "image_path": images[1]} for q in (3, 4)]
+    args = ["--train", write_json(tmp_path / "train.json", train), "--meta", write_json(tmp_path / "meta.json", meta),
+            "--out", str(tmp_path / "run")]
+    code, out = run_bilevel(args, capsys)
+    assert code == 0, out.err
+    assert json.load(open(tmp_path / "run" / "config.json"))["final_answer"] == "drop"
+    assert json.load(open(tmp_path / "run" / "prm" / "prm.json"))["final_answer"] == "drop"
+    model = prm.PRM.from_pretrained(str(tmp_path / "run"))
+    (m, _), _ = prm.read_cots(str(tmp_path / "meta.json"), "cots")
+    assert model.final_answer == "drop"
+    assert torch.equal(model.encode(m).input_ids, prm.encode_cot(model.tokenizer, m["_question"], m["steps"], "",
+                                                                 m["_image"], model.image_processor).input_ids)
+
+
+def test_rerank_refuses_duplicate_cots(tmp_path, backbone_dir, capsys):
+    row = labels_row("q", "Q?", None)
+    path = write_jsonl(tmp_path / "test.jsonl", [row, dict(row, sample=1), dict(row)])
+    code = prm.run_cli(rerank.main, ["--cots", path, "--prm", backbone_dir, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "test.jsonl:3: duplicate record: the same question id and sample 'ai2d/q#0'" in err
