@@ -6,7 +6,7 @@ Reads   --train labels.jsonl [more]  (our JSONL with MC labels, or the published
 Writes  --out RUN_DIR: prm/ (load with prm.PRM.from_pretrained(RUN_DIR)), domain_weights.json,
         domain_weights.png, metrics.jsonl, config.json, checkpoint/ (resume with --resume)
 
-The math (DESIGN.md section 2; symbols as in the paper):
+The math (symbols as in the paper; the README's "The math" explains each):
   alpha_k = softplus(a_k) / mean_j softplus(a_j)                             domain weights
   L_tr(phi, alpha) = sum_b alpha_d(b) sum_i (V_phi(x_b, yhat_bi) - p_bi)^2 / sum_b n_b
                    = sum_b w_b(alpha) l_b(phi)                               lower loss
@@ -22,11 +22,11 @@ Real data:
         --model /models/Qwen2-VL-2B-Instruct --precision bf16 --out runs/dreamprm
 """
 
-import argparse
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import zlib
@@ -248,13 +248,17 @@ def load_data(args):
     train, meta, skipped_domains = read_inputs(args)
     present = sorted({r["domain"] for r in train} | skipped_domains)
     usable = sorted({r["domain"] for r in train if any(p is not None for p in r["mc"])})
-    if not args.domains and usable != present:
-        print(f"domains with no usable records, left out: {', '.join(sorted(set(present) - set(usable)))}")
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()] or usable
+    if not usable:
+        raise prm.DataError("no usable training CoTs (none with steps and step labels)", file=", ".join(args.train))
+    domains = parse_domains(args.domains) if args.domains is not None else usable
     unknown = [d for d in domains if d not in present]
     if unknown:
         raise prm.DataError(f"unknown domain(s) {', '.join(unknown)}; domains present: {', '.join(present)}",
                             field="--domains")
+    left_out = sorted(set(present) - set(domains))
+    if left_out:
+        why = "not in --domains" if args.domains is not None else "no usable records"
+        print(f"domains left out ({why}): {', '.join(left_out)}")
     train = [r for r in train if r["domain"] in domains and any(p is not None for p in r["mc"])]
     for d in domains:
         if not any(r["domain"] == d for r in train):
@@ -262,6 +266,19 @@ def load_data(args):
                                 field="--domains")
     check_meta(meta, train, args)
     return train, meta, domains
+
+
+def parse_domains(text):
+    """--domains: comma-separated names, stripped; an empty list, an empty name or a repeat is an error."""
+    names = [d.strip() for d in text.split(",")]
+    if not any(names):
+        raise prm.DataError("an empty list; leave the flag out to train on every domain", field="--domains")
+    if "" in names:
+        raise prm.DataError(f"an empty name in {text!r}", field="--domains")
+    repeated = sorted({d for d in names if names.count(d) > 1})
+    if repeated:
+        raise prm.DataError(f"named twice: {', '.join(repeated)}", field="--domains")
+    return names
 
 
 def final_answer_rule(args, train):
@@ -444,10 +461,11 @@ def plot_weights(history, names, path):
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
+    ap = prm.Parser(__doc__)
     ap.add_argument("--train", nargs="*", default=[], help="training labels: our labels.jsonl or published train.json")
     ap.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
-    ap.add_argument("--domains", default="", help="comma-separated training domains (default: all present)")
+    ap.add_argument("--domains", default=None, help="comma-separated training domains (default: every domain "
+                    "with usable records)")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to (default: each file's folder)")
     prm.add_format_args(ap)
     ap.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
@@ -459,17 +477,21 @@ def parse_args(argv):
                     "correct (or every one incorrect), with a warning")
     ap.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
     ap.add_argument("--out", default="runs/toy", help="run directory")
-    ap.add_argument("--iterations", type=int, default=None, help="outer iterations, each U lower steps + 1 upper step "
+    ap.add_argument("--iterations", type=prm.number(int, 1), default=None, help="outer iterations, each U lower "
+                    "steps + 1 upper step (>= 1; "
                     "(default: 1000; toy 150)")
-    ap.add_argument("--unroll-steps", type=int, default=5, help="U: lower steps per upper step")
-    ap.add_argument("--train-batch", type=int, default=None, help="training CoTs per lower step (default: 8; toy 16)")
-    ap.add_argument("--meta-batch", type=int, default=None, help="meta CoTs per upper step (default: 16; toy 32)")
-    ap.add_argument("--lr", type=float, default=None, help="xi, the lower (PRM) learning rate "
-                    "(default: 5e-7; toy and --model tiny 1e-4)")
-    ap.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the raw domain weights a "
-                    "(default: 0.01; toy 0.05)")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on phi")
-    ap.add_argument("--fd-radius", type=float, default=0.01, help="r: finite-difference radius, eps = r / ||v||")
+    ap.add_argument("--unroll-steps", type=prm.number(int, 1), default=5, help="U: lower steps per upper step (>= 1)")
+    ap.add_argument("--train-batch", type=prm.number(int, 1), default=None, help="training CoTs per lower step "
+                    "(>= 1; default: 8; toy 16)")
+    ap.add_argument("--meta-batch", type=prm.number(int, 1), default=None, help="meta CoTs per upper step "
+                    "(>= 1; default: 16; toy 32)")
+    ap.add_argument("--lr", type=prm.number(float, 0, above=True), default=None, help="xi, the lower (PRM) "
+                    "learning rate (> 0 and finite; default: 5e-7; toy and --model tiny 1e-4)")
+    ap.add_argument("--meta-lr", type=prm.number(float, 0, above=True), default=None, help="Adam learning rate "
+                    "of the raw domain weights a (> 0; default: 0.01; toy 0.05)")
+    ap.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
+    ap.add_argument("--fd-radius", type=prm.number(float, 0, above=True), default=0.01, help="r: finite-difference "
+                    "radius, eps = r / ||v|| (> 0)")
     ap.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
     ap.add_argument("--weighting", choices=["domain", "fixed", "instance"], default="domain",
                     help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); instance: one weight per CoT")
@@ -478,13 +500,18 @@ def parse_args(argv):
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: bf16 compute with fp32 master weights (updates are never rounded away)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N outer iterations")
-    ap.add_argument("--log-every", type=int, default=10, help="metrics and weights every N outer iterations")
+    ap.add_argument("--save-every", type=prm.number(int, 1), default=50, help="checkpoint every N outer iterations (>= 1)")
+    ap.add_argument("--log-every", type=prm.number(int, 1), default=10, help="metrics and weights every N outer "
+                    "iterations (>= 1)")
     ap.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
     ap.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
                     "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    ap.add_argument("--seed", type=int, default=0, help="seed for the value head and the batch order")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (the "
+                    "settings must match the stored config.json, except --iterations upward, --device, "
+                    "--save-every and --log-every)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
+    ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed for the value head and the batch "
+                    "order (>= 0)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     args = ap.parse_args(argv)
@@ -507,8 +534,64 @@ class Diverged(RuntimeError):
     pass
 
 
+# Flags that may differ when a run is resumed (--iterations only upward); every other setting in
+# config.json must match, or the resumed run would silently mix two experiments.
+RESUMABLE = ("iterations", "device", "save_every", "log_every", "resume", "overwrite", "no_baseline")
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint")
+
+
+def prepare_run_dir(args, config):
+    """Check --out before any model loads: writable; --resume only onto a checkpoint whose stored
+    config matches; no silent overwrite of another run. Returns the checkpoint's iteration or 0."""
+    out = args.out
+    prm.check_writable(out)
+    prm.recover_dir(os.path.join(out, "checkpoint"))
+    state = os.path.join(out, "checkpoint", "state.json")
+    if args.resume:
+        if not os.path.isfile(state):
+            raise prm.DataError("no checkpoint to resume from", file=out)
+        with open(os.path.join(out, "config.json")) as f:
+            stored = json.load(f)
+        new = json.loads(json.dumps(config))                   # tuples and lists compare alike
+        differ = sorted(k for k in set(stored) & set(new) if k not in RESUMABLE and stored[k] != new[k])
+        if differ:
+            raise prm.DataError("--resume with other settings than the stored run: "
+                                + ", ".join(f"{k} {stored[k]!r} -> {new[k]!r}" for k in differ), file=out)
+        with open(state) as f:
+            at = json.load(f)["iteration"]
+        if args.iterations < at:
+            raise prm.DataError(f"the checkpoint is at iteration {at}; --iterations {args.iterations} is below it",
+                                file=out, field="--iterations")
+        return at
+    present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    if present and not args.overwrite:
+        what = "a checkpoint: pass --resume to continue it" if "checkpoint" in present else \
+            f"another run's outputs ({', '.join(present)})"
+        raise prm.DataError(f"the run directory holds {what}, --overwrite to replace them, or choose another --out",
+                            file=out)
+    for n in present:
+        path = os.path.join(out, n)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return 0
+
+
+def baseline_argv(argv, baseline, resume):
+    """The vanilla baseline's flags: every flag the user gave except --weighting, --out, --resume and
+    --overwrite (which are the baseline's own)."""
+    out, skip = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if skip or name in ("--weighting", "--out", "--resume", "--overwrite"):
+            skip = not skip and name in ("--weighting", "--out") and "=" not in a
+            continue
+        out.append(a)
+    return out + ["--weighting", "fixed", "--out", baseline] + (["--resume"] if resume else [])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    toy_demo = not args.train and not args.meta and not args.synthetic
     device = prm.pick_device(args.device)
     torch.manual_seed(args.seed)
     train, meta, domains = load_data(args)
@@ -517,6 +600,11 @@ def main(argv=None):
           + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
 
     model_dir = prm.resolve_model(args.model)
+    config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
+                  model_dir=model_dir)
+    start = prepare_run_dir(args, config)
+    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
+
     xi = args.lr
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
     model.final_answer = final_answer
@@ -532,13 +620,8 @@ def main(argv=None):
     opt_a = torch.optim.Adam([a], lr=args.meta_lr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start = 0
-    prm.recover_dir(os.path.join(args.out, "checkpoint"))
-    if args.resume:
-        if not os.path.isfile(os.path.join(args.out, "checkpoint", "state.json")):
-            raise prm.DataError("no checkpoint to resume from", file=args.out)
+    if start:
         start = load_checkpoint(args.out, model, a, opt_phi, opt_a)
         # Metrics logged after the checkpoint are replayed by this run: drop them.
         kept = [o for _, o in prm.iter_jsonl(metrics_path, True)] if os.path.isfile(metrics_path) else []
@@ -547,14 +630,8 @@ def main(argv=None):
                 if o["iteration"] <= start:
                     f.write(json.dumps(o) + "\n")
         print(f"resumed {args.out} at iteration {start}")
-    elif os.path.isfile(os.path.join(args.out, "checkpoint", "state.json")):
-        raise prm.DataError("run directory already has a checkpoint: pass --resume to continue it, "
-                            "or choose another --out", file=args.out)
     else:
         open(metrics_path, "w").close()
-    config = dict(vars(args), lr=xi, domains=domains, n_train=len(train), n_meta=len(meta),
-                  final_answer=final_answer, model_dir=model_dir)
-    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
 
     def batch_alpha_keys(idx, records):
         if args.weighting == "instance":
@@ -623,10 +700,11 @@ def main(argv=None):
         print(f"  {d:24s} {w:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
     baseline = args.out.rstrip("/") + "-vanilla"
-    if toy and args.weighting == "domain" and not args.no_baseline and not os.path.isdir(os.path.join(baseline, "prm")):
+    if toy_demo and args.weighting == "domain" and not args.no_baseline and \
+            not os.path.isdir(os.path.join(baseline, "prm")):
         print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
-        return main(["--weighting", "fixed", "--out", baseline, "--seed", str(args.seed), "--model", args.model,
-                     "--device", args.device, "--precision", args.precision])
+        resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
+        return main(baseline_argv(argv, baseline, resume))
     return 0
 
 

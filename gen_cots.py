@@ -6,7 +6,7 @@ Writes  cots.jsonl       the question fields + {"sample", "seed", "steps", "fina
 
 Policies (the interface mc_label.py uses too): `policy.sample(prompts, n)` returns n continuations
 for each prompt (question, image, assistant prefix):
-  toy     the scripted solver of the toy world (DESIGN.md section 5); continues from any prefix
+  toy     the scripted solver of the toy world (see TOY_DOMAINS); continues from any prefix
   hf      a transformers image-text model from a local directory (batched sampling)
   openai  any OpenAI-compatible chat-completions server (vLLM, SGLang, a hosted API)
 
@@ -17,7 +17,6 @@ Real data:
         --base-url http://localhost:8000/v1 --model-name Qwen2-VL-7B-Instruct --n 8
 """
 
-import argparse
 import base64
 import difflib
 import json
@@ -389,12 +388,13 @@ def add_policy_args(ap):
     ap.add_argument("--base-url", default="http://localhost:8000/v1", help="openai: server base URL")
     ap.add_argument("--model-name", default="default", help="openai: model name on the server")
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
-    ap.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
-    ap.add_argument("--retries", type=int, default=5, help="openai: retries on 429, 5xx and network errors")
-    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    ap.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample")
+    ap.add_argument("--concurrency", type=prm.number(int, 1), default=8, help="openai: requests in flight at once (>= 1)")
+    ap.add_argument("--retries", type=prm.number(int, 0), default=5, help="openai: retries on 429, 5xx and network "
+                    "errors (>= 0)")
+    ap.add_argument("--temperature", type=prm.number(float, 0), default=0.7, help="sampling temperature (>= 0)")
+    ap.add_argument("--max-tokens", type=prm.number(int, 1), default=512, help="new tokens per sample (>= 1)")
     ap.add_argument("--no-structure", action="store_true", help="free-form prompt (ablation)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="sampling seed (>= 0)")
     ap.add_argument("--trust-remote-code", action="store_true", help="hf: allow model code from the directory")
 
 
@@ -445,10 +445,10 @@ def generate(questions, out_path, policy, n, seed):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
+    ap = prm.Parser(__doc__)
     ap.add_argument("--questions", default=None, help="questions.jsonl")
     ap.add_argument("--out", default=None, help="cots.jsonl to append to (default: beside the questions)")
-    ap.add_argument("--n", type=int, default=TOY_N, help="CoTs per question")
+    ap.add_argument("--n", type=prm.number(int, 1), default=TOY_N, help="CoTs per question (>= 1)")
     ap.add_argument("--toy", action="store_true", help=f"build the toy world in {TOY_DIR}/ and sample its CoTs")
     ap.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world goes")
     add_policy_args(ap)

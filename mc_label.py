@@ -16,7 +16,6 @@ Real data, through a vLLM server:
     python mc_label.py --cots cots.jsonl --out labels.jsonl --policy openai --base-url http://localhost:8000/v1
 """
 
-import argparse
 import os
 import sys
 import time
@@ -82,18 +81,21 @@ def steps_text(steps, i, continuation):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
+    ap = prm.Parser(__doc__)
     ap.add_argument("--cots", default=None, help=f"cots.jsonl (default: the toy world's {gen_cots.TOY_DIR}/train_cots.jsonl)")
     ap.add_argument("--out", default=None, help="labels.jsonl to append to (default: beside the CoTs)")
-    ap.add_argument("--rollouts", type=int, default=16, help="K: rollouts per step prefix")
-    ap.add_argument("--min-rollouts", type=int, default=0, help="adaptive stopping: stop a prefix after this "
-                    "many rollouts if they all agree (0: off)")
+    ap.add_argument("--rollouts", type=prm.number(int, 1), default=16, help="K: rollouts per step prefix (>= 1)")
+    ap.add_argument("--min-rollouts", type=prm.number(int, 0), default=0, help="adaptive stopping: stop a prefix after this "
+                    "many rollouts if they all agree (0: off; else 1 to K - 1)")
     ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0 "
                     "without rolling them out (prefixes then go to the policy one at a time)")
-    ap.add_argument("--max-steps", type=int, default=None, help="label at most this many steps per CoT")
+    ap.add_argument("--max-steps", type=prm.number(int, 1), default=None, help="label at most this many steps per CoT "
+                    "(>= 1; default: all)")
     prm.add_format_args(ap)
     gen_cots.add_policy_args(ap)
     args = ap.parse_args(argv)
+    if args.min_rollouts >= args.rollouts:
+        ap.error(f"argument --min-rollouts: {args.min_rollouts} must be below --rollouts {args.rollouts} (or 0: off)")
     if args.cots is None:
         args.cots = os.path.join(gen_cots.TOY_DIR, "train_cots.jsonl")
         if not os.path.isfile(args.cots):

@@ -3,7 +3,7 @@
 A PRM scores every step of a chain of thought (CoT). For a question x = (t, I) and a CoT with
 steps y_1..y_n, the value of the prefix yhat_i = y_1..y_i is
 
-    V_phi(x, yhat_i) = sigmoid(w^T h_i + b)                                  (DESIGN.md section 2)
+    V_phi(x, yhat_i) = sigmoid(w^T h_i + b)                                  (README, "The math")
 
 where h_i is the backbone's last hidden state at the last token of step i. Attention is causal, so
 h_i depends only on x and yhat_i, and ONE forward pass over the whole CoT gives all n prefix values
@@ -71,6 +71,48 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' argument parser: --help keeps the docstring and shows defaults, and a bad flag
+    is one line on stderr ("error: argument --lr: must be > 0"), exit code 2."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind=int, low=None, high=None, above=False):
+    """The one flag check: an argparse type for a finite number of `kind` (int or float) that is
+    >= low (> low with above=True) and <= high. NaN and infinities are refused."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (x <= low if above else x < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if above else '>='} {low}")
+        if high is not None and x > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return x
+    return parse
+
+
+def check_writable(folder):
+    """Create `folder` if needed and prove it takes a file, before any long work starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"cannot write here ({e.strerror})", file=folder) from None
 
 
 def add_format_args(ap):

@@ -7,8 +7,10 @@ Writes  --out DIR: results.json, results.md (the table), accuracy_vs_n.png
 For every question: score each CoT, A(V_1..V_n) with the chosen aggregation (default the paper's
 mean_logit), keep the argmax. Reported per domain and overall, counts exact:
   pass@1     mean correctness over all samples
-  majority   self-consistency vote over the predicted answers (ties: the earliest sample)
+  majority   self-consistency vote over the predicted answers
   PRM        best-of-N accuracy for each PRM given, side by side
+  (ties, equal votes or exactly equal scores, count as the expected accuracy of a uniform choice
+  among the tied candidates; the CoT written as a pick is the lowest sample index)
   oracle     pass@N: some sample is correct
 and accuracy against N for N = 1, 2, 4, ... (mean over seeded random subsets of each question's CoTs).
 
@@ -18,7 +20,6 @@ Real data:
     python rerank.py --cots test_cots.jsonl --prm runs/vanilla runs/dreamprm --out runs/rerank
 """
 
-import argparse
 import os
 import random
 import sys
@@ -41,12 +42,24 @@ def select_best(scores, mask=None):
     return scores.argmax(-1)
 
 
-def majority_vote(preds):
-    """The most frequent normalized answer; ties go to the answer seen first. Returns its index."""
+def top_answers(preds):
+    """The most-voted answers (normalized), each as the indices of its CoTs, in first-seen order:
+    several lists when the vote is tied."""
     keys = [gen_cots.normalize(p) for p in preds]
-    counts = Counter(keys)
+    counts = Counter(keys)                                       # insertion order: first seen first
     best = max(counts.values())
-    return next(i for i, k in enumerate(keys) if counts[k] == best)
+    return [[i for i, k in enumerate(keys) if k == answer] for answer, n in counts.items() if n == best]
+
+
+def majority_vote(preds):
+    """The CoT a self-consistency vote picks: the first CoT of the first most-voted answer."""
+    return top_answers(preds)[0][0]
+
+
+def uniform_choice(correct, groups):
+    """Expected accuracy of a uniform choice among tied candidates: each group (a tied answer, or a
+    tied CoT) is equally likely and scores the mean correctness of its CoTs."""
+    return sum(sum(correct[i] for i in g) / len(g) for g in groups) / len(groups)
 
 
 def group_questions(records, key=lambda r: r):
@@ -110,13 +123,15 @@ def step_report(records, values, threshold=0.25):
 
 def question_metrics(cots, scores_by_prm):
     """For one question's CoTs: pass@1 (mean correctness), majority vote, each PRM's pick and the
-    oracle, each as 0..1."""
-    out = {"pass@1": sum(c["correct"] for c in cots) / len(cots),
-           "majority": float(cots[majority_vote([c.get("pred", c.get("final", "")) for c in cots])]["correct"]),
-           "oracle": float(any(c["correct"] for c in cots))}
+    oracle, each as 0..1. Ties (equal votes, exactly equal scores) count as the expected accuracy
+    of a uniform choice among the tied candidates, not as the earliest sample."""
+    correct = [float(c["correct"]) for c in cots]
+    out = {"pass@1": sum(correct) / len(cots),
+           "majority": uniform_choice(correct, top_answers([c.get("pred", c.get("final", "")) for c in cots])),
+           "oracle": max(correct)}
     for name, scores in scores_by_prm.items():
-        s = torch.tensor([scores[id(c)] for c in cots])             # (N,)
-        out[name] = float(cots[int(select_best(s[None])[0])]["correct"])
+        s = [scores[id(c)] for c in cots]
+        out[name] = uniform_choice(correct, [[i] for i, x in enumerate(s) if x == max(s)])
     return out
 
 
@@ -161,7 +176,7 @@ def plot_curve(curve, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
+    ap = prm.Parser(__doc__)
     ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question")
     ap.add_argument("--prm", nargs="*", default=None, help="PRM or run directories (default: the toy runs present)")
     ap.add_argument("--names", default="", help="comma-separated column names for the PRMs (default: folder names)")
@@ -169,17 +184,20 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/rerank", help="output folder")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
     prm.add_format_args(ap)
-    ap.add_argument("--batch-size", type=int, default=16, help="CoTs per scoring forward (with --no-shared-prefix)")
+    ap.add_argument("--batch-size", type=prm.number(int, 1), default=16, help="CoTs per scoring forward (with "
+                    "--no-shared-prefix; >= 1)")
     ap.add_argument("--no-shared-prefix", action="store_true", help="score in packed batches instead of encoding "
                     "each question's image and text once (same numbers, slower)")
-    ap.add_argument("--subsets", type=int, default=20, help="random subsets per N for accuracy against N")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the subsets")
+    ap.add_argument("--subsets", type=prm.number(int, 1), default=20, help="random subsets per N for accuracy "
+                    "against N (>= 1)")
+    ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed of the subsets (>= 0)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = ap.parse_args(argv)
     device = prm.pick_device(args.device)
     prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
     if not os.path.isfile(args.cots):
         raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
+    prm.check_writable(args.out)                                # before any scoring, not after
     records, skips = prm.read_cots(args.cots, "cots", args.image_root, args.format, args.domain)
     if not prms:
         raise prm.DataError("no PRM given (--prm DIR ...) and no toy runs found: run python bilevel_train.py first")
@@ -197,7 +215,6 @@ def main(argv=None):
         steps[name] = step_report(records, values)
     table, curve = evaluate(groups, scores_by_prm, args.subsets, args.seed)
     columns = ["pass@1", "majority"] + names + ["oracle"]
-    os.makedirs(args.out, exist_ok=True)
     md = markdown(table, columns)
     if any(steps.values()):
         md += "\n\nStep level, against the MC labels:\n\n| PRM | step MSE | first wrong step found |\n|---|---:|---:|\n"

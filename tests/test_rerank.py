@@ -30,6 +30,19 @@ def test_majority_vote_ties_and_normalization():
     assert rerank.majority_vote(["x"]) == 0
 
 
+def test_ties_count_as_a_uniform_choice():
+    """Equal votes and exactly equal scores: the expected accuracy of a uniform choice."""
+    cots = [{"correct": c, "pred": p} for c, p in [(True, "7"), (False, "8"), (False, "8"), (True, "7"), (False, "9")]]
+    scores = {"prm": {id(c): s for c, s in zip(cots, [0.9, 0.9, 0.9, 0.2, 0.9])}}
+    m = rerank.question_metrics(cots, scores)
+    assert m["majority"] == 0.5                    # "7" (right) and "8" (wrong) tie at two votes each
+    assert m["prm"] == 0.25                        # four CoTs tie at 0.9, one of them right
+    assert m["pass@1"] == 0.4 and m["oracle"] == 1.0
+    assert rerank.majority_vote([c["pred"] for c in cots]) == 0     # the pick itself: the first sample
+    # Answers with mixed correctness (one key, two CoTs judged differently) count their mean.
+    assert rerank.uniform_choice([1.0, 0.0, 1.0], [[0, 1], [2]]) == 0.75
+
+
 def test_evaluate_counts_are_exact():
     cots = [{"domain": "d", "id": "q1", "correct": c, "pred": p} for c, p in
             [(False, "1"), (True, "2"), (False, "1")]] + \
