@@ -268,6 +268,18 @@ def load_data(args):
     return train, meta, domains
 
 
+def drop_long(model, records, what):
+    """Records whose encoded CoT fits the PRM's max_length; a longer one is skipped and counted,
+    never cut in the middle of a step. Returns (records, number skipped)."""
+    kept = [r for r in tqdm(records, desc=f"lengths ({what})", leave=False, dynamic_ncols=True)
+            if model.fits(encode(model, r))]
+    if len(kept) < len(records):
+        print(f"{len(records) - len(kept)} {what} CoTs longer than {model.max_length} tokens: skipped")
+    if not kept:
+        raise prm.DataError(f"no {what} CoT fits --max-length {model.max_length}", field="--max-length")
+    return kept, len(records) - len(kept)
+
+
 def parse_domains(text):
     """--domains: comma-separated names, stripped; an empty list, an empty name or a repeat is an error."""
     names = [d.strip() for d in text.split(",")]
@@ -471,6 +483,15 @@ def parse_args(argv):
     ap.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
                     help="the final answer line: joins the last step (last-step) or is never encoded (drop), "
                     "for train, meta and test alike (auto: drop for published DreamPRM data, else last-step)")
+    ap.add_argument("--max-side", type=prm.number(int, 0), default=prm.MAX_SIDE, help="images shrink until their "
+                    "longest side is at most this many pixels, as in the published code (0: never; 512 gives 180 "
+                    "image tokens for a 1920x1080 image)")
+    ap.add_argument("--min-pixels", type=prm.number(int, 1), default=None, help="image processor's minimum pixels "
+                    "(default: the processor's own)")
+    ap.add_argument("--max-pixels", type=prm.number(int, 1), default=None, help="image processor's maximum pixels "
+                    "(default: the processor's own)")
+    ap.add_argument("--max-length", type=prm.number(int, 1), default=None, help="longest CoT in tokens; longer "
+                    "ones are skipped and counted (default: the backbone's positions)")
     ap.add_argument("--allow-overlap", action="store_true", help="allow meta questions that are also in the "
                     "training data (same text and image)")
     ap.add_argument("--allow-one-class-meta", action="store_true", help="run even when every meta CoT is "
@@ -608,6 +629,13 @@ def main(argv=None):
     xi = args.lr
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
     model.final_answer = final_answer
+    model.max_side, model.min_pixels, model.max_pixels = args.max_side or None, args.min_pixels, args.max_pixels
+    model.max_length = args.max_length or model.max_length
+    train, long_train = drop_long(model, train, "training")
+    meta, long_meta = drop_long(model, meta, "meta")
+    for d in domains:
+        if not any(r["domain"] == d for r in train):
+            raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
     model.train()
     if args.grad_checkpointing:
         enable_checkpointing(model)
@@ -690,8 +718,14 @@ def main(argv=None):
             save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
     bar.close()
 
-    model.save_pretrained(os.path.join(args.out, "prm"))
     alpha = current_alpha()
+    card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
+            f"{args.unroll_steps} lower steps; lower lr {xi}, meta lr {args.meta_lr}, precision {args.precision}",
+            f"- training CoTs: {len(train)} (" + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}"
+                                                       for d in domains) + f"); meta CoTs: {len(meta)}",
+            f"- skipped as longer than {model.max_length} tokens: {long_train} training, {long_meta} meta CoTs",
+            "- learned domain weights: " + ", ".join(f"{d} {w:.3f}" for d, w in sorted(alpha.items(), key=lambda x: -x[1]))]
+    model.save_pretrained(os.path.join(args.out, "prm"), card)
     write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
     toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)

@@ -45,7 +45,10 @@ STEP_SEP = "\n"                 # written between steps; each step's last token 
 FINAL_PREFIX = "Final answer: "  # the structured prompt's answer line, attached to the last step
 FINAL_RULES = ("last-step", "drop")   # the final answer line joins the last step, or is never encoded
 V_CLAMP = 1e-6                  # logit(V) is taken of V clamped to [V_CLAMP, 1 - V_CLAMP]
-PRM_FORMAT = 1                  # version of prm.json
+PRM_FORMAT = 2                  # version of prm.json
+MAX_SIDE = 512                  # images shrink to this longest side first, as the published code does
+# Backbones whose inputs this code builds and checks (tests: packed = per-prefix = shared-prefix).
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_CACHE_SIZE = 256          # preprocessed images kept per PRM (a question's N CoTs share one)
 
 
@@ -218,9 +221,25 @@ class Encoded:
                        self.image_grid_thw, mm)
 
 
-def image_inputs(image_processor, image):
-    """Pixel values and grid for one PIL image (Pillow image processor, no torchvision)."""
-    out = image_processor(images=[image.convert("RGB")], return_tensors="pt")
+def image_inputs(image_processor, image, max_side=None, min_pixels=None, max_pixels=None):
+    """Pixel values and grid for one PIL image (Pillow image processor, no torchvision).
+
+    The image first shrinks (aspect kept) until its longest side is at most max_side pixels, as the
+    published DreamPRM code does with 512; min_pixels / max_pixels then bound the processor's own
+    resize (None: the processor's saved values). Image tokens = grid h * w / merge_size**2: a
+    1920x1080 image gives 180 tokens at max_side 512 (2,691 with Qwen2-VL's default pixel range).
+    """
+    image = image.convert("RGB")
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    kwargs = {}
+    if min_pixels or max_pixels:
+        size = image_processor.size
+        kwargs["size"] = {"shortest_edge": min_pixels or size["shortest_edge"],
+                          "longest_edge": max_pixels or size["longest_edge"]}
+    out = image_processor(images=[image], return_tensors="pt", **kwargs)
     return out["pixel_values"], out["image_grid_thw"]
 
 
@@ -245,13 +264,16 @@ def encode_prompt(tokenizer, question, image_grid_thw=None, merge_size=2):
     return ids[:at] + [pad] * n_image + ids[at + 1:]
 
 
-def encode_cot(tokenizer, question, steps, final="", image=None, image_processor=None, image_cache=None):
+def encode_cot(tokenizer, question, steps, final="", image=None, image_processor=None, image_cache=None,
+               image_limits=None):
     """Encode one CoT: chat template with the image and question in the user turn, the steps in
     the assistant turn, tokenized segment by segment (`step_segments`).
 
-    `image` is a PIL image, a path, or None. Returns an `Encoded` whose step_ends[i] is the
-    position of the last token of step i. Raises ValueError for a CoT without steps.
+    `image` is a PIL image, a path, or None; image_limits: max_side, min_pixels, max_pixels for
+    `image_inputs`. Returns an `Encoded` whose step_ends[i] is the position of the last token of
+    step i. Raises ValueError for a CoT without steps.
     """
+    limits = image_limits or {}
     if not steps:
         raise ValueError("a CoT without steps cannot be scored")
     pixel_values = grid = None
@@ -260,12 +282,13 @@ def encode_cot(tokenizer, question, steps, final="", image=None, image_processor
             raise ValueError("this backbone has no image processor, but the record has an image")
         if image_cache is not None and isinstance(image, str):
             if image not in image_cache:
-                image_cache[image] = image_inputs(image_processor, Image.open(image))
+                image_cache[image] = image_inputs(image_processor, Image.open(image), **limits)
                 if len(image_cache) > IMAGE_CACHE_SIZE:
                     image_cache.pop(next(iter(image_cache)))    # oldest first: bounded memory
             pixel_values, grid = image_cache[image]
         else:
-            pixel_values, grid = image_inputs(image_processor, Image.open(image) if isinstance(image, str) else image)
+            pixel_values, grid = image_inputs(image_processor, Image.open(image) if isinstance(image, str) else image,
+                                              **limits)
     merge = getattr(image_processor, "merge_size", 2)
     ids = encode_prompt(tokenizer, question, grid, merge)
     prompt_len = len(ids)
@@ -353,7 +376,10 @@ class PRM(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_cache = {}
         # How records become inputs; saved in prm.json so that scoring reads CoTs as training did.
-        self.final_answer = "last-step"
+        self.final_answer = "last-step"          # FINAL_RULES
+        self.max_side, self.min_pixels, self.max_pixels = MAX_SIDE, None, None
+        self.max_length = backbone.config.get_text_config().max_position_embeddings   # longer CoTs are skipped
+        self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -363,16 +389,29 @@ class PRM(nn.Module):
         through attention is needed (the hypergradient test)."""
         from transformers import AutoModel, AutoTokenizer
         _quiet_transformers()
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise DataError("not a model directory (no config.json)", file=path)
+        vision = check_backbone(path)
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _load_errors(path, "the backbone"):
+            backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True, ignore_mismatched_sizes=True,
+                                                       **extra)
+        # A base model loaded from a checkpoint with an LM head leaves that head out; nothing else may differ.
+        bad = {"missing": sorted(info["missing_keys"]),
+               "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head.")),
+               "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
+                                     for k in info["mismatched_keys"])}
+        if any(bad.values()):
+            raise DataError("weights do not match the model's config: " + "; ".join(
+                f"{why} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                for why, keys in bad.items() if keys), file=path)
+        with _load_errors(path, "the tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         _ensure_chat_template(tokenizer, path)
         image_processor = None
-        if getattr(backbone.config, "vision_config", None) is not None:
+        if vision:
             from transformers import AutoImageProcessor
-            image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            with _load_errors(path, "the image processor"):
+                image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(backbone, tokenizer, image_processor, seed=seed)
 
     @classmethod
@@ -392,13 +431,28 @@ class PRM(nn.Module):
             raise DataError(f"step separator {meta['step_sep']!r} differs from this code's {STEP_SEP!r}",
                             file=os.path.join(path, "prm.json"), field="step_sep")
         prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        head = load_file(os.path.join(path, "prm.safetensors"))
+        head_file = os.path.join(path, "prm.safetensors")
+        with _load_errors(head_file, "the value head"):
+            head = load_file(head_file)
+        H = prm.head.in_features
+        for name, shape in (("head.weight", (1, H)), ("head.bias", (1,))):
+            if name not in head or tuple(head[name].shape) != shape:
+                got = tuple(head[name].shape) if name in head else "missing"
+                raise DataError(f"tensor {name}: expected shape {shape}, found {got}", file=head_file)
         prm.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
-        prm.final_answer = meta.get("final_answer", "last-step")
+        for key in ("final_answer", "max_side", "min_pixels", "max_pixels", "max_length", "aggregation"):
+            if key in meta:
+                setattr(prm, key, meta[key])
         return prm
 
-    def save_pretrained(self, path):
-        """Write backbone (safetensors), tokenizer, image processor, prm.safetensors and prm.json.
+    def settings(self):
+        """Everything scoring needs to read a CoT as training did (saved in prm.json)."""
+        return dict(final_answer=self.final_answer, max_side=self.max_side, min_pixels=self.min_pixels,
+                    max_pixels=self.max_pixels, max_length=self.max_length, aggregation=self.aggregation)
+
+    def save_pretrained(self, path, card=None):
+        """Write backbone (safetensors), tokenizer, image processor, prm.safetensors, prm.json (all
+        that scoring needs) and a README.md model card (`card`: extra lines about training).
         Written into a temporary directory first, then renamed: a crash never leaves half a PRM."""
         import transformers
         _quiet_transformers()
@@ -411,11 +465,17 @@ class PRM(nn.Module):
                        "head.bias": self.head.bias.detach().float().contiguous()},
                       os.path.join(tmp, "prm.safetensors"))
             meta = dict(format=PRM_FORMAT, backbone_class=type(self.backbone).__name__,
-                        model_type=self.backbone.config.model_type, step_sep=STEP_SEP,
-                        hidden_size=self.head.in_features, final_answer=self.final_answer,
+                        model_type=self.backbone.config.model_type, hidden_size=self.head.in_features,
+                        head="V = sigmoid(head.weight @ h + head.bias), h = the backbone's last hidden state at "
+                             "the last token of a step; prm.safetensors holds head.weight (1, hidden) and head.bias (1,)",
+                        prompt="chat template; user turn: the image, then the question (and 'Options: (A) ...'); "
+                               "assistant turn: the steps joined by step_sep, each step's last token is its step end",
+                        step_sep=STEP_SEP, final_prefix=FINAL_PREFIX, **self.settings(),
                         versions=dict(torch=torch.__version__, transformers=transformers.__version__))
             with open(os.path.join(tmp, "prm.json"), "w") as f:
                 json.dump(meta, f, indent=1)
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(model_card(meta, card or []))
 
     # -- encoding and scoring -----------------------------------------------------------------
     def encode(self, record):
@@ -423,7 +483,12 @@ class PRM(nn.Module):
         final answer line joins the last step or is left out, by this PRM's `final_answer` rule."""
         final = (record.get("final") or "") if self.final_answer == "last-step" else ""
         return encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
-                          record["steps"], final, record.get("_image"), self.image_processor, self.image_cache)
+                          record["steps"], final, record.get("_image"), self.image_processor, self.image_cache,
+                          dict(max_side=self.max_side, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
+
+    def fits(self, encoded):
+        """Whether an encoded CoT fits max_length; longer ones are skipped and counted, never cut."""
+        return len(encoded.input_ids) <= self.max_length
 
     def hidden(self, batch):
         """Last hidden states (B, L, H) of a collated batch."""
@@ -440,6 +505,63 @@ class PRM(nn.Module):
     @property
     def device(self):
         return self.head.weight.device
+
+
+def check_backbone(path):
+    """Stop at load, with one line, on a directory this code cannot use. Returns whether the
+    backbone is an image-text model (else a text-only causal LM)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise DataError("not a model directory (no config.json)", file=path)
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"unreadable config ({e})", file=config_file) from None
+    model_type = config.get("model_type")
+    if "vision_config" in config and model_type not in VISION_FAMILIES:
+        raise DataError(f"model type {model_type!r} is not supported; supported backbones: the Qwen2-VL family "
+                        f"({', '.join(VISION_FAMILIES)}) and text-only causal LMs", file=config_file)
+    return "vision_config" in config
+
+
+class _load_errors:
+    """`with _load_errors(path, what):` a failure to load becomes one DataError line naming the file."""
+
+    def __init__(self, path, what):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or issubclass(exc_type, DataError) or not issubclass(exc_type, Exception):
+            return False
+        first = (str(exc).strip().splitlines() or [exc_type.__name__])[0]
+        raise DataError(f"cannot load {self.what}: {first[:300]}", file=self.path) from None
+
+
+def model_card(meta, lines):
+    """README.md of a PRM directory: what it is, how it was trained (`lines`), how to score with it."""
+    return "\n".join([
+        "# Process reward model (DreamPRM)", "",
+        f"A process reward model on a {meta['model_type']} backbone ({meta['backbone_class']}): for a question "
+        "(image and text) and a chain of thought split into steps, it gives every step a value in (0, 1), the "
+        "estimated chance that a solution continuing from that step reaches the right answer. A CoT's score "
+        f"is the aggregation `{meta['aggregation']}` of its step values; the best of N CoTs is the one with "
+        "the highest score.", "",
+        "## Training", "", *lines, "",
+        "## Reading a CoT as in training", "",
+        f"- steps joined by {meta['step_sep']!r}; final answer line: {meta['final_answer']}",
+        f"- images: longest side at most {meta['max_side']} px, then min/max pixels {meta['min_pixels']} / "
+        f"{meta['max_pixels']} (null: the image processor's own); CoTs over {meta['max_length']} tokens are skipped",
+        "", "## Scoring", "", "```python",
+        "import prm",
+        "model = prm.PRM.from_pretrained(\"THIS_DIRECTORY\").eval()",
+        "cot = {\"question\": \"What is 3 + 4?\", \"steps\": [\"Step 1: 3 + 4 = 7.\"], \"final\": \"7\", \"_image\": None}",
+        "values, mask = prm.step_values(model, [model.encode(cot)])     # (1, S) step values",
+        "print(prm.aggregate(values, mask, model.aggregation))           # the CoT's score",
+        "```", ""])
 
 
 def _ensure_chat_template(tokenizer, path):
@@ -778,21 +900,28 @@ def iter_jsonl(path, drop_torn_tail=False):
     for i, raw in enumerate(lines, 1):
         if drop_torn_tail and torn and i == len(lines):
             return
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"invalid UTF-8 (byte {e.start + 1} of the line)", file=path, line=i) from None
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("["):
-            raise DataError("a JSON list, where JSON Lines (one object per line) is expected", file=path, line=i)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=path, line=i) from None
-        if not isinstance(obj, dict):
-            raise DataError("each line must be a JSON object", file=path, line=i)
-        yield i, obj
+        obj = parse_line(raw, path, i)
+        if obj is not None:
+            yield i, obj
+
+
+def parse_line(raw, path, i):
+    """One JSON Lines line (bytes) -> its object, None for a blank line; errors name file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid UTF-8 (byte {e.start + 1} of the line)", file=path, line=i) from None
+    if not line.strip():
+        return None
+    if line.lstrip().startswith("["):
+        raise DataError("a JSON list, where JSON Lines (one object per line) is expected", file=path, line=i)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=path, line=i) from None
+    if not isinstance(obj, dict):
+        raise DataError("each line must be a JSON object", file=path, line=i)
+    return obj
 
 
 def drop_torn_tail(path):
@@ -838,15 +967,20 @@ def image_digest(path):
 
 # Required fields per record kind and their types.
 _FIELDS = {
-    "questions": {"id": (str, int), "domain": str, "question": str, "answer": (str, int, float)},
-    "cots": {"steps": list, "correct": bool},
+    "question": {"id": (str, int), "question": str},
+    "keyed": {"domain": str, "answer": (str, int, float)},
+    "steps": {"steps": list},
+    "correct": {"correct": bool},
     "labels": {"mc": list},
 }
-_KINDS = {"questions": ("questions",), "cots": ("questions", "cots"), "labels": ("questions", "cots", "labels")}
+# What each kind of record needs: questions (gen_cots), CoTs with correctness (meta), labelled CoTs
+# (training), and test CoTs to score, whose domain, answer and correctness may be unknown.
+_KINDS = {"questions": ("question", "keyed"), "cots": ("question", "keyed", "steps", "correct"),
+          "labels": ("question", "keyed", "steps", "correct", "labels"), "test": ("question", "steps")}
 
 
 def check_record(obj, kind, file, line, image_root):
-    """Validate one record of a given kind ('questions', 'cots', 'labels') in place.
+    """Validate one record of a given kind ('questions', 'cots', 'labels', 'test') in place.
 
     Every format's reader ends here. Adds '_image' (absolute image path or None), '_question' (the
     user-turn text) and '_src' (file, line). Raises DataError naming file, line and field.
@@ -857,6 +991,13 @@ def check_record(obj, kind, file, line, image_root):
                 raise DataError("missing required field", file, line, field)
             if not isinstance(obj[field], typ) or (typ is not bool and isinstance(obj[field], bool)):
                 raise DataError(f"wrong type {type(obj[field]).__name__}", file, line, field)
+    if kind == "test":
+        obj.setdefault("domain", "all")
+        obj.setdefault("answer", "")
+        if obj.get("correct") is not None and not isinstance(obj["correct"], bool):
+            raise DataError(f"wrong type {type(obj['correct']).__name__} (true, false or absent)", file, line, "correct")
+        if not isinstance(obj["domain"], str):
+            raise DataError(f"wrong type {type(obj['domain']).__name__}", file, line, "domain")
     obj["id"] = str(obj["id"])
     obj["domain"] = obj["domain"].strip()
     obj["answer"] = str(obj["answer"])
@@ -876,13 +1017,13 @@ def check_record(obj, kind, file, line, image_root):
         obj["_image"] = os.path.abspath(path)
     else:
         obj["_image"] = None
-    if kind in ("cots", "labels"):
+    if kind != "questions":
         steps = obj["steps"]
         if not all(isinstance(s, str) for s in steps):
             raise DataError("must be a list of strings", file, line, "steps")
         if any(not s.strip() for s in steps):
             raise DataError("empty step", file, line, "steps")
-    if kind == "labels":
+    if kind == "labels" or (kind == "test" and obj.get("mc") is not None):
         check_labels(obj["mc"], len(obj["steps"]), file, line)
     obj["_question"] = question_text(obj)
     obj["_src"] = (file, line)
@@ -1185,11 +1326,7 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None):
     """
     image_root = image_root or os.path.dirname(os.path.abspath(path))
     container, items = _load_items(path)
-    if fmt == "auto":
-        fmt = detect_format(container, items, path)
-    if fmt == "ours" and container == "list":
-        raise DataError("a JSON list of records in our format: ours is JSON Lines, one object per line", file=path)
-    convert = FORMATS[fmt][0]
+    fmt = _resolve_format(fmt, container, items, path)
     domain = domain or os.path.splitext(os.path.basename(path))[0]
     records, skips, prefixes, seen = [], [], [], set()
     for where, obj in items:
@@ -1198,31 +1335,111 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None):
             if raw in seen:
                 raise DataError("duplicate record (identical to an earlier one)", path, where)
             seen.add(raw)
-        rec = convert(obj, path, where, domain)
-        if fmt == "ours" and rec.get("steps") == []:
-            rec = Skip("no steps", str(rec.get("id")), str(rec.get("domain", "")).strip())
+        rec = _convert(obj, fmt, path, where, domain)
         if isinstance(rec, Skip):
             skips.append(rec)
-            continue
-        rec["_src"] = (path, where)
-        (prefixes if rec.get("_prefix") else records).append(rec)
+        else:
+            (prefixes if rec.get("_prefix") else records).append(rec)
     records += _group_prefixes(prefixes)
     for rec in records:
-        if kind == "labels" and "mc" not in rec:
-            raise DataError("no step labels: training needs them (a meta or test file?)", *rec["_src"], "mc")
-        check_record(rec, kind, *rec["_src"], image_root)
-        rec["_format"] = fmt
-        if kind != "questions":
-            rec.setdefault("sample", 0)
-        rec["_key"] = _content_key(rec) if fmt != "ours" else f"{rec['domain']}/{rec['id']}" + \
-            ("" if kind == "questions" else f"#{rec.get('sample', 0)}")
+        _finish(rec, fmt, kind, image_root)
     if fmt != "ours":
         samples = {}
         for rec in records:                                     # the k-th CoT of a question in file order
             rec["sample"] = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
-    check_unique(records, record_key, "question, image and steps" if fmt != "ours" else
-                 "question id" if kind == "questions" else "question id and sample")
+    check_unique(records, record_key, _key_words(fmt, kind))
     return records, skips
+
+
+def _resolve_format(fmt, container, items, path):
+    fmt = detect_format(container, items, path) if fmt == "auto" else fmt
+    if fmt == "ours" and container == "list":
+        raise DataError("a JSON list of records in our format: ours is JSON Lines, one object per line", file=path)
+    return fmt
+
+
+def _convert(obj, fmt, path, where, domain):
+    """One source record -> our (not yet validated) record, or a Skip."""
+    rec = FORMATS[fmt][0](obj, path, where, domain)
+    if fmt == "ours" and rec.get("steps") == []:
+        return Skip("no steps", str(rec.get("id")), str(rec.get("domain", "")).strip())
+    if not isinstance(rec, Skip):
+        rec["_src"] = (path, where)
+    return rec
+
+
+def _finish(rec, fmt, kind, image_root):
+    """Validate a converted record (`check_record`) and give it its format and key."""
+    if kind == "labels" and "mc" not in rec:
+        raise DataError("no step labels: training needs them (a meta or test file?)", *rec["_src"], "mc")
+    check_record(rec, kind, *rec["_src"], image_root)
+    rec["_format"] = fmt
+    if kind != "questions":
+        rec.setdefault("sample", 0)
+    rec["_key"] = _content_key(rec) if fmt != "ours" else f"{rec['domain']}/{rec['id']}" + \
+        ("" if kind == "questions" else f"#{rec.get('sample', 0)}")
+    return rec
+
+
+def _key_words(fmt, kind):
+    return "question, image and steps" if fmt != "ours" else \
+        "question id" if kind == "questions" else "question id and sample"
+
+
+def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None):
+    """Group a CoT file by question without holding its records, for scoring large test sets.
+
+    One pass reads every record (validated, keys checked for duplicates) and keeps only where it
+    is; `load(entries)` then reads one question's records back. Returns (questions, skips, load)
+    with questions = [((domain, id), entries)] in first-seen order, whatever the file order. JSON
+    lists (json has no streaming reader) and published DreamPRM files (prefixes are grouped across
+    the file) are read whole.
+    """
+    image_root = image_root or os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    groups = {}
+    if not head.startswith(b"["):
+        with open(path, "rb") as f:
+            first = next(((i, o) for i, o in ((i, parse_line(raw, path, i)) for i, raw in enumerate(f, 1))
+                          if o is not None), None)
+        fmt = _resolve_format(fmt, "lines", [first] if first else [], path)
+    if head.startswith(b"[") or fmt == "dreamprm":
+        records, skips = read_cots(path, kind, image_root, fmt, domain)
+        for r in records:
+            groups.setdefault((r["domain"], r["id"]), []).append(r)
+        return list(groups.items()), skips, lambda entries: entries
+    domain = domain or os.path.splitext(os.path.basename(path))[0]
+    skips, seen, samples = [], {}, {}
+
+    def read_back(i, offset, sample):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            rec = _finish(_convert(parse_line(f.readline(), path, i), fmt, path, i, domain), fmt, kind, image_root)
+        if fmt != "ours":
+            rec["sample"] = sample
+        return rec
+
+    with open(path, "rb") as f:
+        offset = 0
+        for i, raw in enumerate(f, 1):
+            obj = parse_line(raw, path, i)
+            if obj is not None:
+                rec = _convert(obj, fmt, path, i, domain)
+                if isinstance(rec, Skip):
+                    skips.append(rec)
+                else:
+                    rec = _finish(rec, fmt, kind, image_root)
+                    if rec["_key"] in seen:
+                        raise DataError(f"duplicate record: the same {_key_words(fmt, kind)} {rec['_key']!r} as "
+                                        f"{path}:{seen[rec['_key']]}", path, i)
+                    seen[rec["_key"]] = i
+                    sample = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
+                    groups.setdefault((rec["domain"], rec["id"]), []).append((i, offset, sample))
+            offset += len(raw)
+    return list(groups.items()), skips, lambda entries: [read_back(*e) for e in entries]
 
 
 def read_records(path, kind, image_root=None):

@@ -1,18 +1,29 @@
-"""Best-of-N reranking: pick the best of each question's N CoTs with one or more PRMs.
+"""Best-of-N reranking: pick the best of each question's N CoTs with one or more PRMs, with or
+without answer keys.
 
-Reads   --cots test_cots.jsonl (N CoTs per question; our JSONL or the published meta.json)
+Reads   --cots test_cots.jsonl (N CoTs per question, any format of the README's data section;
+        `correct` and `answer` may be missing: the PRM picks where the answer is unknown)
         --prm RUN_OR_PRM_DIR [more]  (bilevel_train.py run directories or PRM directories)
-Writes  --out DIR: results.json, results.md (the table), accuracy_vs_n.png
+Writes  --out DIR, always:
+          scores.jsonl  one line per CoT: id, sample, domain and, for each PRM, its score A(V) and
+                        step values V (null for a CoT skipped as longer than the PRM's max_length)
+          picks.jsonl   one line per question and PRM: id, domain, prm, the chosen sample, its
+                        predicted answer and score
+        and, for the questions whose CoTs all carry `correct`: results.json, results.md (the
+        table), accuracy_vs_n.png, and the step report where MC labels exist.
 
-For every question: score each CoT, A(V_1..V_n) with the chosen aggregation (default the paper's
-mean_logit), keep the argmax. Reported per domain and overall, counts exact:
+Questions are scored one at a time (the file is indexed by question, in any order), so a large test
+set is never held in memory; a killed run resumes PRM by PRM, question by question.
+
+For every question: score each CoT, A(V_1..V_n) with the PRM's aggregation (the one its upper loss
+used, from prm.json; --aggregate overrides), keep the argmax. Reported per domain and overall:
   pass@1     mean correctness over all samples
   majority   self-consistency vote over the predicted answers
   PRM        best-of-N accuracy for each PRM given, side by side
-  (ties, equal votes or exactly equal scores, count as the expected accuracy of a uniform choice
-  among the tied candidates; the CoT written as a pick is the lowest sample index)
   oracle     pass@N: some sample is correct
-and accuracy against N for N = 1, 2, 4, ... (mean over seeded random subsets of each question's CoTs).
+Ties (equal votes, exactly equal scores) count as the expected accuracy of a uniform choice among
+the tied candidates; the CoT written as a pick is the lowest sample index. Also accuracy against N
+for N = 1, 2, 4, ... (mean over seeded random subsets of each question's CoTs).
 
 Toy demo (after python bilevel_train.py):
     python rerank.py
@@ -20,6 +31,8 @@ Real data:
     python rerank.py --cots test_cots.jsonl --prm runs/vanilla runs/dreamprm --out runs/rerank
 """
 
+import hashlib
+import json
 import os
 import random
 import sys
@@ -62,35 +75,39 @@ def uniform_choice(correct, groups):
     return sum(sum(correct[i] for i in g) / len(g) for g in groups) / len(groups)
 
 
-def group_questions(records, key=lambda r: r):
-    """{(domain, question id): [items in file order]}; key(item) gives an item's record."""
-    groups = defaultdict(list)
-    for item in records:
-        r = key(item)
-        groups[(r["domain"], r["id"])].append(item)
-    return groups
+def score_question(model, records, how, batch_size=16, shared_prefix=True):
+    """Step values and A(V) for the CoTs of one question.
+
+    shared_prefix: prm.shared_prefix_values (image and question encoded once); otherwise packed
+    batches of batch_size CoTs (prm.step_values). A CoT longer than the PRM's max_length is not
+    scored. Returns (scores [float or None per CoT], values [list of step values or None per CoT]).
+    """
+    encoded = [model.encode(r) for r in records]
+    idx = [i for i, e in enumerate(encoded) if model.fits(e)]
+    scores, values = [None] * len(records), [None] * len(records)
+    batches = [idx] if shared_prefix else [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    with torch.no_grad():
+        for batch in batches:
+            if not batch:
+                continue
+            fn = prm.shared_prefix_values if shared_prefix else prm.step_values
+            V, mask = fn(model, [encoded[i] for i in batch])             # (B, S)
+            V = V.float()
+            for b, (i, A) in enumerate(zip(batch, prm.aggregate(V, mask, how).tolist())):
+                scores[i], values[i] = A, V[b][mask[b]].tolist()
+    return scores, values
 
 
 def score_cots(model, records, how, batch_size=16, shared_prefix=True):
-    """Step values and A(V) for each record.
-
-    shared_prefix: the CoTs of one question go through prm.shared_prefix_values (image and question
-    encoded once); otherwise packed batches of batch_size CoTs (prm.step_values).
-    Returns (scores [float per record], values [list of step values per record]).
-    """
-    if shared_prefix:
-        groups = [[i for i, _ in g] for g in group_questions(list(enumerate(records)), key=lambda x: x[1]).values()]
-    else:
-        groups = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
+    """score_question over the questions of a list of records; results in the records' order."""
+    groups = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[(r["domain"], r["id"])].append(i)
     scores, values = [None] * len(records), [None] * len(records)
-    with torch.no_grad():
-        for idx in tqdm(groups, desc="score", leave=False, dynamic_ncols=True):
-            encoded = [model.encode(records[i]) for i in idx]
-            fn = prm.shared_prefix_values if shared_prefix else prm.step_values
-            V, mask = fn(model, encoded)                                          # (B, S)
-            V = V.float()
-            for b, (i, A) in enumerate(zip(idx, prm.aggregate(V, mask, how).tolist())):
-                scores[i], values[i] = A, V[b][mask[b]].tolist()
+    for idx in groups.values():
+        s, v = score_question(model, [records[i] for i in idx], how, batch_size, shared_prefix)
+        for i, x, y in zip(idx, s, v):
+            scores[i], values[i] = x, y
     return scores, values
 
 
@@ -99,62 +116,72 @@ def first_error(xs, threshold):
     return next((i for i, x in enumerate(xs) if x < threshold), -1)
 
 
-def step_report(records, values, threshold=0.25):
+def add_step_counts(counts, records, values, threshold=0.25):
+    """Add one question's CoTs to the step report's sums (records with MC labels and a score)."""
+    for r, v in zip(records, values):
+        mc = r.get("mc")
+        if not mc or v is None:
+            continue
+        pairs = [(x, p) for x, p in zip(v, mc) if p is not None]
+        counts["se"] += sum((x - p) ** 2 for x, p in pairs)
+        counts["steps"] += len(pairs)
+        labelled = [p if p is not None else 1.0 for p in mc]
+        counts["hits"] += first_error(v, threshold) == first_error(labelled, threshold)
+        counts["cots"] += 1
+    return counts
+
+
+def step_report(records, values, threshold=0.25, counts=None):
     """PRM step values against MC labels, on records that have them: the mean squared error over
     labelled steps, and how often the PRM finds the first wrong step. The first wrong step is the
     first whose value falls below `threshold`, by the same rule for the MC labels and for the PRM
-    (-1 when there is none, e.g. a correct CoT: both -1 is a hit)."""
-    se, n_steps, hits, n_cots = 0.0, 0, 0, 0
-    for r, v in zip(records, values):
-        mc = r.get("mc")
-        if not mc:
-            continue
-        pairs = [(x, p) for x, p in zip(v, mc) if p is not None]
-        se += sum((x - p) ** 2 for x, p in pairs)
-        n_steps += len(pairs)
-        labelled = [p if p is not None else 1.0 for p in mc]
-        hits += first_error(v, threshold) == first_error(labelled, threshold)
-        n_cots += 1
-    if not n_cots:
+    (-1 when there is none, e.g. a correct CoT: both -1 is a hit). `counts`: sums already added
+    question by question (add_step_counts)."""
+    counts = counts if counts is not None else add_step_counts(Counter(), records, values, threshold)
+    if not counts["cots"]:
         return None
-    return {"step_mse": se / max(1, n_steps), "first_error_accuracy": hits / n_cots, "cots": n_cots,
-            "steps": n_steps, "threshold": threshold}
+    return {"step_mse": counts["se"] / max(1, counts["steps"]), "first_error_accuracy": counts["hits"] / counts["cots"],
+            "cots": counts["cots"], "steps": counts["steps"], "threshold": threshold}
 
 
 def question_metrics(cots, scores_by_prm):
     """For one question's CoTs: pass@1 (mean correctness), majority vote, each PRM's pick and the
-    oracle, each as 0..1. Ties (equal votes, exactly equal scores) count as the expected accuracy
-    of a uniform choice among the tied candidates, not as the earliest sample."""
+    oracle, each as 0..1. scores_by_prm: {name: [score per CoT, None for a CoT not scored]}.
+    Ties (equal votes, exactly equal scores) count as the expected accuracy of a uniform choice
+    among the tied candidates, not as the earliest sample."""
     correct = [float(c["correct"]) for c in cots]
     out = {"pass@1": sum(correct) / len(cots),
            "majority": uniform_choice(correct, top_answers([c.get("pred", c.get("final", "")) for c in cots])),
            "oracle": max(correct)}
     for name, scores in scores_by_prm.items():
-        s = [scores[id(c)] for c in cots]
+        s = [float("-inf") if x is None else x for x in scores]
         out[name] = uniform_choice(correct, [[i] for i, x in enumerate(s) if x == max(s)])
     return out
 
 
-def evaluate(groups, scores_by_prm, n_subsets=20, seed=0):
-    """Accuracy per domain and overall (exact counts over questions), and accuracy against N
-    (each question's N-subsets drawn with a seeded generator). scores_by_prm: {name: {id(record): score}}."""
+def evaluate(questions, scores_by_prm, n_subsets=20, seed=0):
+    """Accuracy per domain and overall (exact counts over questions), and accuracy against N (each
+    question's N-subsets drawn with a seeded generator). questions: [(domain, [CoT with correct,
+    pred])]; scores_by_prm: {name: [[score per CoT] per question]}."""
     rows, counts = defaultdict(lambda: defaultdict(float)), Counter()
-    ns = [n for n in (2 ** k for k in range(12)) if n <= max(len(g) for g in groups.values())]
+    ns = [n for n in (2 ** k for k in range(12)) if n <= max(len(cots) for _, cots in questions)]
     curve = {name: {n: 0.0 for n in ns} for name in ["pass@1", "majority", "oracle"] + list(scores_by_prm)}
     rng = random.Random(seed)
-    for (domain, _), cots in groups.items():
+    for q, (domain, cots) in enumerate(questions):
+        scores = {name: s[q] for name, s in scores_by_prm.items()}
         for key in (domain, "overall"):
             counts[key] += 1
-            for metric, v in question_metrics(cots, scores_by_prm).items():
+            for metric, v in question_metrics(cots, scores).items():
                 rows[key][metric] += v
         for n in ns:
             repeats = n_subsets if n < len(cots) else 1
             for _ in range(repeats):
-                subset = [cots[i] for i in sorted(rng.sample(range(len(cots)), min(n, len(cots))))]
-                for metric, v in question_metrics(subset, scores_by_prm).items():
+                pick = sorted(rng.sample(range(len(cots)), min(n, len(cots))))
+                sub = {name: [s[i] for i in pick] for name, s in scores.items()}
+                for metric, v in question_metrics([cots[i] for i in pick], sub).items():
                     curve[metric][n] += v / repeats
     table = {k: {m: v / counts[k] for m, v in r.items()} | {"questions": counts[k]} for k, r in rows.items()}
-    curve = {name: {n: v / len(groups) for n, v in c.items()} for name, c in curve.items()}
+    curve = {name: {n: v / len(questions) for n, v in c.items()} for name, c in curve.items()}
     return table, curve
 
 
@@ -175,12 +202,77 @@ def plot_curve(curve, path):
                   1.0, lambda y: f"{100 * y:.0f}%", legend)
 
 
+def score_with(name, path, questions, load, args, device):
+    """Score every question with one PRM into a part file, one line per question, resumable: a
+    rerun continues after the last complete line. Returns (part file, aggregation used)."""
+    model = prm.PRM.from_pretrained(path).to(device).eval()
+    how = args.aggregate or model.aggregation
+    # The part file is named by everything its lines depend on, so a changed input starts afresh.
+    st = os.stat(args.cots)
+    tag = json.dumps([os.path.abspath(args.cots), st.st_size, st.st_mtime_ns, os.path.abspath(path), how,
+                      args.no_shared_prefix, args.batch_size, args.format, args.domain, args.image_root])
+    part = os.path.join(args.out, f".scores-{name}-{hashlib.sha1(tag.encode()).hexdigest()[:12]}.jsonl")
+    done = len(list(prm.iter_jsonl(part, drop_torn_tail=True))) if os.path.isfile(part) else 0
+    prm.drop_torn_tail(part)
+    with open(part, "a", encoding="utf-8") as f:
+        for q in tqdm(range(done, len(questions)), initial=done, total=len(questions), desc=f"score {name}",
+                      dynamic_ncols=True):
+            scores, values = score_question(model, load(questions[q][1]), how, args.batch_size,
+                                            not args.no_shared_prefix)
+            prm.append_jsonl(f, {"q": q, "scores": scores, "values": values})
+    del model
+    return part, how
+
+
+def write_outputs(questions, load, parts, names, args):
+    """Merge the PRMs' part files, question by question, into scores.jsonl and picks.jsonl; collect
+    what the evaluation needs (questions whose CoTs all have `correct`) and the step report's sums."""
+    labelled, scores_by_prm = [], {n: [] for n in names}
+    step_counts = {n: Counter() for n in names}
+    unlabelled = long_cots = 0
+    files = [open(p, encoding="utf-8") for p in parts]
+    scores_tmp, picks_tmp = (os.path.join(args.out, f"{n}.jsonl.tmp") for n in ("scores", "picks"))
+    with open(scores_tmp, "w", encoding="utf-8") as fs, open(picks_tmp, "w", encoding="utf-8") as fp:
+        for q, ((domain, qid), entries) in enumerate(questions):
+            records = load(entries)
+            rows = [json.loads(f.readline()) for f in files]            # this question's line from each PRM
+            for i, r in enumerate(records):
+                fs.write(json.dumps({"id": r["id"], "sample": r["sample"], "domain": r["domain"],
+                                     "prms": {n: {"score": row["scores"][i], "steps": row["values"][i]}
+                                              for n, row in zip(names, rows)}}, ensure_ascii=False) + "\n")
+            long_cots += sum(s is None for s in rows[0]["scores"])
+            for n, row in zip(names, rows):
+                s = torch.tensor([float("-inf") if x is None else x for x in row["scores"]])
+                best = int(select_best(s[None])[0]) if any(x is not None for x in row["scores"]) else None
+                pick = records[best] if best is not None else None
+                fp.write(json.dumps({"id": qid, "domain": domain, "prm": n,
+                                     "sample": pick["sample"] if pick else None,
+                                     "pred": pick.get("pred", pick.get("final", "")) if pick else None,
+                                     "score": row["scores"][best] if pick else None}, ensure_ascii=False) + "\n")
+                add_step_counts(step_counts[n], records, row["values"])
+            if all(isinstance(r.get("correct"), bool) for r in records):
+                labelled.append((domain, [{"correct": r["correct"], "pred": r.get("pred", r.get("final", ""))}
+                                          for r in records]))
+                for n, row in zip(names, rows):
+                    scores_by_prm[n].append(row["scores"])
+            else:
+                unlabelled += 1
+    for f in files:
+        f.close()
+    os.replace(scores_tmp, os.path.join(args.out, "scores.jsonl"))
+    os.replace(picks_tmp, os.path.join(args.out, "picks.jsonl"))
+    for p in parts:
+        os.remove(p)
+    return labelled, scores_by_prm, step_counts, unlabelled, long_cots
+
+
 def main(argv=None):
     ap = prm.Parser(__doc__)
-    ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question")
+    ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question (correct and answer optional)")
     ap.add_argument("--prm", nargs="*", default=None, help="PRM or run directories (default: the toy runs present)")
     ap.add_argument("--names", default="", help="comma-separated column names for the PRMs (default: folder names)")
-    ap.add_argument("--aggregate", choices=prm.AGGREGATIONS, default="mean_logit", help="aggregation function A")
+    ap.add_argument("--aggregate", choices=prm.AGGREGATIONS, default=None,
+                    help="aggregation function A (default: each PRM's own, from its prm.json)")
     ap.add_argument("--out", default="runs/rerank", help="output folder")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
     prm.add_format_args(ap)
@@ -197,23 +289,32 @@ def main(argv=None):
     prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
     if not os.path.isfile(args.cots):
         raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
-    prm.check_writable(args.out)                                # before any scoring, not after
-    records, skips = prm.read_cots(args.cots, "cots", args.image_root, args.format, args.domain)
     if not prms:
         raise prm.DataError("no PRM given (--prm DIR ...) and no toy runs found: run python bilevel_train.py first")
+    names = [n.strip() for n in args.names.split(",") if n.strip()] or [os.path.basename(os.path.normpath(p)) for p in prms]
+    if len(names) != len(prms) or len(set(names)) != len(names):
+        raise prm.DataError(f"{len(prms)} PRMs need as many distinct names, got {names}", field="--names")
+    prm.check_writable(args.out)                                # before any scoring, not after
+    questions, skips, load = prm.index_questions(args.cots, "test", args.image_root, args.format, args.domain)
     if skips:
-        print(f"{args.cots}: {prm.skip_report(records, skips)}")
-    if not records:
+        print(f"{args.cots}: {prm.skip_report([r for _, e in questions for r in e], skips)}")
+    if not questions:
         raise prm.DataError("no CoTs with steps", file=args.cots)
-    groups = group_questions(records)
-    names = [n for n in args.names.split(",") if n] or [os.path.basename(os.path.normpath(p)) for p in prms]
-    scores_by_prm, steps = {}, {}
+    parts, aggregations = [], {}
     for name, path in zip(names, prms):
-        model = prm.PRM.from_pretrained(path).to(device).eval()
-        s, values = score_cots(model, records, args.aggregate, args.batch_size, not args.no_shared_prefix)
-        scores_by_prm[name] = {id(r): x for r, x in zip(records, s)}
-        steps[name] = step_report(records, values)
-    table, curve = evaluate(groups, scores_by_prm, args.subsets, args.seed)
+        part, aggregations[name] = score_with(name, path, questions, load, args, device)
+        parts.append(part)
+    labelled, scores_by_prm, step_counts, unlabelled, long_cots = write_outputs(questions, load, parts, names, args)
+    if long_cots:
+        print(f"{long_cots} CoTs longer than the PRM's max_length: not scored (null in scores.jsonl)")
+    print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)")
+    if not labelled:
+        print("no question has `correct` on every CoT: no accuracy table")
+        return 0
+    if unlabelled:
+        print(f"{unlabelled} questions without `correct` on every CoT: left out of the table")
+    table, curve = evaluate(labelled, scores_by_prm, args.subsets, args.seed)
+    steps = {n: step_report(None, None, counts=step_counts[n]) for n in names}
     columns = ["pass@1", "majority"] + names + ["oracle"]
     md = markdown(table, columns)
     if any(steps.values()):
@@ -221,13 +322,14 @@ def main(argv=None):
         md += "\n".join(f"| {n} | {s['step_mse']:.4f} | {100 * s['first_error_accuracy']:.1f}% |"
                         for n, s in steps.items() if s)
     prm.write_json_atomic(os.path.join(args.out, "results.json"),
-                          {"table": table, "accuracy_vs_n": curve, "step_level": steps, "aggregate": args.aggregate,
-                           "prms": dict(zip(names, prms)), "cots": args.cots, "skipped": len(skips)})
+                          {"table": table, "accuracy_vs_n": curve, "step_level": steps, "aggregate": aggregations,
+                           "prms": dict(zip(names, prms)), "cots": args.cots, "skipped": len(skips),
+                           "not_scored_too_long": long_cots, "unlabelled_questions": unlabelled})
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
     plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
     print(md)
-    print(f"written to {args.out}/ (results.json, results.md, accuracy_vs_n.png)")
+    print(f"and results.json, results.md, accuracy_vs_n.png")
     return 0
 
 

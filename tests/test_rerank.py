@@ -33,8 +33,7 @@ def test_majority_vote_ties_and_normalization():
 def test_ties_count_as_a_uniform_choice():
     """Equal votes and exactly equal scores: the expected accuracy of a uniform choice."""
     cots = [{"correct": c, "pred": p} for c, p in [(True, "7"), (False, "8"), (False, "8"), (True, "7"), (False, "9")]]
-    scores = {"prm": {id(c): s for c, s in zip(cots, [0.9, 0.9, 0.9, 0.2, 0.9])}}
-    m = rerank.question_metrics(cots, scores)
+    m = rerank.question_metrics(cots, {"prm": [0.9, 0.9, 0.9, 0.2, 0.9]})
     assert m["majority"] == 0.5                    # "7" (right) and "8" (wrong) tie at two votes each
     assert m["prm"] == 0.25                        # four CoTs tie at 0.9, one of them right
     assert m["pass@1"] == 0.4 and m["oracle"] == 1.0
@@ -44,12 +43,10 @@ def test_ties_count_as_a_uniform_choice():
 
 
 def test_evaluate_counts_are_exact():
-    cots = [{"domain": "d", "id": "q1", "correct": c, "pred": p} for c, p in
-            [(False, "1"), (True, "2"), (False, "1")]] + \
-           [{"domain": "e", "id": "q2", "correct": c, "pred": p} for c, p in [(True, "5"), (True, "5")]]
-    groups = rerank.group_questions(cots)
-    scores = {"prm": {id(c): s for c, s in zip(cots, [0.2, 0.9, 0.1, 0.3, 0.4])}}
-    table, curve = rerank.evaluate(groups, scores, n_subsets=5)
+    q1 = [{"correct": c, "pred": p} for c, p in [(False, "1"), (True, "2"), (False, "1")]]
+    q2 = [{"correct": c, "pred": p} for c, p in [(True, "5"), (True, "5")]]
+    scores = {"prm": [[0.2, 0.9, 0.1], [0.3, None]]}          # None: a CoT not scored (too long)
+    table, curve = rerank.evaluate([("d", q1), ("e", q2)], scores, n_subsets=5)
     assert table["d"] == {"pass@1": 1 / 3, "majority": 0.0, "prm": 1.0, "oracle": 1.0, "questions": 1}
     assert table["overall"]["pass@1"] == (1 / 3 + 1) / 2 and table["overall"]["prm"] == 1.0
     assert curve["oracle"][2] >= curve["oracle"][1] and set(curve["prm"]) == {1, 2}
