@@ -207,6 +207,9 @@ def read_inputs(args):
     prm.check_unique(train, prm.record_key, "record key (question, image and steps, or id and sample)")
     meta, skips = prm.read_cots(args.meta, "cots", args.image_root, args.format, args.domain)
     print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(meta, skips)}" if skips else ""))
+    # Sorted by key: the run depends on the set of records, not on the order a concurrent stage wrote them.
+    train.sort(key=prm.record_key)
+    meta.sort(key=prm.record_key)
     if not meta:
         raise prm.DataError("no usable meta records: " + (prm.skip_report(meta, skips) or "the file is empty"),
                             file=args.meta)

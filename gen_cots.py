@@ -29,7 +29,8 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 from PIL import Image, ImageDraw
@@ -249,6 +250,8 @@ class ToyPolicy:
         text = "\n".join(out)
         return (("\n" if prefix.strip() and text else "") + text + f"\nFinal answer: {s}").lstrip("\n")
 
+    parallel, batch_size = False, 4096         # in-process and instant: large batches, no threads
+
     def sample(self, prompts, n):
         return [[self.continue_cot(p["question"], p["prefix"], p.get("first", 0) + k) for k in range(n)]
                 for p in prompts]
@@ -263,21 +266,26 @@ def user_text(question, structured=True):
 
 
 class HFPolicy:
-    """A transformers image-text model from a local directory; several prompts per generate call."""
+    """A transformers model from a local directory, image-text (the Qwen2-VL family) or a text-only
+    causal LM; several prompts per generate call."""
 
     def __init__(self, path, temperature=0.7, max_new_tokens=512, structured=True, device="auto",
                  trust_remote_code=False, batch_size=8):
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
         prm._quiet_transformers()
+        vision = prm.check_backbone(path)
         self.device = prm.pick_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="left")
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        with prm._load_errors(path, "the policy model"):
+            self.model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                           padding_side="left")
+            self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) \
+                if vision else None
         prm._ensure_chat_template(self.tokenizer, path)
-        self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.temperature, self.max_new_tokens, self.structured = temperature, max_new_tokens, structured
-        self.batch_size = batch_size
+        self.parallel, self.batch_size = False, batch_size    # one generate call per batch of prompts
         self.name = f"hf:{os.path.basename(os.path.normpath(path))}"
 
     def sample(self, prompts, n):
@@ -292,6 +300,9 @@ class HFPolicy:
         for p in prompts:
             grid = None
             if p["question"].get("_image"):
+                if self.image_processor is None:
+                    raise prm.DataError("this policy is a text-only model, but the question has an image",
+                                        *p["question"].get("_src", (None, None)), "image")
                 pixel_values, grid = prm.image_inputs(self.image_processor, Image.open(p["question"]["_image"]))
                 images.append((pixel_values, grid))
             ids = prm.encode_prompt(self.tokenizer, user_text(p["question"], self.structured), grid,
@@ -332,6 +343,7 @@ class OpenAIPolicy:
         self.model_name, self.key = model_name, os.environ.get(api_key_env, "")
         self.temperature, self.max_tokens, self.structured = temperature, max_tokens, structured
         self.concurrency, self.retries, self.timeout, self.backoff = concurrency, retries, timeout, backoff
+        self.parallel, self.batch_size = True, 1    # one HTTP request per prompt, `concurrency` in flight
         self.name = f"openai:{model_name}"
 
     def payload(self, p, n):
@@ -373,12 +385,112 @@ class OpenAIPolicy:
         raise PolicyError(f"{self.url}: request failed after {self.retries + 1} tries ({last})")
 
     def sample(self, prompts, n):
+        if len(prompts) == 1:
+            return [self.request(self.payload(prompts[0], n))]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda p: self.request(self.payload(p, n)), prompts))
 
 
 class PolicyError(prm.DataError):
     """The policy could not answer (an unreachable server after its retries): one line, exit 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Keeping the policy busy: many questions (or CoTs) in flight at once
+# --------------------------------------------------------------------------------------------
+
+def drive(policy, tasks, on_done, concurrency):
+    """Run tasks against the policy with up to `concurrency` requests in flight, across tasks.
+
+    A task is a generator: it yields a list of requests [(prompt, n)], is sent back their results
+    [[n texts] per request], and finally returns its output, handed to on_done(output) in the
+    calling thread as soon as the task completes (so records are written as they complete).
+    New tasks start only while there is room (back-pressure: a huge input is never all queued).
+    The openai policy gets one HTTP request per prompt from a pool of `concurrency` threads; the
+    toy and hf policies get batches of up to batch_size prompts that share n (hf: one generate).
+    Returns the peak number of requests in flight.
+    """
+    tasks = iter(tasks)
+    waiting = deque()                 # (task id, slot, prompt, n) not yet sent
+    active = {}                       # task id -> [generator, results, unanswered]
+    room = concurrency if policy.parallel else policy.batch_size
+    peak, next_id = 0, 0
+
+    def advance(tid, gen, results):
+        try:
+            requests = gen.send(results)
+        except StopIteration as stop:
+            on_done(stop.value)
+            return
+        if not requests:
+            return advance(tid, gen, [])
+        active[tid] = [gen, [None] * len(requests), len(requests)]
+        waiting.extend((tid, slot, prompt, n) for slot, (prompt, n) in enumerate(requests))
+
+    def answer(tid, slot, texts):
+        entry = active[tid]
+        entry[1][slot] = texts
+        entry[2] -= 1
+        if entry[2] == 0:
+            del active[tid]
+            advance(tid, entry[0], entry[1])
+
+    def fill(in_flight):
+        nonlocal next_id
+        while len(waiting) + in_flight < room:
+            gen = next(tasks, None)
+            if gen is None:
+                return
+            next_id += 1
+            advance(next_id, gen, None)
+
+    if not policy.parallel:
+        fill(0)
+        while waiting:
+            n = waiting[0][3]
+            batch = [w for w in waiting if w[3] == n][:policy.batch_size]
+            for w in batch:
+                waiting.remove(w)
+            peak = max(peak, len(batch))
+            for (tid, slot, _, _), texts in zip(batch, policy.sample([w[2] for w in batch], n)):
+                answer(tid, slot, texts)
+            fill(0)
+        return peak
+    with ThreadPoolExecutor(concurrency) as pool:
+        in_flight = {}
+        fill(0)
+        while waiting or in_flight:
+            while waiting and len(in_flight) < concurrency:
+                tid, slot, prompt, n = waiting.popleft()
+                in_flight[pool.submit(lambda p=prompt, k=n: policy.sample([p], k)[0])] = (tid, slot)
+            peak = max(peak, len(in_flight))
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for f in done:
+                answer(*in_flight.pop(f), f.result())
+            fill(len(in_flight))
+    return peak
+
+
+def check_params(out_path, params):
+    """The parameters that shape an output's records live beside it (OUT.params.json); a rerun with
+    other values would mix two experiments in one file, so it stops with one line naming them."""
+    path = out_path + ".params.json"
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        differ = sorted(k for k in set(stored) | set(params) if stored.get(k) != params.get(k))
+        if differ:
+            raise prm.DataError("the output was written with other parameters: " + ", ".join(
+                f"{k} {stored.get(k)!r} -> {params.get(k)!r}" for k in differ) + "; choose another --out", file=out_path)
+    else:
+        prm.write_json_atomic(path, params)
+
+
+def policy_params(args):
+    """The flags of the policy that shape every sampled text (shared by gen_cots and mc_label)."""
+    model = {"toy": None, "hf": args.model, "openai": args.model_name}[args.policy]
+    return dict(policy=args.policy, model=model, seed=args.seed, temperature=args.temperature,
+                max_tokens=args.max_tokens, structured=not args.no_structure)
 
 
 def add_policy_args(ap):
@@ -388,7 +500,10 @@ def add_policy_args(ap):
     ap.add_argument("--base-url", default="http://localhost:8000/v1", help="openai: server base URL")
     ap.add_argument("--model-name", default="default", help="openai: model name on the server")
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
-    ap.add_argument("--concurrency", type=prm.number(int, 1), default=8, help="openai: requests in flight at once (>= 1)")
+    ap.add_argument("--concurrency", type=prm.number(int, 1), default=64, help="requests in flight at once, across "
+                    "questions and CoTs (openai; >= 1; 64 keeps one vLLM server busy)")
+    ap.add_argument("--batch-size", type=prm.number(int, 1), default=8, help="hf: prompts per generate call, "
+                    "across questions and CoTs (>= 1)")
     ap.add_argument("--retries", type=prm.number(int, 0), default=5, help="openai: retries on 429, 5xx and network "
                     "errors (>= 0)")
     ap.add_argument("--temperature", type=prm.number(float, 0), default=0.7, help="sampling temperature (>= 0)")
@@ -406,7 +521,7 @@ def make_policy(args):
             raise prm.DataError("--policy hf needs --model DIR", field="--model")
         torch.manual_seed(args.seed)
         return HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size)
     return OpenAIPolicy(args.base_url, args.model_name, args.api_key_env, args.temperature, args.max_tokens,
                         not args.no_structure, args.concurrency, args.retries)
 
@@ -429,19 +544,31 @@ def read_questions(path):
     return questions
 
 
-def generate(questions, out_path, policy, n, seed):
-    """Sample n CoTs per question into out_path, skipping the (question, sample) pairs already there."""
-    done = done_keys(out_path, lambda o: (o["id"], o["sample"]))
-    todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
-    todo = [(q, missing) for q, missing in todo if missing]
-    with open(out_path, "a", encoding="utf-8") as f, \
-            tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", dynamic_ncols=True,
-                 desc=f"gen {os.path.basename(out_path)}") as bar:
-        for q, missing in todo:
-            texts = policy.sample([{"question": q, "prefix": "", "first": missing[0]}], len(missing))[0]
-            for i, t in zip(missing, texts):
-                prm.append_jsonl(f, cot_record(q, t, i, seed, policy.name))
-            bar.update(1)
+def sample_task(q, missing, seed, policy_name):
+    """One question's missing samples: one request for len(missing) CoTs."""
+    texts, = yield [({"question": q, "prefix": "", "first": missing[0]}, len(missing))]
+    return [cot_record(q, t, i, seed, policy_name) for i, t in zip(missing, texts)]
+
+
+def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
+    """Sample n CoTs per question into out_path, skipping the (question, sample) pairs already
+    there; up to `concurrency` questions in flight, records appended as each question completes.
+    One writer per output (a lock), and the parameters that shape the records must match the
+    output's stored ones."""
+    with prm.output_lock(out_path):
+        check_params(out_path, params or {})
+        done = done_keys(out_path, lambda o: (o["id"], o["sample"]))
+        todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
+        todo = [(q, missing) for q, missing in todo if missing]
+        with open(out_path, "a", encoding="utf-8") as f, \
+                tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", dynamic_ncols=True,
+                     desc=f"gen {os.path.basename(out_path)}") as bar:
+            def write(records):
+                for r in records:
+                    prm.append_jsonl(f, r)
+                bar.update(1)
+            return drive(policy, (sample_task(q, missing, seed, policy.name) for q, missing in todo), write,
+                         concurrency)
 
 
 def main(argv=None):
@@ -457,12 +584,13 @@ def main(argv=None):
         paths = build_toy_world(args.toy_dir, args.seed)
         policy = make_policy(args)
         for name, path in paths.items():
-            generate(read_questions(path), os.path.join(args.toy_dir, f"{name}_cots.jsonl"), policy, args.n, args.seed)
+            generate(read_questions(path), os.path.join(args.toy_dir, f"{name}_cots.jsonl"), policy, args.n, args.seed,
+                     args.concurrency, policy_params(args))
         print(f"toy world written to {args.toy_dir}/ (questions, images, CoTs for train, meta and test)")
         return 0
     policy = make_policy(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.questions)), "cots.jsonl")
-    generate(read_questions(args.questions), out, policy, args.n, args.seed)
+    generate(read_questions(args.questions), out, policy, args.n, args.seed, args.concurrency, policy_params(args))
     print(f"CoTs written to {out}")
     return 0
 

@@ -6,8 +6,10 @@ Reads   cots.jsonl   (gen_cots.py output)
 Writes  labels.jsonl the cots fields + {"mc": [p_i per step], "rollouts": [rollouts per step]}
         appended and flushed record by record; a rerun skips labelled CoTs and drops a torn last line.
 
-The last step's label is the CoT's own correctness (its answer is already written). All prefixes of
-a CoT go to the policy in one batched call. Options: adaptive stopping (stop a prefix once
+The last step's label is the CoT's own correctness (its answer is already written). Up to
+--concurrency rollout requests are in flight across CoTs (one per step prefix), and records are
+written as their CoTs complete; one process writes an output (a lock), and a rerun with other
+labelling parameters (stored in OUT.params.json) stops instead of mixing records. Options: adaptive stopping (stop a prefix once
 --min-rollouts agree), early stop after a prefix with p = 0 (later steps get 0), a step cap.
 
 Toy world (after python gen_cots.py --toy):
@@ -26,41 +28,44 @@ import gen_cots
 import prm
 
 
-def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
-    """MC labels (mc, rollouts) for one CoT record.
+def label_steps(cot, K, min_rollouts=0, zero_stop=False, max_steps=None):
+    """MC labels (mc, rollouts) for one CoT record, as a task for gen_cots.drive: it yields the
+    rollout requests [(prompt, k)] it needs and is sent back their texts.
 
-    All step prefixes go to the policy in one batched call. With min_rollouts > 0, each prefix
-    first gets min_rollouts; the prefixes whose rollouts all agree stop there, the others get the
-    remaining K - min_rollouts in a second call. With zero_stop, prefixes are rolled out one after
-    another instead, and once one has p = 0 the later steps are labelled 0 without rollouts (fewer
-    rollouts, at the price of the batching).
+    All step prefixes are requested at once. With min_rollouts > 0, each prefix first gets
+    min_rollouts; the prefixes whose rollouts all agree stop there, the others get the remaining
+    K - min_rollouts in a second round. With zero_stop, prefixes are rolled out one after another
+    instead, and once one has p = 0 the later steps are labelled 0 without rollouts (fewer
+    rollouts, fewer requests in flight per CoT).
     """
     steps = cot["steps"]
     n = len(steps) if max_steps is None else min(len(steps), max_steps)
     prefixes = list(range(n - 1 if n == len(steps) else n))           # the last step is labelled by `correct`
     outcomes = {}
 
-    def roll(indices, k, first):
-        prompts = [{"question": cot, "prefix": "\n".join(steps[:i + 1]), "first": first} for i in indices]
-        for i, texts in zip(indices, policy.sample(prompts, k)):
+    def requests(indices, k, first):
+        return [({"question": cot, "prefix": "\n".join(steps[:i + 1]), "first": first}, k) for i in indices]
+
+    def score(indices, results):
+        for i, texts in zip(indices, results):
             outcomes.setdefault(i, []).extend(
                 gen_cots.match_answer(prm.extract_answer(steps_text(steps, i, t)), cot["answer"],
                                       cot.get("choices")) for t in texts)
 
-    def label(indices):
+    def label(indices):                                               # a generator: yield from it
         first_k = min_rollouts if 0 < min_rollouts < K else K
-        roll(indices, first_k, 0)
+        score(indices, (yield requests(indices, first_k, 0)))
         undecided = [i for i in indices if 0 < sum(outcomes[i]) < len(outcomes[i])]
         if first_k < K and undecided:
-            roll(undecided, K - first_k, first_k)
+            score(undecided, (yield requests(undecided, K - first_k, first_k)))
 
     if zero_stop:
         for i in prefixes:
-            label([i])
+            yield from label([i])
             if sum(outcomes[i]) == 0:
                 break
     elif prefixes:
-        label(prefixes)
+        yield from label(prefixes)
     mc, counts = [], []
     for i in range(n):
         if i in outcomes:
@@ -73,6 +78,31 @@ def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
             mc.append(1.0 if cot["correct"] else 0.0)                 # the last step: the CoT's correctness
             counts.append(0)
     return mc, counts
+
+
+def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
+    """label_steps for one CoT, its requests sent to the policy directly. Returns (mc, rollouts)."""
+    task, results = label_steps(cot, K, min_rollouts, zero_stop, max_steps), None
+    try:
+        while True:
+            reqs = task.send(results)
+            by_k = {}
+            for j, (p, k) in enumerate(reqs):
+                by_k.setdefault(k, []).append(j)
+            results = [None] * len(reqs)
+            for k, js in by_k.items():
+                for j, texts in zip(js, policy.sample([reqs[j][0] for j in js], k)):
+                    results[j] = texts
+    except StopIteration as stop:
+        return stop.value
+
+
+def labelled_record(cot, K, min_rollouts, zero_stop, max_steps):
+    """A task: the labels.jsonl record of one CoT (cut to its labelled steps with --max-steps)."""
+    mc, counts = yield from label_steps(cot, K, min_rollouts, zero_stop, max_steps)
+    if len(mc) < len(cot["steps"]):
+        cot = dict(cot, steps=cot["steps"][:len(mc)])
+    return dict(cot, mc=mc, rollouts=counts)
 
 
 def steps_text(steps, i, continuation):
@@ -109,21 +139,26 @@ def main(argv=None):
     if no_key:
         raise prm.DataError("no answer key: Monte Carlo rollouts are scored against it", *no_key["_src"], "answer")
     policy = gen_cots.make_policy(args)
-    done = gen_cots.done_keys(out, lambda o: (o["id"], o["sample"]))
-    todo = [c for c in cots if (c["id"], c["sample"]) not in done]
     if skips:
         print(f"{args.cots}: {prm.skip_report(cots, skips)}; not labelled")
     t0, n_rollouts = time.perf_counter(), 0
-    with open(out, "a", encoding="utf-8") as f, \
-            tqdm(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot",
-                 dynamic_ncols=True) as bar:
-        for cot in todo:
-            mc, counts = label_cot(cot, policy, args.rollouts, args.min_rollouts, args.zero_stop, args.max_steps)
-            if len(mc) < len(cot["steps"]):                   # --max-steps: keep only the labelled steps
-                cot = dict(cot, steps=cot["steps"][:len(mc)])
-            prm.append_jsonl(f, dict(cot, mc=mc, rollouts=counts))
-            n_rollouts += sum(counts)
-            bar.update(1)
+    with prm.output_lock(out):
+        gen_cots.check_params(out, dict(gen_cots.policy_params(args), rollouts=args.rollouts,
+                                        min_rollouts=args.min_rollouts, zero_stop=args.zero_stop,
+                                        max_steps=args.max_steps))
+        done = gen_cots.done_keys(out, lambda o: (o["id"], o["sample"]))
+        todo = [c for c in cots if (c["id"], c["sample"]) not in done]
+        with open(out, "a", encoding="utf-8") as f, \
+                tqdm(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot",
+                     dynamic_ncols=True) as bar:
+            def write(record):
+                nonlocal n_rollouts
+                prm.append_jsonl(f, record)
+                n_rollouts += sum(record["rollouts"])
+                bar.update(1)
+            tasks = (labelled_record(c, args.rollouts, args.min_rollouts, args.zero_stop, args.max_steps)
+                     for c in todo)
+            gen_cots.drive(policy, tasks, write, args.concurrency)
     seconds = time.perf_counter() - t0
     print(f"labels written to {out}: {len(todo)} CoTs, {n_rollouts} rollouts in {seconds:.1f} s "
           f"({n_rollouts / max(seconds, 1e-9):.0f} rollouts/s)")

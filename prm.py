@@ -924,6 +924,30 @@ def parse_line(raw, path, i):
     return obj
 
 
+class output_lock:
+    """`with output_lock(path):` one writer per output file. An operating-system advisory lock on
+    path.lock, released by the kernel when the process dies (a rerun after SIGKILL is never
+    blocked); a second writer stops with one line."""
+
+    def __init__(self, path):
+        self.path = path + ".lock"
+
+    def __enter__(self):
+        import fcntl
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise DataError("another process is writing this output; wait for it or choose another --out",
+                            file=self.path[:-5]) from None
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()                                           # closing releases the lock
+        return False
+
+
 def drop_torn_tail(path):
     """Cut a half-written last line (no newline) off an output file before appending to it."""
     if not os.path.isfile(path):

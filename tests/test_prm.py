@@ -261,18 +261,10 @@ def test_shared_prefix_equals_packed(tiny_prm, images, with_image):
         prm.shared_prefix_values(tiny_prm, cots[:2] + [other])
 
 
-def test_text_only_backbone(tmp_path):
+def test_text_only_backbone(text_lm_dir):
     """A text-only causal LM as the backbone (a text PRM): AutoModel gives its base model, there is
     no image processor, and packed scoring still equals per-prefix scoring."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = prm._tiny_tokenizer()
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    path = str(tmp_path / "text-lm")
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    model = prm.PRM.from_backbone(path).eval()
+    model = prm.PRM.from_backbone(text_lm_dir).eval()
     assert model.image_processor is None and type(model.backbone).__name__ == "Qwen2Model"
     cots = [prm.encode_cot(model.tokenizer, QUESTION, make_steps(n, b), "7") for b, n in enumerate([2, 5, 1])]
     with torch.no_grad():
