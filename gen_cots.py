@@ -411,6 +411,7 @@ def drive(policy, tasks, on_done, concurrency):
     Returns the peak number of requests in flight.
     """
     tasks = iter(tasks)
+    finished = []                     # outputs of completed tasks, handed to on_done between sends
     waiting = deque()                 # (task id, slot, prompt, n) not yet sent
     active = {}                       # task id -> [generator, results, unanswered]
     room = concurrency if policy.parallel else policy.batch_size
@@ -420,7 +421,7 @@ def drive(policy, tasks, on_done, concurrency):
         try:
             requests = gen.send(results)
         except StopIteration as stop:
-            on_done(stop.value)
+            finished.append(stop.value)
             return
         if not requests:
             return advance(tid, gen, [])
@@ -444,8 +445,13 @@ def drive(policy, tasks, on_done, concurrency):
             next_id += 1
             advance(next_id, gen, None)
 
+    def flush():
+        while finished:
+            on_done(finished.pop(0))
+
     if not policy.parallel:
         fill(0)
+        flush()
         while waiting:
             n = waiting[0][3]
             batch = [w for w in waiting if w[3] == n][:policy.batch_size]
@@ -455,10 +461,12 @@ def drive(policy, tasks, on_done, concurrency):
             for (tid, slot, _, _), texts in zip(batch, policy.sample([w[2] for w in batch], n)):
                 answer(tid, slot, texts)
             fill(0)
+            flush()
         return peak
     with ThreadPoolExecutor(concurrency) as pool:
         in_flight = {}
         fill(0)
+        flush()
         while waiting or in_flight:
             while waiting and len(in_flight) < concurrency:
                 tid, slot, prompt, n = waiting.popleft()
@@ -468,6 +476,10 @@ def drive(policy, tasks, on_done, concurrency):
             for f in done:
                 answer(*in_flight.pop(f), f.result())
             fill(len(in_flight))
+            while waiting and len(in_flight) < concurrency:       # refill the server before writing
+                tid, slot, prompt, n = waiting.popleft()
+                in_flight[pool.submit(lambda p=prompt, k=n: policy.sample([p], k)[0])] = (tid, slot)
+            flush()
     return peak
 
 
@@ -564,8 +576,7 @@ def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
                 tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", dynamic_ncols=True,
                      desc=f"gen {os.path.basename(out_path)}") as bar:
             def write(records):
-                for r in records:
-                    prm.append_jsonl(f, r)
+                prm.append_jsonl(f, *records)
                 bar.update(1)
             return drive(policy, (sample_task(q, missing, seed, policy.name) for q, missing in todo), write,
                          concurrency)

@@ -958,9 +958,10 @@ def drop_torn_tail(path):
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def append_jsonl(f, record):
-    """Append one record (keys starting with '_' are in-memory only) and flush it to disk."""
-    f.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+def append_jsonl(f, *records):
+    """Append records (keys starting with '_' are in-memory only) and flush them to disk at once."""
+    f.write("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
+                    for r in records))
     f.flush()
     os.fsync(f.fileno())
 

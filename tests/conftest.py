@@ -73,3 +73,12 @@ def qwen25_dir(tmp_path_factory):
     tok.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def small_toy(tmp_path, monkeypatch):
+    """A small toy world (4 training questions per domain, 3 meta, 3 test, 4 CoTs each)."""
+    import gen_cots
+    monkeypatch.setattr(gen_cots, "TOY_SETS", dict(train={d: 4 for d in gen_cots.TOY_DOMAINS}, meta=3, test=3))
+    assert gen_cots.main(["--toy", "--toy-dir", str(tmp_path / "toy"), "--n", "4"]) == 0
+    return tmp_path / "toy"

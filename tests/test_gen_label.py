@@ -18,13 +18,6 @@ import prm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def small_toy(tmp_path, monkeypatch):
-    monkeypatch.setattr(gen_cots, "TOY_SETS", dict(train={d: 4 for d in gen_cots.TOY_DOMAINS}, meta=3, test=3))
-    assert gen_cots.main(["--toy", "--toy-dir", str(tmp_path / "toy"), "--n", "4"]) == 0
-    return tmp_path / "toy"
-
-
 def test_toy_pipeline_labels_drop_after_planted_error(small_toy):
     cots = prm.read_records(str(small_toy / "train_cots.jsonl"), "cots")
     assert len(cots) == 4 * 4 * len(gen_cots.TOY_DOMAINS)
