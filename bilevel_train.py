@@ -44,8 +44,15 @@ TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.p
 TOY_META = "toy/meta_cots.jsonl"
 # Defaults for real data, and the toy preset used when no data is given (a tiny PRM learns in
 # minutes, and larger meta batches keep the hypergradient's noise below its signal).
-DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01)
-TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05)
+DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01, unroll_steps=5, log_every=10, cold_start=0)
+TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05, unroll_steps=5, log_every=10,
+                  cold_start=0)
+# DreamPRM-1.5's recipe for instance weights: one lower step per upper step (unroll 1) and a meta lr
+# that lets a weight move within the few upper steps that reach it. The toy adds a cold start (the
+# PRM learns the task before its judgement of instances counts) and as many lower steps as the
+# domain demo (750).
+INSTANCE_RECIPE = dict(unroll_steps=1, meta_lr=0.1)
+TOY_INSTANCE = dict(iterations=750, log_every=50, cold_start=100)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,18 +65,63 @@ def domain_weights(a):
     return s / s.mean()
 
 
-def instance_weights(a, max_weight=2.0):
-    """One weight per training CoT, bounded in (0, max_weight); a = 0 gives 1 when max_weight = 2."""
-    return max_weight * torch.sigmoid(a)
+def bounded(x, w_max=3.0):
+    """Instance weights from raw values: w = w_max * sigmoid(x + logit(1 / w_max)), in (0, w_max)
+    and exactly 1 at x = 0 (the published Instance Table starts at 1). Smooth, so a weight at its
+    bound still gets a gradient (a clip would freeze it), and never negative (a negative weight
+    would ascend an instance's loss)."""
+    return w_max * torch.sigmoid(x - math.log(w_max - 1))
 
 
-def cot_weights(a, batch_keys, mode):
-    """alpha_b for each CoT of a batch (B,): its domain's weight, its own weight, or 1."""
+def instance_net(theta, values, p, mask):
+    """Instance Net: a small MLP reads, for each labelled step of a CoT, the PRM's value and the
+    step's MC label [V_i, p_i], and averages its outputs over the steps: (B, S) values, labels and
+    mask (labelled steps) -> (B,) raw weights. (The published net reads the PRM's two answer
+    probabilities alone; without the label it cannot tell a wrong label from a right one, which is
+    what instance weights are for.) V and p are data here (detached): theta alone carries the
+    hypergradient. theta = [W1 (H, 2), b1 (H,), W2 (1, H), b2 (1,)]."""
+    W1, b1, W2, b2 = theta
+    x = torch.stack([values, p], -1).to(W1.dtype)                       # (B, S, 2)
+    h = F.leaky_relu(x @ W1.T + b1)                                     # (B, S, H)
+    out = (h @ W2.T + b2).squeeze(-1)                                   # (B, S)
+    m = mask.to(out.dtype)
+    return (out * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def init_instance_net(hidden, seed, device):
+    """theta with a zero output layer: every CoT starts at weight 1."""
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(hidden, 2, generator=g) * 2 ** -0.5
+    return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
+
+
+def instance_weights(a, batch_keys, mode, steps=None, w_max=3.0):
+    """Unnormalised instance weights w_b in (0, w_max): a CoT's table entry (instance-table) or the
+    Instance Net's output on its steps (instance-net). (B,)"""
+    if mode == "instance-table":
+        return bounded(a[batch_keys], w_max)
+    values, p, mask = steps
+    return bounded(instance_net(a, values.detach(), p, mask), w_max)
+
+
+def cot_weights(a, batch_keys, mode, steps=None, w_max=3.0):
+    """alpha_b for each CoT of a batch (B,): its domain's weight (domain), its instance weight
+    divided by the batch's mean (instance modes), or 1 (fixed).
+    a: raw domain weights (K,), raw instance weights (N,), or the net's theta; steps: (values, p,
+    mask), each (B, S), for the net. Dividing by the mean, as domain weights are normalised, keeps
+    only the relative weights: a common drift of all weights (up or down) would otherwise act as a
+    second, uncontrolled learning rate of the lower level (seen on the toy world: the net drove
+    every weight to 0, the table every weight up)."""
     if mode == "domain":
         return domain_weights(a)[batch_keys]
-    if mode == "instance":
-        return instance_weights(a[batch_keys])
+    if mode.startswith("instance"):
+        w = instance_weights(a, batch_keys, mode, steps, w_max)
+        return w / w.mean()
     return torch.ones(len(batch_keys), dtype=a.dtype, device=a.device)
+
+
+def detached(a):
+    return [x.detach() for x in a] if isinstance(a, list) else a.detach()
 
 
 def step_losses(values, mask, p, p_mask):
@@ -108,7 +160,7 @@ def meta_loss(values, mask, r, loss="mse", aggregation=True, p=None, p_mask=None
 # The hypergradient (finite difference, as DARTS and Betty's "darts" method)
 # --------------------------------------------------------------------------------------------
 
-def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01):
+def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01, offload=False):
     """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
 
     phi: list of trainable tensors; a: raw weights (requires_grad).
@@ -117,6 +169,9 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01)
     weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
     Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
     two forward passes, no backward through the network. phi is restored bit for bit.
+    a may be one tensor or a list of tensors (the Instance Net's theta); g_a has the same form.
+    offload: the exact copy of phi kept for the restore lives in CPU memory (pinned on CUDA), not
+    beside phi on the GPU: 4 bytes per parameter less GPU memory, the same bits restored.
     Returns (g_a, L_meta value).
     """
     L_meta = meta_loss_fn()
@@ -126,10 +181,16 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01)
     phi, v = [p for p, _ in reached], [g for _, g in reached]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
         if v else 0.0                                           # ||v||_2, one device sync
+    params = a if isinstance(a, list) else [a]
     if norm == 0:
-        return torch.zeros_like(a), L_meta.item()
+        zeros = [torch.zeros_like(x) for x in params]
+        return (zeros if isinstance(a, list) else zeros[0]), L_meta.item()
     eps = r / norm
-    saved = [p.detach().clone() for p in phi]                   # exact restore, not p - eps v + eps v
+    if offload:                                                 # exact restore, not p - eps v + eps v
+        saved = [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True)
+                 for p in phi]
+    else:
+        saved = [p.detach().clone() for p in phi]
     with torch.no_grad():
         for p, g in zip(phi, v):
             p.add_(g, alpha=eps)                                # phi + eps v
@@ -142,8 +203,8 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01)
     with torch.enable_grad():
         w = weights_fn(a)                                       # (B,)
         s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
-        g_a, = torch.autograd.grad(s, a)
-    return -xi * g_a, L_meta.item()
+        g_a = [-xi * g for g in torch.autograd.grad(s, params)]
+    return (g_a if isinstance(a, list) else g_a[0]), L_meta.item()
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +236,7 @@ def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
             rec, p = cot(len(train))
             rec["mc"] = {"clean": p, "noisy": [1 - x for x in p],
                          "random": [float(rng.random() < 0.5) for _ in p]}[d]
-            rec["domain"] = d
+            rec["domain"], rec["_key"] = d, f"{d}/{rec['id']}#0"
             train.append(rec)
     meta = []
     for i in range(n_meta):
@@ -332,6 +393,38 @@ def meta_targets(records, S, device, dtype=torch.float32):
                           for r in records], S, device, dtype)
 
 
+def label_batch(records, keys, device):
+    """A TrainBatch of records without a forward pass: what the hypergradient re-evaluates."""
+    S = max(len(r["steps"]) for r in records)
+    p, p_mask = label_tensors(records, S, device)
+    return TrainBatch(records, keys, p, p_mask, None, None, p_mask.sum(-1).float())
+
+
+def auc(scores, positive):
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney); None if a class is empty."""
+    pos = [s for s, y in zip(scores, positive) if y]
+    neg = sorted(s for s, y in zip(scores, positive) if not y)
+    if not pos or not neg:
+        return None
+    import bisect
+    wins = sum(bisect.bisect_left(neg, s) + 0.5 * (bisect.bisect_right(neg, s) - bisect.bisect_left(neg, s)) for s in pos)
+    return wins / (len(pos) * len(neg))
+
+
+def key_auc(weights, train):
+    """Toy world only (its records know whether their answer key is corrupted): the AUC of the
+    CoT weights for telling clean-key CoTs from corrupted-key ones, overall and inside each domain
+    that has both."""
+    known = [(w, r) for w, r in zip(weights, train) if "key_corrupted" in (r.get("toy") or {})]
+    if not known:
+        return {}
+    out = {"overall": auc([w for w, _ in known], [not r["toy"]["key_corrupted"] for _, r in known])}
+    for d in sorted({r["domain"] for _, r in known}):
+        out[d] = auc([w for w, r in known if r["domain"] == d], [not r["toy"]["key_corrupted"] for w, r in known
+                                                                 if r["domain"] == d])
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def sample(n, k, seed, *key):
     """k indices in [0, n), a pure function of (seed, key): a resumed run draws the same batches."""
     g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + key).encode()))
@@ -360,26 +453,29 @@ class TrainBatch:
     n: torch.Tensor         # (B,) labelled steps per CoT
 
 
-def lower_step(model, opt_phi, a, records, keys, weighting, autocast):
+def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0):
     """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached)."""
     values, mask = forward(model, records, autocast)                     # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)
-    L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, cot_weights(a.detach(), keys, weighting))
+    alpha_b = cot_weights(detached(a), keys, weighting, (values.float(), p, mask & p_mask), w_max)
+    L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
     if torch.isfinite(L_tr):
         opt_phi.zero_grad(set_to_none=True)
         L_tr.backward()
         opt_phi.step()
+        opt_phi.zero_grad(set_to_none=True)      # the gradients are spent: free them before the hypergradient
     return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
 
 
 def upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast):
     """a <- Adam step on the finite-difference hypergradient g_a. Returns L_meta (NaN, and no
     step, when L_meta or g_a is not finite)."""
-    r = torch.tensor([float(x["correct"]) for x in m_records], device=a.device)   # (M,)
+    device = model.device
+    r = torch.tensor([float(x["correct"]) for x in m_records], device=device)   # (M,)
 
     def meta_loss_fn():
         values, mask = forward(model, m_records, autocast)
-        pm, pm_mask = meta_targets(m_records, values.shape[1], a.device) if args.no_aggregation else (None, None)
+        pm, pm_mask = meta_targets(m_records, values.shape[1], device) if args.no_aggregation else (None, None)
         return meta_loss(values.float(), mask, r, args.upper_loss, not args.no_aggregation, pm, pm_mask)
 
     def train_losses_fn():
@@ -387,13 +483,22 @@ def upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast):
         return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]      # (B,)
 
     def weights_fn(a_):
-        return cot_weights(a_, batch.keys, args.weighting) / batch.n.sum().clamp(min=1)   # w_b(a)
+        steps = None
+        if args.weighting == "instance-net":                            # the net reads V at phi (restored)
+            with torch.no_grad():
+                values, mask = forward(model, batch.records, autocast)
+            steps = (values.float(), batch.p, mask & batch.p_mask)
+        return cot_weights(a_, batch.keys, args.weighting, steps, args.weight_max) / \
+            batch.n.sum().clamp(min=1)                                  # w_b(a)
 
-    g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, args.fd_radius)
-    if not torch.isfinite(g_a).all():
+    g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, args.fd_radius,
+                                getattr(args, "offload_restore", False))
+    params, grads = (a, g_a) if isinstance(a, list) else ([a], [g_a])
+    if not all(torch.isfinite(g).all() for g in grads):
         return float("nan")                                             # the caller stops the run
     opt_a.zero_grad(set_to_none=True)
-    a.grad = g_a
+    for x, g in zip(params, grads):
+        x.grad = g
     opt_a.step()
     return L_meta
 
@@ -429,7 +534,7 @@ def trainable_state(model):
 def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration):
     with prm.atomic_dir(os.path.join(run_dir, "checkpoint")) as tmp:
         prm.save_tensors_atomic(os.path.join(tmp, "model.safetensors"), trainable_state(model))
-        tensors = {"a": a.detach()}
+        tensors = {f"theta.{i}": x.detach() for i, x in enumerate(a)} if isinstance(a, list) else {"a": a.detach()}
         tensors.update(optimizer_tensors(opt_phi, "phi"))
         tensors.update(optimizer_tensors(opt_a, "a"))
         prm.save_tensors_atomic(os.path.join(tmp, "state.safetensors"), tensors)
@@ -444,7 +549,8 @@ def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
     model.load_state_dict({k: v.to(model.device) for k, v in weights.items()}, strict=False)
     tensors = load_file(os.path.join(ck, "state.safetensors"))
     with torch.no_grad():
-        a.copy_(tensors["a"].to(a.device))
+        for i, x in enumerate(a if isinstance(a, list) else [a]):
+            x.copy_(tensors[f"theta.{i}" if isinstance(a, list) else "a"].to(x.device))
     load_optimizer(opt_phi, tensors, "phi")
     load_optimizer(opt_a, tensors, "a")
     with open(os.path.join(ck, "state.json")) as f:
@@ -504,7 +610,8 @@ def parse_args(argv):
     ap.add_argument("--iterations", type=prm.number(int, 1), default=None, help="outer iterations, each U lower "
                     "steps + 1 upper step (>= 1; "
                     "(default: 1000; toy 150)")
-    ap.add_argument("--unroll-steps", type=prm.number(int, 1), default=5, help="U: lower steps per upper step (>= 1)")
+    ap.add_argument("--unroll-steps", type=prm.number(int, 1), default=None, help="U: lower steps per upper step "
+                    "(>= 1; default: 5; instance modes 1)")
     ap.add_argument("--train-batch", type=prm.number(int, 1), default=None, help="training CoTs per lower step "
                     "(>= 1; default: 8; toy 16)")
     ap.add_argument("--meta-batch", type=prm.number(int, 1), default=None, help="meta CoTs per upper step "
@@ -517,16 +624,29 @@ def parse_args(argv):
     ap.add_argument("--fd-radius", type=prm.number(float, 0, above=True), default=0.01, help="r: finite-difference "
                     "radius, eps = r / ||v|| (> 0)")
     ap.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
-    ap.add_argument("--weighting", choices=["domain", "fixed", "instance"], default="domain",
-                    help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); instance: one weight per CoT")
+    ap.add_argument("--weighting", choices=["domain", "fixed", "instance-table", "instance-net", "instance"],
+                    default="domain", help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
+                    "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's step "
+                    "values to its weight (DreamPRM-1.5); instance: instance-table")
+    ap.add_argument("--weight-max", type=prm.number(float, 1, above=True), default=3.0, help="instance modes: "
+                    "weights lie in (0, this) (> 1), 1 at the start")
+    ap.add_argument("--instance-batch", type=prm.number(int, 1), default=None, help="instance modes: training CoTs "
+                    "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
+    ap.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
+                    "training before the weights move (>= 0; default: 0; toy instance modes 100)")
+    ap.add_argument("--net-hidden", type=prm.number(int, 1), default=64, help="instance-net: hidden width (>= 1)")
     ap.add_argument("--no-aggregation", action="store_true",
                     help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: bf16 compute with fp32 master weights (updates are never rounded away)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (a third of a 2B "
+                    "model's parameters: less memory; the published code trains every parameter)")
+    ap.add_argument("--offload-restore", action="store_true", help="keep the hypergradient's exact copy of phi in "
+                    "CPU memory (pinned), not on the GPU (4 bytes per parameter less; bitwise the same)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     ap.add_argument("--save-every", type=prm.number(int, 1), default=50, help="checkpoint every N outer iterations (>= 1)")
-    ap.add_argument("--log-every", type=prm.number(int, 1), default=10, help="metrics and weights every N outer "
-                    "iterations (>= 1)")
+    ap.add_argument("--log-every", type=prm.number(int, 1), default=None, help="metrics and weights every N outer "
+                    "iterations (>= 1; default: 10; toy instance modes 50)")
     ap.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
     ap.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
                     "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
@@ -540,12 +660,29 @@ def parse_args(argv):
     ap.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     args = ap.parse_args(argv)
     toy = not args.train and not args.meta
-    for k, v in (TOY_PRESET if toy else DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.weighting = "instance-table" if args.weighting == "instance" else args.weighting
+    instance = args.weighting.startswith("instance")
+    presets = ([INSTANCE_RECIPE] if instance else []) + ([TOY_INSTANCE] if instance and toy else []) + \
+        [TOY_PRESET if toy else DEFAULTS]
+    for preset in presets:
+        for k, v in preset.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.instance_batch is None:
+        args.instance_batch = 4 * args.train_batch
     if args.lr is None:
         args.lr = 1e-4 if toy or args.model == "tiny" else 5e-7
     return args
+
+
+def freeze_vision(model):
+    """Train the language model and the value head only: the vision tower keeps its weights (no
+    gradients, no optimizer state, no hypergradient buffers for it)."""
+    vision = getattr(model.backbone, "visual", None)
+    if vision is None:
+        raise prm.DataError("this backbone has no vision tower to freeze", field="--freeze-vision")
+    for p in vision.parameters():
+        p.requires_grad_(False)
 
 
 def enable_checkpointing(model):
@@ -640,15 +777,20 @@ def main(argv=None):
         if not any(r["domain"] == d for r in train):
             raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
     model.train()
+    if args.freeze_vision:
+        freeze_vision(model)
     if args.grad_checkpointing:
         enable_checkpointing(model)
     phi = [p for p in model.parameters() if p.requires_grad]
     dom_index = {d: k for k, d in enumerate(domains)}
-    # Raw weights: one per domain, or one per training CoT; a = 0 is uniform.
-    n_a = len(train) if args.weighting == "instance" else len(domains)
-    a = torch.zeros(n_a, device=device, requires_grad=True)
+    # Raw weights: one per domain, one per training CoT, or the Instance Net's theta; all start uniform.
+    instance = args.weighting.startswith("instance")
+    if args.weighting == "instance-net":
+        a = init_instance_net(args.net_hidden, args.seed, device)
+    else:
+        a = torch.zeros(len(train) if instance else len(domains), device=device, requires_grad=True)
     opt_phi = torch.optim.AdamW(phi, lr=xi, weight_decay=args.weight_decay)
-    opt_a = torch.optim.Adam([a], lr=args.meta_lr)
+    opt_a = torch.optim.Adam(a if isinstance(a, list) else [a], lr=args.meta_lr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -665,19 +807,48 @@ def main(argv=None):
         open(metrics_path, "w").close()
 
     def batch_alpha_keys(idx, records):
-        if args.weighting == "instance":
+        if instance:
             return torch.tensor(idx, device=device)
         return torch.tensor([dom_index[r["domain"]] for r in records], device=device)
 
-    def current_alpha():
+    def weights_of_all():
+        """alpha_b of every training CoT (N,), instance weights normalised to mean 1 over all of them
+        (instance-net: one no-grad pass over the data)."""
+        if args.weighting != "instance-net":
+            keys = batch_alpha_keys(list(range(len(train))), train)
+            return cot_weights(detached(a), keys, args.weighting, w_max=args.weight_max)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(train), args.train_batch):
+                values, mask = forward(model, train[i:i + args.train_batch], autocast)
+                p, p_mask = label_tensors(train[i:i + args.train_batch], values.shape[1], device)
+                out.append(instance_weights(detached(a), None, args.weighting, (values.float(), p, mask & p_mask),
+                                            args.weight_max))
+        w = torch.cat(out)
+        return w / w.mean()
+
+    def current_alpha(w=None):
+        """Per domain: its weight, or the mean weight of its CoTs in the instance modes."""
         if args.weighting == "domain":
             w = domain_weights(a.detach())
             return {d: w[k].item() for k, d in enumerate(domains)}
-        if args.weighting == "instance":
-            w = instance_weights(a.detach())
+        if instance:
+            w = weights_of_all() if w is None else w
             keys = torch.tensor([dom_index[r["domain"]] for r in train], device=device)
             return {d: w[keys == k].mean().item() for k, d in enumerate(domains)}
         return {d: 1.0 for d in domains}
+
+    def report(alpha):
+        """Instance weights (safetensors, with the record keys) and, in the toy world, their AUC
+        for telling clean-key CoTs from corrupted-key ones."""
+        w = weights_of_all()
+        out = {}
+        if instance:
+            alpha.update(current_alpha(w))
+            prm.save_tensors_atomic(os.path.join(args.out, "instance_weights.safetensors"), {"weights": w},
+                                    metadata={"keys": json.dumps([prm.record_key(r) for r in train])})
+        out.update({f"auc/{k}": v for k, v in key_auc(w.tolist(), train).items()})
+        return out
 
     history = [o for _, o in prm.iter_jsonl(metrics_path, True)]
     history = [{"iteration": o["iteration"], "alpha": {d: o[f"alpha/{d}"] for d in domains}} for o in history]
@@ -688,30 +859,41 @@ def main(argv=None):
         for u in range(args.unroll_steps):
             idx = sample(len(train), args.train_batch, args.seed, "train", it, u)
             records = [train[i] for i in idx]
-            batch = lower_step(model, opt_phi, a, records, batch_alpha_keys(idx, records), args.weighting, autocast)
+            batch = lower_step(model, opt_phi, a, records, batch_alpha_keys(idx, records), args.weighting, autocast,
+                               args.weight_max)
             if not torch.isfinite(batch.L_tr):
                 raise Diverged(f"non-finite lower loss at iteration {it}")
             sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
             sums["weighted"] += batch.L_tr.item()
         L_meta = float("nan")
-        if args.weighting != "fixed":
+        if args.weighting != "fixed" and it >= args.cold_start:
             m_records = [meta[i] for i in sample(len(meta), args.meta_batch, args.seed, "meta", it)]
+            if instance:       # the weights of a fresh sample of training CoTs move, not only the last batch's
+                idx = sample(len(train), args.instance_batch, args.seed, "instance", it)
+                batch = label_batch([train[i] for i in idx], batch_alpha_keys(idx, None), device)
             L_meta = upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast)
             if not math.isfinite(L_meta):
                 raise Diverged(f"non-finite upper loss at iteration {it}")
         sums["upper"] += 0.0 if math.isnan(L_meta) else L_meta
         sums["n"] += 1
         seconds = time.perf_counter() - t0
-        alpha = current_alpha()
-        bar.set_postfix_str(" ".join(f"{d}={w:.2f}" for d, w in list(alpha.items())[:6]))
         done = it + 1
-        if done % args.log_every == 0 or done == args.iterations:
+        logging = done % args.log_every == 0 or done == args.iterations
+        if args.weighting == "domain" or logging:
+            alpha = current_alpha() if not instance else {}
+            extra = report(alpha) if logging else {}                     # instance modes fill alpha here
+            bar.set_postfix_str(" ".join(f"{d}={w:.2f}" for d, w in list(alpha.items())[:6]))
+        if logging:
             k = sums["n"]
             row = {"iteration": done, "lower/loss": sums["lower"] / (k * args.unroll_steps),
                    "lower/weighted_loss": sums["weighted"] / (k * args.unroll_steps),
                    "upper/loss": sums["upper"] / k if args.weighting != "fixed" else None,
                    "time/seconds_per_iteration": seconds}
             row.update({f"alpha/{d}": w for d, w in alpha.items()})
+            row.update(extra)
+            if any(k.startswith("auc/") for k in row):
+                tqdm.write(f"iteration {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                             if k.startswith(("auc/", "alpha/"))))
             with open(metrics_path, "a") as f:
                 prm.append_jsonl(f, row)
             history.append({"iteration": done, "alpha": alpha})
@@ -732,9 +914,14 @@ def main(argv=None):
     write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
     toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
-    print("learned domain weights (alpha)" + (" next to each toy domain's true quality (3 best):" if toy else ":"))
+    what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
+    print(what + (" next to each toy domain's true quality (3 best):" if toy else ":"))
     for d, w in sorted(alpha.items(), key=lambda x: -x[1]):
         print(f"  {d:24s} {w:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
+    aucs = key_auc(weights_of_all().tolist(), train)
+    if aucs:
+        print("AUC of the weights, clean-key against corrupted-key CoTs: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
     baseline = args.out.rstrip("/") + "-vanilla"
     if toy_demo and args.weighting == "domain" and not args.no_baseline and \

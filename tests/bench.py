@@ -158,6 +158,37 @@ def matmul_tflops(device, dtype=torch.bfloat16):
     return 2 * n ** 3 / t / 1e12
 
 
+def memory_budget():
+    """(0) The memory plan of a 2B bi-level run, counted from the shapes and dtypes of the real
+    modules built on the meta device (no RAM needed for the weights). Bytes per parameter held at
+    the peak of an outer iteration, which is the hypergradient: it holds v = grad L_meta and the
+    restore copy of phi on top of the weights and AdamW's two moments. Activations come on top."""
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+    config = Qwen2VLConfig(text_config=QWEN2VL_2B["text"], vision_config=QWEN2VL_2B["vision"])
+    with torch.device("meta"):
+        model = Qwen2VLModel(config)
+    hidden = config.get_text_config().hidden_size
+    every = sum(p.numel() for p in model.parameters()) + hidden + 1             # + the value head
+    vision = sum(p.numel() for p in model.visual.parameters())
+    fp32 = torch.finfo(torch.float32).bits // 8
+    GiB = 2 ** 30
+    print(f"(0) memory budget, Qwen2-VL-2B: {every / 1e9:.3f} B parameters, vision tower {vision / 1e9:.3f} B "
+          f"(counted on the meta device; fp32 master weights, AdamW)")
+    print(f"    {'option':44s} {'weights':>8s} {'grads':>8s} {'AdamW':>8s} {'v':>8s} {'restore':>8s} "
+          f"{'GiB':>7s}  bytes/trainable parameter")
+    rows = [("grads kept through the hypergradient", False, True, False),
+            ("grads freed before the hypergradient", False, False, False),
+            ("  + restore copy in CPU memory", False, False, True),
+            ("  + --freeze-vision", True, False, True)]
+    for name, freeze, grads_kept, offload in rows:
+        trainable = every - vision if freeze else every
+        parts = dict(weights=every * fp32, grads=trainable * fp32 if grads_kept else 0, adam=2 * trainable * fp32,
+                     v=trainable * fp32, restore=0 if offload else trainable * fp32)
+        total = sum(parts.values())
+        print(f"    {name:44s} " + " ".join(f"{x / GiB:8.2f}" for x in parts.values())
+              + f" {total / GiB:7.2f}  {total / trainable:.1f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
     ap.add_argument("--size", choices=["tiny", "2b"], default="tiny", help="tiny backbone, or the Qwen2-VL-2B architecture")
@@ -171,8 +202,13 @@ def main(argv=None):
     ap.add_argument("--iterations", type=int, default=5, help="timed outer iterations in (3)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats in (1) and (2), median reported")
     ap.add_argument("--_loop", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", action="store_true", help="print the 2B memory budget (0) only (any machine)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.budget or args.size == "2b":
+        memory_budget()
+        if args.budget:
+            return
     device = args.device
     off = torch.autocast("cpu", enabled=False)
     if args._loop:                           # child process for (4) on CPU

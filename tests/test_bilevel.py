@@ -17,20 +17,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ["clean", "noisy", "random"]
 
 
-def test_hypergradient_matches_double_backward(backbone_dir):
-    """The finite difference g_a against -xi d/da [grad_phi L_tr(phi, a) . v] by double backward."""
+@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net"])
+def test_hypergradient_matches_double_backward(backbone_dir, mode):
+    """The finite difference g_a against -xi d/da [grad_phi L_tr(phi, a) . v] by double backward,
+    for domain weights, the Instance Table and the Instance Net's parameters."""
     torch.manual_seed(0)
     train, meta = bt.synthetic_data(0, 8, 8)
     model = prm.PRM.from_backbone(backbone_dir, attn_implementation="eager").double()
     phi = list(model.parameters())
     records, m_records = train[::3][:8], meta[:6]
-    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records]) if mode == "domain" else torch.arange(8)
     enc, m_enc = [model.encode(r) for r in records], [model.encode(r) for r in m_records]
     r = torch.tensor([float(x["correct"]) for x in m_records], dtype=torch.float64)
     p, p_mask = bt.label_tensors(records, 4, "cpu", torch.float64)
     p, p_mask = p[:, : max(len(e.step_ends) for e in enc)], p_mask[:, : max(len(e.step_ends) for e in enc)]
     N = p_mask.sum()
-    a = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    if mode == "domain":
+        a = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    elif mode == "instance-table":
+        a = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).requires_grad_()
+    else:
+        a = [x.detach().double().normal_(0, 0.5, generator=torch.Generator().manual_seed(i)).requires_grad_()
+             for i, x in enumerate(bt.init_instance_net(6, 0, "cpu"))]
+    params = a if isinstance(a, list) else [a]
+    with torch.no_grad():
+        V, M = prm.step_values(model, enc)                 # the net reads the values at phi (data)
     xi = 1e-3
 
     def meta_loss_fn():
@@ -40,10 +51,11 @@ def test_hypergradient_matches_double_backward(backbone_dir):
         return bt.step_losses(*prm.step_values(model, enc), p, p_mask)[0]
 
     def weights_fn(a_):
-        return bt.cot_weights(a_, keys, "domain") / N
+        return bt.cot_weights(a_, keys, mode, (V, p, M & p_mask)) / N
 
     before = [x.detach().clone() for x in phi]
     g, _ = bt.hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=1e-4)
+    g = g if isinstance(g, list) else [g]
     assert all(torch.equal(x, y) for x, y in zip(before, phi)), "phi must be restored bit for bit"
 
     def grads(loss, create_graph=False):
@@ -53,11 +65,12 @@ def test_hypergradient_matches_double_backward(backbone_dir):
     v = [gi.detach() for gi in grads(meta_loss_fn())]
     L_tr = (weights_fn(a) * train_losses_fn()).sum()
     dot = sum((gi * vi).sum() for gi, vi in zip(grads(L_tr, create_graph=True), v))
-    g_ref = -xi * torch.autograd.grad(dot, a)[0]
-    rel = ((g - g_ref).norm() / g_ref.norm()).item()
-    print(f"hypergradient relative error {rel:.2e}")
+    g_ref = [-xi * x for x in torch.autograd.grad(dot, params)]
+    flat, flat_ref = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in g_ref])
+    rel = ((flat - flat_ref).norm() / flat_ref.norm()).item()
+    print(f"{mode}: hypergradient relative error {rel:.2e}")
     assert rel <= 1e-4
-    assert g_ref.abs().min() > 0
+    assert flat_ref.norm() > 0 and (mode == "instance-net" or flat_ref.abs().min() > 0)
 
 
 def test_lower_loss_is_the_weighted_mean():
@@ -100,16 +113,19 @@ def run_script(args, cwd, **kw):
 
 
 def final_state(out):
-    """a, the value head, and every trainable tensor of the last checkpoint (backbone included)."""
-    a = load_file(f"{out}/checkpoint/state.safetensors")["a"]
+    """The raw weights (a, or the Instance Net's theta) with their optimizer state, the value head,
+    and every trainable tensor of the last checkpoint (backbone included)."""
+    state = load_file(f"{out}/checkpoint/state.safetensors")
     head = load_file(f"{out}/prm/prm.safetensors")
     weights = load_file(f"{out}/checkpoint/model.safetensors")
-    return [a, head["head.weight"], head["head.bias"]] + [weights[k] for k in sorted(weights)]
+    return [state[k] for k in sorted(state) if k.startswith(("a", "theta"))] + [head["head.weight"], head["head.bias"]] + \
+        [weights[k] for k in sorted(weights)]
 
 
-def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net"])
+def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path, mode):
     args = ["--synthetic", "--model", backbone_dir, "--iterations", "30", "--unroll-steps", "2", "--save-every", "5",
-            "--log-every", "5", "--train-batch", "4", "--meta-batch", "4"]
+            "--log-every", "5", "--train-batch", "4", "--meta-batch", "4", "--weighting", mode]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     proc = run_script(args + ["--out", full], tmp_path)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
@@ -227,7 +243,7 @@ def test_bf16_compute_keeps_updates_far_below_bf16_resolution(backbone_dir):
     weights, as the published code keeps them, lose almost all of it."""
     train, _ = bt.synthetic_data(0, 8, 8)
     records = train[:8]
-    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records]) if mode == "domain" else torch.arange(8)
     a = torch.zeros(3)
     fractions = {}
     for mode in ("master_fp32", "plain_bf16"):
@@ -250,7 +266,7 @@ def test_bf16_compute_keeps_updates_far_below_bf16_resolution(backbone_dir):
 def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
     train, _ = bt.synthetic_data(1, 8, 8)
     records = train[::6][:6]
-    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records]) if mode == "domain" else torch.arange(8)
     a = torch.tensor([0.2, -0.1, 0.0])
     params = {}
     for ckpt in (False, True):
@@ -282,3 +298,69 @@ def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
         assert any(abs(w - 1.0) > 1e-4 for w in weights["final"].values())     # the upper level moved a
     assert os.path.getsize(f"{out}/domain_weights.png") > 0
     prm.PRM.from_pretrained(out)
+
+
+def test_instance_weights_are_bounded():
+    """Table and net weights lie in (0, w_max), start at 1, and keep a gradient at the bounds."""
+    x = torch.tensor([-1e4, -10.0, 0.0, 10.0, 1e4], requires_grad=True)
+    w = bt.bounded(x, 3.0)
+    assert w[2].item() == pytest.approx(1.0) and (w >= 0).all() and (w <= 3.0).all()
+    assert w[1].item() > 0 and w[3].item() < 3.0
+    w.sum().backward()
+    assert (x.grad[1:4] > 0).all()
+    theta = bt.init_instance_net(8, 0, "cpu")
+    values, mask = torch.rand(5, 4), torch.ones(5, 4, dtype=torch.bool)
+    steps = (values, torch.rand(5, 4), mask)
+    assert torch.allclose(bt.cot_weights(theta, None, "instance-net", steps), torch.ones(5))
+    big = [t.detach() * 0 + 50 for t in theta]
+    assert (bt.instance_weights(big, None, "instance-net", steps, w_max=2.0) <= 2.0).all()
+    # The weights a batch trains with have mean 1: only the relative weights count.
+    w = bt.cot_weights(torch.tensor([-2.0, 0.0, 1.0, 3.0]), torch.tensor([0, 1, 2, 3]), "instance-table")
+    assert w.mean().item() == pytest.approx(1.0) and w[0] < w[1] < w[2] < w[3]
+
+
+def test_auc_by_hand():
+    assert bt.auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert bt.auc([0.5, 0.5], [True, False]) == 0.5                 # a tie counts one half
+    assert bt.auc([0.1, 0.9, 0.5], [True, False, False]) == 0.0
+    assert bt.auc([0.3, 0.7, 0.5, 0.5], [True, True, False, False]) == 0.5
+    assert bt.auc([1.0], [True]) is None
+    train = [{"domain": d, "toy": {"key_corrupted": c}} for d, c in
+             [("noisy", True), ("noisy", False), ("clean", False), ("irrelevant", True), ("irrelevant", False)]]
+    out = bt.key_auc([0.2, 0.9, 1.0, 0.5, 0.4], train)
+    assert out == {"overall": 5 / 6, "noisy": 1.0, "irrelevant": 0.0}
+
+
+def test_memory_options_are_exact(backbone_dir):
+    """Gradients are freed after each lower step, and the restore copy kept in CPU memory gives
+    the same hypergradient and the same phi bit for bit; --freeze-vision leaves the vision tower as
+    it was and trains the rest."""
+    train, meta = bt.synthetic_data(0, 8, 8)
+    args = bt.parse_args(["--synthetic"])
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = prm.PRM.from_backbone(backbone_dir)
+        phi = [p for p in model.parameters() if p.requires_grad]
+        a = torch.zeros(3, requires_grad=True)
+        opt = torch.optim.AdamW(phi, lr=1e-3)
+        opt_a = torch.optim.Adam([a], lr=0.05)
+        keys = torch.tensor([DOMAINS.index(r["domain"]) for r in train[::3][:8]])
+        off = torch.autocast("cpu", enabled=False)
+        batch = bt.lower_step(model, opt, a, train[::3][:8], keys, "domain", off)
+        assert all(p.grad is None for p in phi)                       # freed before the hypergradient
+        args.offload_restore = offload
+        bt.upper_step(model, phi, a, opt_a, batch, meta[:6], 1e-3, args, off)
+        results.append([a.detach().clone()] + [p.detach().clone() for p in phi])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+    model = prm.PRM.from_backbone(backbone_dir)
+    vision = {k: v.clone() for k, v in model.backbone.visual.state_dict().items()}
+    text = {k: v.clone() for k, v in model.backbone.language_model.state_dict().items()}
+    bt.freeze_vision(model)
+    phi = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(phi, lr=1e-2)
+    records = [dict(r, _image=None) for r in train[:4]]
+    bt.lower_step(model, opt, torch.zeros(3), records, torch.zeros(4, dtype=torch.long), "domain",
+                  torch.autocast("cpu", enabled=False))
+    assert all(torch.equal(v, model.backbone.visual.state_dict()[k]) for k, v in vision.items())
+    assert not all(torch.equal(v, model.backbone.language_model.state_dict()[k]) for k, v in text.items())
