@@ -51,7 +51,11 @@ TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05, u
 # that lets a weight move within the few upper steps that reach it. The toy adds a cold start (the
 # PRM learns the task before its judgement of instances counts) and as many lower steps as the
 # domain demo (750).
-INSTANCE_RECIPE = dict(unroll_steps=1, meta_lr=0.1)
+INSTANCE_RECIPE = dict(unroll_steps=1)
+# Time-scale matching: a table entry moves only when its CoT is drawn (a few dozen times in a toy
+# run), the net's shared parameters at every upper step; on the toy world meta lr 0.1 drove the net
+# to saturated weights within 50 upper steps, 0.003 and 0.01 gave the same ranking.
+INSTANCE_META_LR = {"instance-table": 0.1, "instance-net": 0.01}
 TOY_INSTANCE = dict(iterations=750, log_every=50, cold_start=100)
 
 
@@ -608,8 +612,7 @@ def parse_args(argv):
     ap.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
     ap.add_argument("--out", default="runs/toy", help="run directory")
     ap.add_argument("--iterations", type=prm.number(int, 1), default=None, help="outer iterations, each U lower "
-                    "steps + 1 upper step (>= 1; "
-                    "(default: 1000; toy 150)")
+                    "steps + 1 upper step (>= 1; default: 1000; toy 150; toy instance modes 750)")
     ap.add_argument("--unroll-steps", type=prm.number(int, 1), default=None, help="U: lower steps per upper step "
                     "(>= 1; default: 5; instance modes 1)")
     ap.add_argument("--train-batch", type=prm.number(int, 1), default=None, help="training CoTs per lower step "
@@ -619,7 +622,7 @@ def parse_args(argv):
     ap.add_argument("--lr", type=prm.number(float, 0, above=True), default=None, help="xi, the lower (PRM) "
                     "learning rate (> 0 and finite; default: 5e-7; toy and --model tiny 1e-4)")
     ap.add_argument("--meta-lr", type=prm.number(float, 0, above=True), default=None, help="Adam learning rate "
-                    "of the raw domain weights a (> 0; default: 0.01; toy 0.05)")
+                    "of the raw weights a (> 0; default: 0.01; toy 0.05; instance-table 0.1, instance-net 0.01)")
     ap.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
     ap.add_argument("--fd-radius", type=prm.number(float, 0, above=True), default=0.01, help="r: finite-difference "
                     "radius, eps = r / ||v|| (> 0)")
@@ -662,8 +665,8 @@ def parse_args(argv):
     toy = not args.train and not args.meta
     args.weighting = "instance-table" if args.weighting == "instance" else args.weighting
     instance = args.weighting.startswith("instance")
-    presets = ([INSTANCE_RECIPE] if instance else []) + ([TOY_INSTANCE] if instance and toy else []) + \
-        [TOY_PRESET if toy else DEFAULTS]
+    presets = ([dict(INSTANCE_RECIPE, meta_lr=INSTANCE_META_LR[args.weighting])] if instance else []) + \
+        ([TOY_INSTANCE] if instance and toy else []) + [TOY_PRESET if toy else DEFAULTS]
     for preset in presets:
         for k, v in preset.items():
             if getattr(args, k) is None:

@@ -329,7 +329,7 @@ def main(argv=None):
         f.write(md + "\n")
     plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
     print(md)
-    print(f"and results.json, results.md, accuracy_vs_n.png")
+    print("and results.json, results.md, accuracy_vs_n.png")
     return 0
 
 

@@ -82,3 +82,21 @@ def small_toy(tmp_path, monkeypatch):
     monkeypatch.setattr(gen_cots, "TOY_SETS", dict(train={d: 4 for d in gen_cots.TOY_DOMAINS}, meta=3, test=3))
     assert gen_cots.main(["--toy", "--toy-dir", str(tmp_path / "toy"), "--n", "4"]) == 0
     return tmp_path / "toy"
+
+
+def kill_after_lines(args, out, lines, timeout=120):
+    """Run a script (args, with --out out) and SIGKILL it once `out` holds `lines` complete lines;
+    returns the number of lines it had written. Fails if it finished first."""
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(args + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(out) and open(out).read().count("\n") >= lines:
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return open(out).read().count("\n")

@@ -1,12 +1,9 @@
 """gen_cots.py and mc_label.py against a serving engine: the concurrency bound, kill and resume
 under concurrency, one writer per output, parameters that must match, order-free readers."""
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -14,6 +11,7 @@ import bilevel_train as bt
 import gen_cots
 import mc_label
 import prm
+from conftest import kill_after_lines
 from engine_server import StandIn, write_questions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,16 +72,7 @@ def test_kill_and_resume_under_concurrency(tmp_path):
         full = str(tmp_path / "full.jsonl")
         subprocess.run(args + ["--out", full], check=True, capture_output=True)
         cut = str(tmp_path / "cut.jsonl")
-        proc = subprocess.Popen(args + ["--out", cut], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.isfile(cut) and open(cut).read().count("\n") >= 10:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, "finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        n_cut = open(cut).read().count("\n")
+        n_cut = kill_after_lines(args, cut, 10, timeout=60)
         subprocess.run(args + ["--out", cut], check=True, capture_output=True)
     lines = open(cut).read().splitlines()
     assert 10 <= n_cut < len(lines) == 60

@@ -2,11 +2,9 @@
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 import gen_cots
 import mc_label
 import prm
+from conftest import kill_after_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,16 +57,7 @@ def test_mc_label_killed_and_resumed_gives_the_same_records(small_toy, tmp_path)
     full = str(tmp_path / "full.jsonl")
     subprocess.run(args + ["--out", full], check=True, capture_output=True)
     cut = str(tmp_path / "cut.jsonl")
-    proc = subprocess.Popen(args + ["--out", cut], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(cut) and os.path.getsize(cut) > 0 and open(cut).read().count("\n") >= 5:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    n_cut = open(cut).read().count("\n")
+    n_cut = kill_after_lines(args, cut, 5)
     with open(cut, "a") as f:
         f.write('{"id": "train-clean-3", "sam')                     # a torn last line, as a crash leaves
     subprocess.run(args + ["--out", cut], check=True, capture_output=True)
