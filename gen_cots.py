@@ -465,20 +465,22 @@ def drive(policy, tasks, on_done, concurrency):
         return peak
     with ThreadPoolExecutor(concurrency) as pool:
         in_flight = {}
-        fill(0)
-        flush()
-        while waiting or in_flight:
+
+        def send():
             while waiting and len(in_flight) < concurrency:
                 tid, slot, prompt, n = waiting.popleft()
                 in_flight[pool.submit(lambda p=prompt, k=n: policy.sample([p], k)[0])] = (tid, slot)
+
+        fill(0)
+        flush()
+        while waiting or in_flight:
+            send()
             peak = max(peak, len(in_flight))
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for f in done:
                 answer(*in_flight.pop(f), f.result())
             fill(len(in_flight))
-            while waiting and len(in_flight) < concurrency:       # refill the server before writing
-                tid, slot, prompt, n = waiting.popleft()
-                in_flight[pool.submit(lambda p=prompt, k=n: policy.sample([p], k)[0])] = (tid, slot)
+            send()                                                # refill the server before writing
             flush()
     return peak
 

@@ -81,20 +81,10 @@ def label_steps(cot, K, min_rollouts=0, zero_stop=False, max_steps=None):
 
 
 def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
-    """label_steps for one CoT, its requests sent to the policy directly. Returns (mc, rollouts)."""
-    task, results = label_steps(cot, K, min_rollouts, zero_stop, max_steps), None
-    try:
-        while True:
-            reqs = task.send(results)
-            by_k = {}
-            for j, (p, k) in enumerate(reqs):
-                by_k.setdefault(k, []).append(j)
-            results = [None] * len(reqs)
-            for k, js in by_k.items():
-                for j, texts in zip(js, policy.sample([reqs[j][0] for j in js], k)):
-                    results[j] = texts
-    except StopIteration as stop:
-        return stop.value
+    """label_steps for one CoT, its requests sent to the policy by gen_cots.drive. Returns (mc, rollouts)."""
+    out = []
+    gen_cots.drive(policy, [label_steps(cot, K, min_rollouts, zero_stop, max_steps)], out.append, 1)
+    return out[0]
 
 
 def labelled_record(cot, K, min_rollouts, zero_stop, max_steps):
