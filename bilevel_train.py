@@ -318,7 +318,7 @@ def load_data(args):
     usable = sorted({r["domain"] for r in train if any(p is not None for p in r["mc"])})
     if not usable:
         raise prm.DataError("no usable training CoTs (none with steps and step labels)", file=", ".join(args.train))
-    domains = parse_domains(args.domains) if args.domains is not None else usable
+    domains = args.domains or usable
     unknown = [d for d in domains if d not in present]
     if unknown:
         raise prm.DataError(f"unknown domain(s) {', '.join(unknown)}; domains present: {', '.join(present)}",
@@ -671,6 +671,8 @@ def parse_args(argv):
         for k, v in preset.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
+    if args.domains is not None:                  # checked before any data or model is read
+        args.domains = parse_domains(args.domains)
     if args.instance_batch is None:
         args.instance_batch = 4 * args.train_batch
     if args.lr is None:
