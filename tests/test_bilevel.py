@@ -108,7 +108,10 @@ def test_clean_domain_gets_the_largest_weight(backbone_dir, tmp_path, monkeypatc
 
 
 def run_script(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "bilevel_train.py")] + args, cwd=cwd,
+    """bilevel_train.py in a subprocess on one CPU thread: multi-threaded CPU reductions were seen to
+    differ between processes by ~5e-6 after a few steps, which would hide or fake a resume error."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "bilevel_train.py")] + args, cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
