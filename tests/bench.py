@@ -2,29 +2,32 @@
 
     python tests/bench.py                                  # tiny backbone on CPU
     python tests/bench.py --size 2b --device cuda          # Qwen2-VL-2B architecture, random weights
+    python tests/bench.py --budget                         # (0) only: the 2B memory budget, any machine
 
 Prints, for the chosen size and device:
+ (0) with --size 2b (or --budget, on any machine): the memory budget of a 2B bi-level run per memory
+     option, measured from the real modules' tensors on the meta device (no RAM for the weights);
  (1) scoring one question's N CoTs: one forward per step prefix (the published way), packed (all N
      CoTs in one forward) and shared-prefix (image and question encoded once);
- (2) training time per CoT: one forward+backward per step prefix against packed batches;
- (3) one bi-level outer iteration (U lower steps + the finite-difference hypergradient) against U
-     plain lower steps;
- (4) the peak memory of each (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS of a child
-     process that runs only that training loop);
- (5) packed training throughput in model TFLOP/s (6 x parameters x tokens) and as a fraction of a
-     bf16 matrix product timed in the same run.
+ (2) training time per CoT: one forward+backward per step prefix against packed batches, and the
+     packed training throughput in model TFLOP/s (6 x parameters x tokens) as a fraction of a bf16
+     matrix product timed in the same run;
+ (3) for each memory option, added one by one: the peak memory of bi-level outer iterations (U
+     lower steps + the finite-difference hypergradient) on image CoTs, and seconds per outer
+     iteration against U plain lower steps (CUDA: torch.cuda.max_memory_allocated; CPU: the weights
+     plus the profiler's peak of the tensors the iterations allocate).
 On CUDA, training uses bf16 autocast on fp32 master weights (what --precision bf16 does), so no
 update is rounded away. Needs only torch and transformers; no weights are downloaded.
 """
 import argparse
+import gc
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bilevel_train as bt  # noqa: E402
@@ -87,16 +90,16 @@ def build(size, device):
     return prm.PRM(backbone, tokenizer, image_processor).to(device), 448
 
 
-def make_cots(model, n, steps, step_tokens, image_size, question_tokens):
-    """n CoTs of one question; each step about step_tokens tokens, lengths varying by CoT."""
+def make_cots(model, n, steps, step_words, image_size, question_words):
+    """n CoTs of one question; each step about step_words words, lengths varying by CoT."""
     from PIL import Image, ImageDraw
     image = Image.new("RGB", (image_size, image_size), (230, 230, 230))
     ImageDraw.Draw(image).ellipse([10, 10, image_size - 10, image_size - 10], fill=(200, 30, 30))
     words = "we read the image and count the red circles then add the blue squares to get the total".split()
-    question = " ".join(words[i % len(words)] for i in range(question_tokens)) + "?"
+    question = " ".join(words[i % len(words)] for i in range(question_words)) + "?"
     cots = []
     for b in range(n):
-        k = max(4, step_tokens - 2 + (b % 5) - 2)
+        k = max(4, step_words - 2 + (b % 5) - 2)
         cots.append(prm.encode_cot(model.tokenizer, question,
                                    [f"Step {i + 1}: " + " ".join(words[(b + j) % len(words)] for j in range(k))
                                     for i in range(steps)], str(b), image, model.image_processor))
@@ -119,36 +122,20 @@ def train_per_prefix(model, opt, cots, autocast):
             train_packed(model, opt, [c.prefix(i)], autocast)
 
 
-def training_loop(model, mode, U, batch, iterations, device, autocast):
-    """Outer iterations of plain (U lower steps) or bi-level training on the synthetic set;
-    returns the median seconds per iteration."""
-    train, meta = bt.synthetic_data(0, 32, 32)
-    phi = [p for p in model.parameters() if p.requires_grad]
-    a = torch.zeros(3, device=device, requires_grad=True)
-    opt_phi, opt_a = torch.optim.AdamW(phi, lr=1e-4), torch.optim.Adam([a], lr=0.01)
-    args = argparse.Namespace(no_aggregation=False, upper_loss="mse", weighting="domain", fd_radius=0.01)
-    domains = ["clean", "noisy", "random"]
-    times = []
-    for it in range(iterations + 1):
-        t = time.perf_counter()
-        for u in range(U):
-            records = [train[i] for i in bt.sample(len(train), batch, 0, "train", it, u)]
-            keys = torch.tensor([domains.index(r["domain"]) for r in records], device=device)
-            last = bt.lower_step(model, opt_phi, a, records, keys, "domain", autocast)
-        if mode == "bilevel":
-            m_records = [meta[i] for i in bt.sample(len(meta), batch, 0, "meta", it)]
-            bt.upper_step(model, phi, a, opt_a, last, m_records, 1e-4, args, autocast)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
-
-
-def peak_rss_child(mode, args):
-    """Peak RSS (MiB) of a child process that builds the model and runs only this loop (CPU)."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_loop", mode, "--U", str(args.U),
-                          "--batch", str(args.batch), "--iterations", "3", "--size", args.size],
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+def cpu_peak(fn):
+    """(fn(), peak bytes): the most bytes of CPU tensors allocated during fn and alive at once,
+    above what was held when it started; a running sum of the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e.start_ns())
+    live = top = 0
+    for e in events:
+        live += e.nbytes()                                         # negative for a free
+        top = max(top, live)
+    return out, top
 
 
 def matmul_tflops(device, dtype=torch.bfloat16):
@@ -158,35 +145,171 @@ def matmul_tflops(device, dtype=torch.bfloat16):
     return 2 * n ** 3 / t / 1e12
 
 
+class Allocations(TorchDispatchMode):
+    """Sums the bytes of the new tensors operators return while active (not views, not in-place
+    results). Runs on the meta device, so it measures 2B-sized steps without the memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (list, tuple)) else [out]):
+            if isinstance(t, torch.Tensor) and returns[min(i, len(returns) - 1)].alias_info is None:
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def memory_budget():
-    """(0) The memory plan of a 2B bi-level run, counted from the shapes and dtypes of the real
-    modules built on the meta device (no RAM needed for the weights). Bytes per parameter held at
-    the peak of an outer iteration, which is the hypergradient: it holds v = grad L_meta and the
-    restore copy of phi on top of the weights and AdamW's two moments. Activations come on top."""
+    """(0) The memory plan of a 2B bi-level run, measured from the tensors of the real modules built
+    on the meta device (no RAM needed for the weights): the weights, AdamW's states after a real
+    step, the temporaries that step allocates, and the hypergradient's v and restore copy (one
+    tensor of phi's shape and dtype each). Two moments can be the peak: the lower step's optimizer
+    step (weights, grads, moments, step temporaries) and the hypergradient (weights, moments, v,
+    restore copy, and the grads if they were kept). Activations come on top."""
     from transformers import Qwen2VLConfig, Qwen2VLModel
     config = Qwen2VLConfig(text_config=QWEN2VL_2B["text"], vision_config=QWEN2VL_2B["vision"])
     with torch.device("meta"):
-        model = Qwen2VLModel(config)
-    hidden = config.get_text_config().hidden_size
-    every = sum(p.numel() for p in model.parameters()) + hidden + 1             # + the value head
-    vision = sum(p.numel() for p in model.visual.parameters())
-    fp32 = torch.finfo(torch.float32).bits // 8
+        model = prm.PRM(Qwen2VLModel(config), prm._tiny_tokenizer(), None)
+    every = list(model.parameters())
+    vision = {id(p) for p in model.backbone.visual.parameters()}
     GiB = 2 ** 30
-    print(f"(0) memory budget, Qwen2-VL-2B: {every / 1e9:.3f} B parameters, vision tower {vision / 1e9:.3f} B "
-          f"(counted on the meta device; fp32 master weights, AdamW)")
-    print(f"    {'option':44s} {'weights':>8s} {'grads':>8s} {'AdamW':>8s} {'v':>8s} {'restore':>8s} "
-          f"{'GiB':>7s}  bytes/trainable parameter")
-    rows = [("grads kept through the hypergradient", False, True, False),
-            ("grads freed before the hypergradient", False, False, False),
-            ("  + restore copy in CPU memory", False, False, True),
-            ("  + --freeze-vision", True, False, True)]
-    for name, freeze, grads_kept, offload in rows:
-        trainable = every - vision if freeze else every
-        parts = dict(weights=every * fp32, grads=trainable * fp32 if grads_kept else 0, adam=2 * trainable * fp32,
-                     v=trainable * fp32, restore=0 if offload else trainable * fp32)
-        total = sum(parts.values())
-        print(f"    {name:44s} " + " ".join(f"{x / GiB:8.2f}" for x in parts.values())
-              + f" {total / GiB:7.2f}  {total / trainable:.1f}")
+
+    def adamw(phi, o):
+        """AdamW states and one step's temporaries. foreach: measured on the meta tensors; fused:
+        none (one in-place kernel; tests/test_bilevel.py measures it on CPU); compact: the peak of
+        its chunk temporaries, measured on CPU with a tensor of two chunks (they do not grow with
+        the model)."""
+        if o["compact"]:
+            opt = bt.CompactAdamW(phi, lr=1e-6)
+            states = nbytes(t for p in phi for t in opt.init_state(p).values() if t.dim() > 0)
+            w = torch.zeros(2 * bt.CompactAdamW.CHUNK, requires_grad=True)
+            w.grad = torch.ones_like(w)
+            return states, cpu_peak(bt.CompactAdamW([w], lr=1e-6).step)[1]
+        for p in phi:
+            p.grad = torch.zeros_like(p)
+        opt = torch.optim.AdamW(phi, lr=1e-6, foreach=True)
+        opt.step()                                                 # creates the moments
+        counter = Allocations()
+        with counter:
+            opt.step()
+        states = nbytes(t for st in opt.state.values() for t in st.values() if t.dim() > 0)
+        for p in phi:
+            p.grad = None
+        return states, 0 if o["fused"] else counter.bytes
+
+    print(f"(0) memory budget, Qwen2-VL-2B PRM: {nbytes(every) / 4 / 1e9:.3f} B parameters, vision tower "
+          f"{len(vision) and nbytes(p for p in every if id(p) in vision) / 4 / 1e9:.3f} B (fp32 master weights, "
+          f"AdamW; GiB measured from meta tensors)")
+    print(f"    {'option':42s} {'weights':>7s} {'grads':>6s} {'AdamW':>6s} {'step':>6s} {'v':>6s} {'restore':>7s}"
+          f" {'lower':>6s} {'hyper':>6s} {'peak':>6s}  bytes/trainable parameter")
+    exact = dict(freeze=False, kept=False, fused=True, offload=True, compact=False)
+    rows = [("torch defaults: foreach AdamW, grads kept", dict(exact, kept=True, fused=False, offload=False)),
+            ("grads freed after each lower step", dict(exact, fused=False, offload=False)),
+            ("  + --offload-restore", dict(exact, fused=False)),
+            ("  + fused AdamW", exact),
+            ("    + --freeze-vision", dict(exact, freeze=True)),
+            ("    + --compact-states (not exact)", dict(exact, compact=True)),
+            ("    + both", dict(exact, freeze=True, compact=True))]
+    table = []
+    for name, o in rows:
+        phi = [p for p in every if not (o["freeze"] and id(p) in vision)]
+        states, temp = adamw(phi, o)
+        weights, grads = nbytes(every), nbytes(phi)
+        v = restore = nbytes(phi)                                  # clones of phi: its shapes and dtypes
+        lower = weights + grads + states + temp
+        hyper = weights + (grads if o["kept"] else 0) + states + v + (0 if o["offload"] else restore)
+        cols = [weights, grads, states, temp, v, 0 if o["offload"] else restore, lower, hyper, max(lower, hyper)]
+        print(f"    {name:42s} " + " ".join(f"{x / GiB:{w}.2f}" for x, w in zip(cols, [7, 6, 6, 6, 6, 7, 6, 6, 6]))
+              + f"  {max(lower, hyper) / nbytes(phi) * 4:.1f}")
+        table.append(dict(zip(["option", "trainable", "weights", "grads", "adamw", "step", "v", "restore", "lower",
+                               "hyper", "peak"], [name.strip(" +"), sum(p.numel() for p in phi)] + cols)))
+    return table
+
+
+def image_records(cots, batch):
+    """batch training CoTs (three domains, MC labels) and batch meta CoTs (correct or not) made of
+    encoded CoTs, for outer iterations on image data."""
+    g = torch.Generator().manual_seed(0)
+    train = [{"domain": ["clean", "noisy", "random"][b % 3], "_enc": c, "_image": None,
+              "mc": torch.rand(len(c.step_ends), generator=g).round().tolist()} for b, c in enumerate(cots[:batch])]
+    meta = [{"domain": "meta", "_enc": c, "_image": None, "correct": b % 2 == 0}
+            for b, c in enumerate(cots[batch:2 * batch])]
+    return train, meta
+
+
+def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, autocast):
+    """U lower steps on the training batch, then (bilevel) the upper step on the meta batch."""
+    keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a.device)
+    for _ in range(U):
+        last = bt.lower_step(model, opt_phi, a, train, keys, "domain", autocast)
+    if bilevel:
+        args = argparse.Namespace(no_aggregation=False, upper_loss="mse", weighting="domain", fd_radius=0.01,
+                                  weight_max=3.0, offload_restore=offload)
+        bt.upper_step(model, [p for p in model.parameters() if p.requires_grad], a, opt_a, last, meta, 1e-4,
+                      args, autocast)
+
+
+# The memory options, each added to the ones above it.
+OPTIONS = [("foreach AdamW, restore on the device", {}),
+           ("  + --offload-restore", dict(offload=True)),
+           ("  + fused AdamW", dict(fused=True)),
+           ("  + --grad-checkpointing", dict(checkpointing=True)),
+           ("  + --compact-states (not exact)", dict(compact=True)),
+           ("  + --freeze-vision", dict(freeze=True))]
+
+
+def memory_options(model, cots, args, device, autocast):
+    """(3) For each memory option: the peak memory of bi-level outer iterations on image CoTs, the
+    seconds per outer iteration against U plain lower steps. CUDA: torch.cuda.max_memory_allocated;
+    CPU: the weights plus the profiler's peak of what the iterations allocate."""
+    train, meta = image_records(cots, args.batch)
+    unit, scale = ("GiB", 2 ** 30) if args.size == "2b" else ("MiB", 2 ** 20)
+    print(f"(3) bi-level outer iteration, U={args.U}, {args.batch} train and {args.batch} meta image CoTs "
+          f"({sum(len(r['_enc'].input_ids) for r in train) // args.batch} tokens each on average)")
+    print(f"    {'option':40s} {'peak ' + unit:>9s} {'bi-level s':>11s} {'U plain s':>10s}  bi-level / plain")
+    o = dict(fused=False, offload=False, checkpointing=False, compact=False, freeze=False)
+    for name, change in OPTIONS:
+        o.update(change)
+        if change.get("checkpointing"):
+            bt.enable_checkpointing(model)
+        if change.get("freeze"):
+            bt.freeze_vision(model)
+        phi = [p for p in model.parameters() if p.requires_grad]
+        a = torch.zeros(3, device=device, requires_grad=True)
+        # foreach is torch's default on CUDA (said explicitly, so a CPU run measures the same)
+        opt_phi = bt.lower_optimizer(phi, 1e-7, fused=True, compact=o["compact"]) if o["fused"] else \
+            torch.optim.AdamW(phi, lr=1e-7, foreach=True)
+        opt_a = torch.optim.Adam([a], lr=0.01)
+        run = lambda bilevel: outer_iteration(model, opt_phi, opt_a, a, train, meta, args.U, bilevel,  # noqa: E731
+                                              o["offload"], autocast)
+        try:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                run(True), run(True)
+                sync(device)
+                top = torch.cuda.max_memory_allocated()
+            else:
+                held = nbytes(model.parameters()) + nbytes(model.buffers())
+                top = held + cpu_peak(lambda: (run(True), run(True)))[1]
+            t_bilevel = timed(lambda: run(True), args.iterations, device)
+            t_plain = timed(lambda: run(False), args.iterations, device)
+            print(f"    {name:40s} {top / scale:9.2f} {t_bilevel:11.2f} {t_plain:10.2f}  {t_bilevel / t_plain:.2f}x")
+        except torch.OutOfMemoryError:
+            print(f"    {name:40s} out of memory")
+        del opt_phi, opt_a, run
+        for p in model.parameters():
+            p.grad = None
+        gc.collect()
+    if device == "cpu":
+        print("    (on a CPU run the restore copy is in the same memory: --offload-restore saves GPU memory only)")
 
 
 def main(argv=None):
@@ -195,48 +318,50 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--n", type=int, default=8, help="CoTs per question")
     ap.add_argument("--steps", type=int, default=5, help="steps per CoT")
-    ap.add_argument("--step-tokens", type=int, default=None, help="tokens per step (default: tiny 12, 2b 80)")
-    ap.add_argument("--question-tokens", type=int, default=None, help="question tokens (default: tiny 45, 2b 128: the prompt about as long as a CoT, as with a 448x448 image and a 400-token CoT on a 2B model)")
+    ap.add_argument("--step-words", type=int, default=None,
+                    help="words per step (default: tiny 12; 2b 46, ~400-token CoTs of 5 steps)")
+    ap.add_argument("--question-words", type=int, default=None,
+                    help="words of question (default: tiny 45; 2b 68, a 388-token prompt with the 448x448 image)")
     ap.add_argument("--U", type=int, default=5, help="lower steps per outer iteration")
     ap.add_argument("--batch", type=int, default=8, help="CoTs per training step (train and meta)")
-    ap.add_argument("--iterations", type=int, default=5, help="timed outer iterations in (3)")
+    ap.add_argument("--iterations", type=int, default=3, help="timed outer iterations per option in (3), median reported")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats in (1) and (2), median reported")
-    ap.add_argument("--_loop", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--budget", action="store_true", help="print the 2B memory budget (0) only (any machine)")
+    ap.add_argument("--only", choices=["budget", "options"], default=None,
+                    help="budget: the 2B memory budget (0) only (any machine); options: (3) only")
+    ap.add_argument("--budget", action="store_true", help="the same as --only budget")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    if args.budget or args.size == "2b":
+    only = "budget" if args.budget else args.only
+    if only == "budget" or (args.size == "2b" and only is None):
         memory_budget()
-        if args.budget:
+        if only == "budget":
             return
     device = args.device
-    off = torch.autocast("cpu", enabled=False)
-    if args._loop:                           # child process for (4) on CPU
-        model, _ = build(args.size, "cpu")
-        training_loop(model.train(), args._loop, args.U, args.batch, args.iterations, "cpu", off)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return
-    step_tokens = args.step_tokens or (12 if args.size == "tiny" else 80)
-    question_tokens = args.question_tokens or (45 if args.size == "tiny" else 128)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else off
+    step_words = args.step_words or (12 if args.size == "tiny" else 46)
+    question_words = args.question_words or (45 if args.size == "tiny" else 68)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     model, image_size = build(args.size, device)
     n_params = sum(p.numel() for p in model.parameters())
-    cots = make_cots(model, args.n, args.steps, step_tokens, image_size, question_tokens)
-    tokens = sum(len(c.input_ids) for c in cots)
+    cots = make_cots(model, max(args.n, 2 * args.batch), args.steps, step_words, image_size, question_words)
+    scored = cots[:args.n]
+    tokens = sum(len(c.input_ids) for c in scored)
     print(f"size={args.size} ({n_params / 1e6:.1f} M parameters) device={device} threads={torch.get_num_threads()} "
           f"N={args.n} steps={args.steps} prompt={cots[0].prompt_len} tokens, CoT tokens "
           f"~{(tokens - args.n * cots[0].prompt_len) // args.n}" + (f" gpu={torch.cuda.get_device_name()}" if device == "cuda" else ""))
+    if only == "options":
+        memory_options(model.train(), cots, args, device, autocast)
+        return
 
     model.eval()
     with torch.no_grad(), autocast:
-        t_prefix = timed(lambda: prm.prefix_values(model, cots), args.repeats, device)
-        t_packed = timed(lambda: prm.step_values(model, cots), args.repeats, device)
-        t_shared = timed(lambda: prm.shared_prefix_values(model, cots), args.repeats, device)
-        _, m_prefix = peak(lambda: prm.prefix_values(model, cots), device)
-        _, m_packed = peak(lambda: prm.step_values(model, cots), device)
-        _, m_shared = peak(lambda: prm.shared_prefix_values(model, cots), device)
-        v_packed, mask = prm.step_values(model, cots)
-        v_shared, _ = prm.shared_prefix_values(model, cots)
+        t_prefix = timed(lambda: prm.prefix_values(model, scored), args.repeats, device)
+        t_packed = timed(lambda: prm.step_values(model, scored), args.repeats, device)
+        t_shared = timed(lambda: prm.shared_prefix_values(model, scored), args.repeats, device)
+        _, m_prefix = peak(lambda: prm.prefix_values(model, scored), device)
+        _, m_packed = peak(lambda: prm.step_values(model, scored), device)
+        _, m_shared = peak(lambda: prm.shared_prefix_values(model, scored), device)
+        v_packed, mask = prm.step_values(model, scored)
+        v_shared, _ = prm.shared_prefix_values(model, scored)
     gib = lambda m: "" if m is None else f"   peak {m:.2f} GiB"  # noqa: E731
     print(f"(1) scoring one question ({args.n} CoTs)")
     print(f"    per-prefix     {t_prefix * 1e3:10.2f} ms{gib(m_prefix)}")
@@ -245,8 +370,8 @@ def main(argv=None):
           f"packed / shared = {t_packed / t_shared:.2f}x, max |difference| {(v_packed - v_shared)[mask].abs().max():.2e}")
 
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
-    batch = (cots * ((args.batch + len(cots) - 1) // len(cots)))[:args.batch]
+    opt = bt.lower_optimizer([p for p in model.parameters() if p.requires_grad], 1e-7)
+    batch = (scored * ((args.batch + len(scored) - 1) // len(scored)))[:args.batch]
     t_train_prefix = timed(lambda: train_per_prefix(model, opt, batch, autocast), max(1, args.repeats // 2), device)
     t_train_packed = timed(lambda: train_packed(model, opt, batch, autocast), args.repeats, device)
     _, m_train_packed = peak(lambda: train_packed(model, opt, batch, autocast), device)
@@ -254,30 +379,19 @@ def main(argv=None):
     print(f"    per-prefix     {t_train_prefix / args.batch * 1e3:10.2f} ms per CoT")
     print(f"    packed         {t_train_packed / args.batch * 1e3:10.2f} ms per CoT{gib(m_train_packed)}   "
           f"per-prefix / packed = {t_train_prefix / t_train_packed:.1f}x")
-
-    t_plain, m_plain = peak(lambda: training_loop(model, "plain", args.U, args.batch, args.iterations, device, autocast), device)
-    t_bilevel, m_bilevel = peak(lambda: training_loop(model, "bilevel", args.U, args.batch, args.iterations, device,
-                                                      autocast), device)
-    print(f"(3) one outer iteration, U={args.U}, {args.batch} train and {args.batch} meta CoTs (synthetic text set)")
-    print(f"    U plain lower steps {t_plain * 1e3:10.2f} ms{gib(m_plain)}")
-    print(f"    bi-level iteration  {t_bilevel * 1e3:10.2f} ms{gib(m_bilevel)}   bi-level / plain = {t_bilevel / t_plain:.2f}x")
-    if device == "cpu" and args.size == "tiny":
-        r_plain, r_bilevel = peak_rss_child("plain", args), peak_rss_child("bilevel", args)
-        print(f"(4) peak RSS, plain {r_plain:.0f} MiB, bi-level {r_bilevel:.0f} MiB: ratio {r_bilevel / r_plain:.2f}")
-    elif device == "cpu":
-        print("(4) peak memory of the 2b size is measured on CUDA only")
-    else:
-        print(f"(4) peak GPU memory: scoring packed {m_packed:.2f} / shared {m_shared:.2f} GiB; training packed "
-              f"{m_train_packed:.2f} GiB; plain {m_plain:.2f} / bi-level {m_bilevel:.2f} GiB")
     train_tokens = sum(len(c.input_ids) for c in batch)
     model_tflops = 6 * n_params * train_tokens / t_train_packed / 1e12
     bf16 = matmul_tflops(device)
-    line = (f"(5) packed training: {model_tflops * 1e3:.2f} model GFLOP/s (6 x params x tokens); bf16 matmul "
+    line = (f"    packed training: {model_tflops * 1e3:.2f} model GFLOP/s (6 x params x tokens); bf16 matmul "
             f"measured {bf16 * 1e3:.1f} GFLOP/s: {model_tflops / bf16:.1%} of it")
     if device == "cpu":                      # many CPUs have no fast bf16: show fp32 beside it
         fp32 = matmul_tflops(device, torch.float32)
         line += f"; fp32 matmul {fp32 * 1e3:.1f} GFLOP/s: {model_tflops / fp32:.1%}"
     print(line)
+    del opt
+    for p in model.parameters():
+        p.grad = None
+    memory_options(model, cots, args, device, autocast)
 
 
 if __name__ == "__main__":

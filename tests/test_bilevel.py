@@ -291,7 +291,7 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
 
 
 @pytest.mark.parametrize("flags", [["--weighting", "instance"], ["--no-aggregation"], ["--upper-loss", "bce"],
-                                   ["--weighting", "fixed"]])
+                                   ["--weighting", "fixed"], ["--compact-states"]])
 def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
     out = str(tmp_path / "run")
     assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "4", "--unroll-steps", "2",
@@ -373,3 +373,159 @@ def test_memory_options_are_exact(backbone_dir):
                   torch.autocast("cpu", enabled=False))
     assert all(torch.equal(v, model.backbone.visual.state_dict()[k]) for k, v in vision.items())
     assert not all(torch.equal(v, model.backbone.language_model.state_dict()[k]) for k, v in text.items())
+
+
+def test_fused_adamw_matches_the_per_tensor_loop_and_resumes(backbone_dir, tmp_path):
+    """The lower optimizer on CUDA is fused AdamW (no 4-byte-per-parameter temporary). Its result
+    is compared here, on CPU, with the per-tensor loop torch runs on CPU: 5 lower steps at lr 1e-3
+    differ by at most 1e-6 per weight (the order of float operations differs; a wrong moment or
+    bias correction would differ by ~1e-3). A checkpoint of the fused optimizer resumes exactly."""
+    train, _ = bt.synthetic_data(2, 8, 8)
+    records = train[::4][:6]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    a = torch.tensor([0.2, -0.1, 0.0])
+    off = torch.autocast("cpu", enabled=False)
+    params = {}
+    for fused in (False, True):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        phi = [p for p in model.parameters() if p.requires_grad]
+        opt = bt.lower_optimizer(phi, 1e-3, 0.01, fused=fused)
+        assert bool(opt.defaults["fused"]) == fused and not opt.defaults["foreach"]
+        for _ in range(5):
+            bt.lower_step(model, opt, a, records, keys, "domain", off)
+        params[fused] = [p.detach().clone() for p in phi]
+    assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
+    # Resume: 2 steps, checkpoint, 1 more step; against a fresh model and optimizer loaded from it.
+    runs = []
+    for resumed in (False, True):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        phi = [p for p in model.parameters() if p.requires_grad]
+        opt, opt_a = bt.lower_optimizer(phi, 1e-3, fused=True), torch.optim.Adam([a.clone().requires_grad_()])
+        if resumed:
+            bt.load_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a)
+        else:
+            for _ in range(2):
+                bt.lower_step(model, opt, a, records, keys, "domain", off)
+            bt.save_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a, 2)
+        bt.lower_step(model, opt, a, records, keys, "domain", off)
+        runs.append([p.detach().clone() for p in phi])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_allocation_counter_sees_the_foreach_temporary():
+    """tests/bench.py measures CPU peaks from the profiler's allocation events. Checked here on an
+    AdamW step of 10 x 300k parameters: foreach holds sqrt(v) of all of them at once (4 bytes per
+    parameter on top of gradients and moments), the per-tensor loop a few tensors' worth, fused none."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import bench
+    peaks = {}
+    for kind in ("foreach", "loop", "fused"):
+        ps = [torch.zeros(300, 1000, requires_grad=True) for _ in range(10)]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt = torch.optim.AdamW(ps, lr=1e-3, foreach=kind == "foreach", fused=(kind == "fused") or None)
+        opt.step()                                               # the moments now exist
+        peaks[kind] = bench.cpu_peak(opt.step)[1] / 3e6          # bytes per parameter above what was held
+    assert peaks["foreach"] == pytest.approx(4.0, abs=0.01)
+    assert peaks["loop"] < 1.5                                   # sqrt, division and the last denominator
+    assert peaks["fused"] < 0.01
+
+
+def test_2b_memory_budget_is_measured_from_the_real_modules():
+    """tests/bench.py --budget: Qwen2-VL-2B built on the meta device (no RAM for its weights). The
+    measured AdamW states are 8 bytes per trainable parameter, torch's foreach step allocates 4
+    more, and the peak of each option is the larger of the lower step and the hypergradient."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import bench
+    table = {row["option"]: row for row in bench.memory_budget()}
+    every = table["torch defaults: foreach AdamW, grads kept"]["trainable"]
+    assert 2.20e9 < every < 2.22e9                                # Qwen2-VL-2B + the value head
+    frozen = table["--freeze-vision"]["trainable"]
+    assert 0.66e9 < every - frozen < 0.67e9                       # the vision tower
+    for name, row in table.items():
+        n = row["trainable"]
+        compact = name in ("--compact-states (not exact)", "both")
+        assert row["weights"] == 4 * every and row["adamw"] == (4 if compact else 8) * n and row["v"] == 4 * n
+        assert row["step"] < 2 ** 28 if compact else True        # chunk temporaries: under 0.25 GiB
+        assert row["peak"] == max(row["lower"], row["hyper"])
+    per_parameter = {k: row["peak"] / every for k, row in table.items()}
+    assert per_parameter["torch defaults: foreach AdamW, grads kept"] == 24   # w, g, m, s, v, restore
+    assert per_parameter["grads freed after each lower step"] == 20            # w, m, s + v, restore or g, temp
+    assert per_parameter["--offload-restore"] == 20                            # the foreach step is the peak
+    assert table["--offload-restore"]["lower"] > table["--offload-restore"]["hyper"]
+    assert per_parameter["fused AdamW"] == 16
+    assert table["fused AdamW"]["peak"] / 2 ** 30 < 33
+    assert table["both"]["peak"] / 2 ** 30 < 21
+
+
+def test_bench_memory_options_run(capsys):
+    """The per-option section of tests/bench.py (what a GPU run prints for the 2B model) runs every
+    option on the tiny backbone on CPU and measures a peak and a time for each."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import bench
+    bench.main(["--only", "options", "--U", "1", "--iterations", "1", "--batch", "2", "--steps", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    for name, _ in bench.OPTIONS:
+        row = next(line for line in lines if line.startswith("    " + name + " "))
+        peak, t_bilevel, t_plain = (float(x) for x in row[len(name) + 4:].split()[:3])
+        assert peak > 0 and t_bilevel > 0 and t_plain > 0
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_small_increments():
+    """bf16 moments need stochastic rounding: an Adam second moment s <- 0.999 s + 0.001 g^2 with
+    g = 1 from s = 0 should follow 1 - 0.999^t; rounded to nearest bf16 it stops moving once the
+    increment is below half a spacing, stochastically rounded it tracks the exact value."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2 ** -9)                      # a quarter of the way between bf16 values
+    rounded = bt.stochastic_round_bf16(x, gen).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert rounded.mean().item() == pytest.approx(x[0].item(), abs=2e-5)   # 4 standard errors: 1.5e-5
+    nearest = torch.zeros(1000, dtype=torch.bfloat16)
+    stochastic = torch.zeros(1000, dtype=torch.bfloat16)
+    for _ in range(3000):
+        nearest = (nearest.float() * 0.999 + 0.001).to(torch.bfloat16)
+        stochastic = bt.stochastic_round_bf16(stochastic.float() * 0.999 + 0.001, gen)
+    exact = 1 - 0.999 ** 3000                                       # 0.950
+    assert nearest.float().mean().item() < 0.6                      # stuck far below
+    assert stochastic.float().mean().item() == pytest.approx(exact, abs=0.01)
+
+
+def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path):
+    """--compact-states against torch's AdamW on the same 20 lower steps: bf16 moments with
+    stochastic rounding move phi by the same amount within 3% (||phi_c - phi|| / ||phi - phi_0||);
+    the moments take 2 bytes per parameter each; a checkpoint resumes bit for bit."""
+    train, _ = bt.synthetic_data(3, 8, 8)
+    records = train[::4][:6]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    a = torch.tensor([0.2, -0.1, 0.0])
+    off = torch.autocast("cpu", enabled=False)
+    start = [p.detach().clone() for p in prm.PRM.from_backbone(backbone_dir).parameters()]
+    params = {}
+    for compact in (False, True):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        phi = list(model.parameters())
+        opt = bt.lower_optimizer(phi, 1e-3, 0.01, compact=compact)
+        for _ in range(20):
+            bt.lower_step(model, opt, a, records, keys, "domain", off)
+        params[compact] = [p.detach().clone() for p in phi]
+        if compact:
+            assert all(st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16 for st in opt.state.values())
+    norm = lambda xs: torch.sqrt(sum((x ** 2).sum() for x in xs)).item()    # noqa: E731
+    moved = norm([x - x0 for x, x0 in zip(params[False], start)])
+    off_by = norm([x - y for x, y in zip(params[True], params[False])])
+    print(f"moved {moved:.4f}, compact off by {off_by:.5f} ({off_by / moved:.2%})")
+    assert moved > 0.1 and off_by / moved < 0.03
+    runs = []
+    for resumed in (False, True):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        phi = list(model.parameters())
+        opt, opt_a = bt.lower_optimizer(phi, 1e-3, compact=True, seed=5), torch.optim.Adam([a.clone().requires_grad_()])
+        if resumed:
+            bt.load_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a)
+        else:
+            for _ in range(2):
+                bt.lower_step(model, opt, a, records, keys, "domain", off)
+            bt.save_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a, 2)
+        bt.lower_step(model, opt, a, records, keys, "domain", off)
+        runs.append([p.detach().clone() for p in phi])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
