@@ -19,7 +19,10 @@ Run the toy demo (no data arguments; a small synthetic set if the toy world is n
     python bilevel_train.py
 Real data:
     python bilevel_train.py --train labels.jsonl --meta meta.jsonl --domains ai2d,m3cot \\
-        --model /models/Qwen2-VL-2B-Instruct --precision bf16 --out runs/dreamprm
+        --model /models/Qwen2-VL-2B-Instruct --precision bf16 --grad-checkpointing --offload-restore \
+        --out runs/dreamprm
+  (fp32 master weights, bf16 compute: 16 bytes per parameter before activations, about 33 GiB for
+  a 2B PRM; --compact-states and --freeze-vision take it under 20 GiB; README, the 2B memory plan)
 """
 
 import json
