@@ -62,14 +62,14 @@ def timed(fn, repeats, device):
 
 
 def peak(fn, device):
-    """(result, peak GiB allocated during fn) on CUDA; (result, None) on CPU."""
+    """(result, peak bytes allocated during fn) on CUDA; (result, None) on CPU."""
     if device != "cuda":
         return fn(), None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     out = fn()
     sync(device)
-    return out, torch.cuda.max_memory_allocated() / 2 ** 30
+    return out, torch.cuda.max_memory_allocated()
 
 
 def build(size, device):
@@ -145,6 +145,10 @@ def matmul_tflops(device, dtype=torch.bfloat16):
     return 2 * n ** 3 / t / 1e12
 
 
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class Allocations(TorchDispatchMode):
     """Sums the bytes of the new tensors operators return while active (not views, not in-place
     results). Runs on the meta device, so it measures 2B-sized steps without the memory."""
@@ -158,12 +162,8 @@ class Allocations(TorchDispatchMode):
         returns = func._schema.returns
         for i, t in enumerate(out if isinstance(out, (list, tuple)) else [out]):
             if isinstance(t, torch.Tensor) and returns[min(i, len(returns) - 1)].alias_info is None:
-                self.bytes += t.numel() * t.element_size()
+                self.bytes += nbytes([t])
         return out
-
-
-def nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def memory_budget():
@@ -291,11 +291,7 @@ def memory_options(model, cots, args, device, autocast):
                                               o["offload"], autocast)
         try:
             if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                run(True), run(True)
-                sync(device)
-                top = torch.cuda.max_memory_allocated()
+                top = peak(lambda: (run(True), run(True)), device)[1]
             else:
                 held = nbytes(model.parameters()) + nbytes(model.buffers())
                 top = held + cpu_peak(lambda: (run(True), run(True)))[1]
@@ -362,7 +358,7 @@ def main(argv=None):
         _, m_shared = peak(lambda: prm.shared_prefix_values(model, scored), device)
         v_packed, mask = prm.step_values(model, scored)
         v_shared, _ = prm.shared_prefix_values(model, scored)
-    gib = lambda m: "" if m is None else f"   peak {m:.2f} GiB"  # noqa: E731
+    gib = lambda m: "" if m is None else f"   peak {m / 2 ** 30:.2f} GiB"  # noqa: E731
     print(f"(1) scoring one question ({args.n} CoTs)")
     print(f"    per-prefix     {t_prefix * 1e3:10.2f} ms{gib(m_prefix)}")
     print(f"    packed         {t_packed * 1e3:10.2f} ms{gib(m_packed)}   per-prefix / packed = {t_prefix / t_packed:.1f}x")

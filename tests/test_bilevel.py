@@ -375,6 +375,30 @@ def test_memory_options_are_exact(backbone_dir):
     assert not all(torch.equal(v, model.backbone.language_model.state_dict()[k]) for k, v in text.items())
 
 
+def assert_optimizer_resumes_exactly(backbone_dir, tmp_path, make_optimizer):
+    """2 lower steps, a checkpoint, 1 more step; against a fresh model and optimizer loaded from
+    the checkpoint and stepped once: the same phi bit for bit."""
+    train, _ = bt.synthetic_data(2, 8, 8)
+    records = train[::4][:6]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    a = torch.tensor([0.2, -0.1, 0.0])
+    off = torch.autocast("cpu", enabled=False)
+    runs = []
+    for resumed in (False, True):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        phi = [p for p in model.parameters() if p.requires_grad]
+        opt, opt_a = make_optimizer(phi), torch.optim.Adam([a.clone().requires_grad_()])
+        if resumed:
+            bt.load_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a)
+        else:
+            for _ in range(2):
+                bt.lower_step(model, opt, a, records, keys, "domain", off)
+            bt.save_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a, 2)
+        bt.lower_step(model, opt, a, records, keys, "domain", off)
+        runs.append([p.detach().clone() for p in phi])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
 def test_fused_adamw_matches_the_per_tensor_loop_and_resumes(backbone_dir, tmp_path):
     """The lower optimizer on CUDA is fused AdamW (no 4-byte-per-parameter temporary). Its result
     is compared here, on CPU, with the per-tensor loop torch runs on CPU: 5 lower steps at lr 1e-3
@@ -395,21 +419,7 @@ def test_fused_adamw_matches_the_per_tensor_loop_and_resumes(backbone_dir, tmp_p
             bt.lower_step(model, opt, a, records, keys, "domain", off)
         params[fused] = [p.detach().clone() for p in phi]
     assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
-    # Resume: 2 steps, checkpoint, 1 more step; against a fresh model and optimizer loaded from it.
-    runs = []
-    for resumed in (False, True):
-        model = prm.PRM.from_backbone(backbone_dir).train()
-        phi = [p for p in model.parameters() if p.requires_grad]
-        opt, opt_a = bt.lower_optimizer(phi, 1e-3, fused=True), torch.optim.Adam([a.clone().requires_grad_()])
-        if resumed:
-            bt.load_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a)
-        else:
-            for _ in range(2):
-                bt.lower_step(model, opt, a, records, keys, "domain", off)
-            bt.save_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a, 2)
-        bt.lower_step(model, opt, a, records, keys, "domain", off)
-        runs.append([p.detach().clone() for p in phi])
-    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    assert_optimizer_resumes_exactly(backbone_dir, tmp_path, lambda phi: bt.lower_optimizer(phi, 1e-3, fused=True))
 
 
 def test_allocation_counter_sees_the_foreach_temporary():
@@ -515,17 +525,5 @@ def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path
     off_by = norm([x - y for x, y in zip(params[True], params[False])])
     print(f"moved {moved:.4f}, compact off by {off_by:.5f} ({off_by / moved:.2%})")
     assert moved > 0.1 and off_by / moved < 0.03
-    runs = []
-    for resumed in (False, True):
-        model = prm.PRM.from_backbone(backbone_dir).train()
-        phi = list(model.parameters())
-        opt, opt_a = bt.lower_optimizer(phi, 1e-3, compact=True, seed=5), torch.optim.Adam([a.clone().requires_grad_()])
-        if resumed:
-            bt.load_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a)
-        else:
-            for _ in range(2):
-                bt.lower_step(model, opt, a, records, keys, "domain", off)
-            bt.save_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a, 2)
-        bt.lower_step(model, opt, a, records, keys, "domain", off)
-        runs.append([p.detach().clone() for p in phi])
-    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    assert_optimizer_resumes_exactly(backbone_dir, tmp_path,
+                                     lambda phi: bt.lower_optimizer(phi, 1e-3, compact=True, seed=5))
