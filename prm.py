@@ -8,17 +8,23 @@ steps y_1..y_n, the value of the prefix yhat_i = y_1..y_i is
 where h_i is the backbone's last hidden state at the last token of step i. Attention is causal, so
 h_i depends only on x and yhat_i, and ONE forward pass over the whole CoT gives all n prefix values
 ("packed scoring", `step_values`). `prefix_values` is the plain reference: one forward per prefix.
+A CoT's score is the aggregation A(V_1..V_n) = sigmoid(mean_i logit(V_i)) (`aggregate`).
 
-What lives here (every stage imports it, none re-implements it):
-- `tiny_backbone`: a small randomly initialised Qwen2-VL with a locally built tokenizer and Pillow
-  image processor, for tests and the toy world; nothing is downloaded.
-- `PRM`: backbone (transformers Auto classes, local directory) + Linear(hidden, 1) value head;
-  `save_pretrained` / `from_pretrained` with safetensors and JSON only.
-- `split_steps`, `encode_cot`: step formatting and segment-wise tokenization, so every step end
-  is an exact token position.
-- `step_values`, `prefix_values`, `aggregate`: scoring and the aggregation function A.
-- Readers for our JSONL formats and the published DreamPRM JSON, with validation that names the
-  file, line and field of any bad input (`DataError`).
+Read from the top; every stage imports this file and none re-implements it:
+  1. The PRM         `split_steps`, `step_segments` (step format), `encode_cot` (segment-wise
+                     tokenization: every step end is an exact token position), `collate`,
+                     `PRM` (backbone + Linear(hidden, 1) head), `step_values` (packed),
+                     `prefix_values` (reference), `shared_prefix_values` (a question's N CoTs
+                     with the image and question encoded once), `aggregate`.
+  2. Loading, saving `PRM.from_backbone`, `PRM.from_pretrained`, `PRM.save_pretrained`:
+                     safetensors and JSON only, strict checks, a model card.
+  3. Tiny backbone   `tiny_backbone`: a small randomly initialised Qwen2-VL with a locally built
+                     tokenizer and Pillow image processor, for tests and the toy world.
+  4. Records, formats `read_cots`: one reader for our JSON Lines, the published DreamPRM JSON,
+                     TRL stepwise supervision and VisualProcessBench (`FORMATS`), each record
+                     validated by `check_record`, with errors that name file, line and field.
+  5. Plumbing        `DataError`, the argument parser, atomic files, locks, the PNG line chart:
+                     a reader of the method can stop before it.
 
 Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 """
@@ -38,106 +44,23 @@ from functools import lru_cache
 
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
+
 
 STEP_SEP = "\n"                 # written between steps; each step's last token is its "step end"
 FINAL_PREFIX = "Final answer: "  # the structured prompt's answer line, attached to the last step
 FINAL_RULES = ("last-step", "drop")   # the final answer line joins the last step, or is never encoded
 V_CLAMP = 1e-6                  # logit(V) is taken of V clamped to [V_CLAMP, 1 - V_CLAMP]
-PRM_FORMAT = 2                  # version of prm.json
 MAX_SIDE = 512                  # images shrink to this longest side first, as the published code does
-# Backbones whose inputs this code builds and checks (tests: packed = per-prefix = shared-prefix).
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_CACHE_SIZE = 256          # preprocessed images kept per PRM (a question's N CoTs share one)
 
 
-# --------------------------------------------------------------------------------------------
-# Errors a user can cause
-# --------------------------------------------------------------------------------------------
+# ==============================================================================================
+# 1. The PRM: step format, encoding, the value head, scoring, aggregation
+# ==============================================================================================
 
-class DataError(ValueError):
-    """Bad input a user can cause. str() is one line: 'file:line: field: what is wrong'."""
-
-    def __init__(self, message, file=None, line=None, field=None):
-        self.file, self.line, self.field = file, line, field
-        where = ":".join(str(p) for p in (file, line) if p is not None)
-        parts = [p for p in (where, f"field '{field}'" if field else None, message) if p]
-        super().__init__(": ".join(parts))
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the scripts' docstrings as written and shows every flag's default (flags whose
-    help already explains a computed default say it themselves)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """The scripts' argument parser: --help keeps the docstring and shows defaults, and a bad flag
-    is one line on stderr ("error: argument --lr: must be > 0"), exit code 2."""
-
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def number(kind=int, low=None, high=None, above=False):
-    """The one flag check: an argparse type for a finite number of `kind` (int or float) that is
-    >= low (> low with above=True) and <= high. NaN and infinities are refused."""
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (x <= low if above else x < low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if above else '>='} {low}")
-        if high is not None and x > high:
-            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
-        return x
-    return parse
-
-
-def check_writable(folder):
-    """Create `folder` if needed and prove it takes a file, before any long work starts."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise DataError(f"cannot write here ({e.strerror})", file=folder) from None
-
-
-def add_format_args(ap):
-    """--format and --domain, for every script that reads CoT files."""
-    ap.add_argument("--format", choices=["auto"] + list(FORMATS), default="auto",
-                    help="input file format (auto: detected from the file; see the README's data section)")
-    ap.add_argument("--domain", default=None, help="domain of records whose format carries none "
-                    "(trl without a domain field; default: the file name without extension)")
-
-
-def run_cli(main, argv=None):
-    """Run a script's main(argv); a DataError becomes one line on stderr and exit code 2."""
-    try:
-        return main(argv) or 0
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-# --------------------------------------------------------------------------------------------
-# Steps: parse and format
-# --------------------------------------------------------------------------------------------
+# -- Steps: parse and format -------------------------------------------------------------------
 
 # "Step 3: ...", "### Step 3: ...", "**Step 3**: ..." at the start of a line.
 _STEP_RE = re.compile(r"^[ \t]*(?:#+[ \t]*)?(?:\*\*)?Step[ \t]*(\d+)\b", re.IGNORECASE | re.MULTILINE)
@@ -199,9 +122,7 @@ def question_text(record):
     return text
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenization: chat template + segment-wise steps
-# --------------------------------------------------------------------------------------------
+# -- Encoding: chat template + segment-wise steps ----------------------------------------------
 
 @dataclass
 class Encoded:
@@ -306,6 +227,21 @@ def encode_cot(tokenizer, question, steps, final="", image=None, image_processor
     return Encoded(input_ids, torch.tensor(ends, dtype=torch.long), prompt_len, pixel_values, grid, mm)
 
 
+# -- Collate: right-padded batches -------------------------------------------------------------
+
+def pad_rows(rows, fill=0, width=None, dtype=None, device=None):
+    """Rows of different lengths (lists or 1-D tensors) -> one right-padded (B, W) tensor and the
+    (B, W) mask of its real entries; W is the longest row, or `width`. Every batch is built so."""
+    W = max((len(r) for r in rows), default=0) if width is None else width
+    dtype = dtype or (rows[0].dtype if rows and torch.is_tensor(rows[0]) else torch.float32)
+    out = torch.full((len(rows), W), fill, dtype=dtype, device=device)
+    mask = torch.zeros(len(rows), W, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.as_tensor(r, dtype=dtype)
+        mask[b, :len(r)] = True
+    return out, mask
+
+
 def collate(cots, pad_id):
     """Right-pad a list of Encoded into one batch for the backbone.
 
@@ -313,46 +249,21 @@ def collate(cots, pad_id):
     and, when any CoT has an image, pixel_values (sum P, D), image_grid_thw (n_images, 3) and
     mm_token_type_ids (B, L). Padded step slots point at position 0 and are masked out.
     """
-    B = len(cots)
-    L = max(len(c.input_ids) for c in cots)
-    S = max(len(c.step_ends) for c in cots)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, L, dtype=torch.long)
-    step_ends = torch.zeros(B, S, dtype=torch.long)
-    step_mask = torch.zeros(B, S, dtype=torch.bool)
-    for b, c in enumerate(cots):
-        n, s = len(c.input_ids), len(c.step_ends)
-        input_ids[b, :n] = c.input_ids
-        attention_mask[b, :n] = 1
-        step_ends[b, :s] = c.step_ends
-        step_mask[b, :s] = True
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, step_ends=step_ends, step_mask=step_mask)
+    input_ids, attention_mask = pad_rows([c.input_ids for c in cots], pad_id)     # (B, L)
+    step_ends, step_mask = pad_rows([c.step_ends for c in cots])                  # (B, S)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask.long(), step_ends=step_ends,
+                 step_mask=step_mask)
     with_image = [c for c in cots if c.pixel_values is not None]
     if with_image:
-        mm = torch.zeros(B, L, dtype=torch.long)
-        for b, c in enumerate(cots):
-            if c.mm_token_type_ids is not None:
-                mm[b, :len(c.input_ids)] = c.mm_token_type_ids
+        mm = [c.mm_token_type_ids if c.mm_token_type_ids is not None else torch.zeros_like(c.input_ids)
+              for c in cots]
         batch["pixel_values"] = torch.cat([c.pixel_values for c in with_image])
         batch["image_grid_thw"] = torch.cat([c.image_grid_thw for c in with_image])
-        batch["mm_token_type_ids"] = mm
+        batch["mm_token_type_ids"] = pad_rows(mm, 0, input_ids.shape[1], torch.long)[0]   # (B, L)
     return batch
 
 
-# --------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------
-
-def _quiet_transformers():
-    """Loading and saving print load reports and progress bars; keep script output readable."""
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _is_prm_dir(path):
-    return os.path.isfile(os.path.join(path, "prm.json")) and os.path.isfile(os.path.join(path, "prm.safetensors"))
-
+# -- The model: backbone + value head ----------------------------------------------------------
 
 class PRM(nn.Module):
     """Backbone + value head. V_phi(x, yhat_i) = sigmoid(w^T h_i + b).
@@ -381,103 +292,6 @@ class PRM(nn.Module):
         self.max_length = backbone.config.get_text_config().max_position_embeddings   # longer CoTs are skipped
         self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
-    # -- loading and saving -------------------------------------------------------------------
-    @classmethod
-    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False, attn_implementation=None):
-        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`.
-        attn_implementation: None (transformers' default, sdpa), or "eager" where double backward
-        through attention is needed (the hypergradient test)."""
-        from transformers import AutoModel, AutoTokenizer
-        _quiet_transformers()
-        vision = check_backbone(path)
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        with _load_errors(path, "the backbone"):
-            backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                       output_loading_info=True, ignore_mismatched_sizes=True,
-                                                       **extra)
-        # A base model loaded from a checkpoint with an LM head leaves that head out; nothing else may differ.
-        bad = {"missing": sorted(info["missing_keys"]),
-               "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head.")),
-               "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
-                                     for k in info["mismatched_keys"])}
-        if any(bad.values()):
-            raise DataError("weights do not match the model's config: " + "; ".join(
-                f"{why} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-                for why, keys in bad.items() if keys), file=path)
-        with _load_errors(path, "the tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        _ensure_chat_template(tokenizer, path)
-        image_processor = None
-        if vision:
-            from transformers import AutoImageProcessor
-            with _load_errors(path, "the image processor"):
-                image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(backbone, tokenizer, image_processor, seed=seed)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False):
-        """Load a PRM written by save_pretrained (or the run directory of bilevel_train.py, which
-        holds it in prm/). A directory without the PRM files is a DataError."""
-        recover_dir(path)
-        recover_dir(os.path.join(path, "prm"))
-        if not _is_prm_dir(path) and _is_prm_dir(os.path.join(path, "prm")):
-            path = os.path.join(path, "prm")                     # a bilevel_train.py run directory
-        if not _is_prm_dir(path):
-            raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
-                            "a plain backbone is loaded with --model, not as a PRM)", file=path)
-        with open(os.path.join(path, "prm.json")) as f:
-            meta = json.load(f)
-        if meta.get("step_sep", STEP_SEP) != STEP_SEP:
-            raise DataError(f"step separator {meta['step_sep']!r} differs from this code's {STEP_SEP!r}",
-                            file=os.path.join(path, "prm.json"), field="step_sep")
-        prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        head_file = os.path.join(path, "prm.safetensors")
-        with _load_errors(head_file, "the value head"):
-            head = load_file(head_file)
-        H = prm.head.in_features
-        for name, shape in (("head.weight", (1, H)), ("head.bias", (1,))):
-            if name not in head or tuple(head[name].shape) != shape:
-                got = tuple(head[name].shape) if name in head else "missing"
-                raise DataError(f"tensor {name}: expected shape {shape}, found {got}", file=head_file)
-        prm.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
-        for key in ("final_answer", "max_side", "min_pixels", "max_pixels", "max_length", "aggregation"):
-            if key in meta:
-                setattr(prm, key, meta[key])
-        return prm
-
-    def settings(self):
-        """Everything scoring needs to read a CoT as training did (saved in prm.json)."""
-        return dict(final_answer=self.final_answer, max_side=self.max_side, min_pixels=self.min_pixels,
-                    max_pixels=self.max_pixels, max_length=self.max_length, aggregation=self.aggregation)
-
-    def save_pretrained(self, path, card=None):
-        """Write backbone (safetensors), tokenizer, image processor, prm.safetensors, prm.json (all
-        that scoring needs) and a README.md model card (`card`: extra lines about training).
-        Written into a temporary directory first, then renamed: a crash never leaves half a PRM."""
-        import transformers
-        _quiet_transformers()
-        with atomic_dir(path) as tmp:
-            self.backbone.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.image_processor is not None:
-                self.image_processor.save_pretrained(tmp)
-            save_file({"head.weight": self.head.weight.detach().float().contiguous(),
-                       "head.bias": self.head.bias.detach().float().contiguous()},
-                      os.path.join(tmp, "prm.safetensors"))
-            meta = dict(format=PRM_FORMAT, backbone_class=type(self.backbone).__name__,
-                        model_type=self.backbone.config.model_type, hidden_size=self.head.in_features,
-                        head="V = sigmoid(head.weight @ h + head.bias), h = the backbone's last hidden state at "
-                             "the last token of a step; prm.safetensors holds head.weight (1, hidden) and head.bias (1,)",
-                        prompt="chat template; user turn: the image, then the question (and 'Options: (A) ...'); "
-                               "assistant turn: the steps joined by step_sep, each step's last token is its step end",
-                        step_sep=STEP_SEP, final_prefix=FINAL_PREFIX, **self.settings(),
-                        versions=dict(torch=torch.__version__, transformers=transformers.__version__))
-            with open(os.path.join(tmp, "prm.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            with open(os.path.join(tmp, "README.md"), "w") as f:
-                f.write(model_card(meta, card or []))
-
-    # -- encoding and scoring -----------------------------------------------------------------
     def encode(self, record):
         """Encode a record with 'question', 'steps', optional 'final' and '_image' (a path). The
         final answer line joins the last step or is left out, by this PRM's `final_answer` rule."""
@@ -505,6 +319,235 @@ class PRM(nn.Module):
     @property
     def device(self):
         return self.head.weight.device
+
+    # Loading and saving (section 2 holds the code).
+    @classmethod
+    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False, attn_implementation=None):
+        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`.
+        attn_implementation: None (transformers' default, sdpa), or "eager" where double backward
+        through attention is needed (the hypergradient test)."""
+        return cls(*load_backbone(path, dtype, trust_remote_code, attn_implementation), seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False):
+        """Load a PRM written by save_pretrained (or the run directory of bilevel_train.py, which
+        holds it in prm/). A directory without the PRM files is a DataError."""
+        return load_prm(cls, path, dtype, trust_remote_code)
+
+    def save_pretrained(self, path, card=None):
+        """Write backbone (safetensors), tokenizer, image processor, prm.safetensors, prm.json (all
+        that scoring needs) and a README.md model card (`card`: extra lines about training).
+        Written into a temporary directory first, then renamed: a crash never leaves half a PRM."""
+        save_prm(self, path, card)
+
+    def settings(self):
+        """Everything scoring needs to read a CoT as training did (saved in prm.json)."""
+        return dict(final_answer=self.final_answer, max_side=self.max_side, min_pixels=self.min_pixels,
+                    max_pixels=self.max_pixels, max_length=self.max_length, aggregation=self.aggregation)
+
+
+# -- Scoring -----------------------------------------------------------------------------------
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def step_values(prm, cots):
+    """Packed scoring: ONE forward for a batch of CoTs.
+
+    cots: list of Encoded (B of them). Returns values (B, S) and mask (B, S); values at masked
+    (padding) slots are meaningless.
+    """
+    batch = _to(collate(cots, prm.pad_id), prm.device)
+    h = prm.hidden(batch)                                        # (B, L, H)
+    idx = batch["step_ends"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
+    h_steps = torch.gather(h, 1, idx)                            # (B, S, H) hidden state at each step end
+    return prm.value(h_steps), batch["step_mask"]                # (B, S), (B, S)
+
+
+def prefix_values(prm, cots):
+    """Reference scoring: one forward per step prefix, the value read at its last position.
+    Same output as step_values; it exists for tests and as the cost baseline."""
+    rows = [torch.stack([step_values(prm, [c.prefix(i)])[0][0, 0] for i in range(len(c.step_ends))])
+            for c in cots]                                       # one (S_b,) row per CoT
+    return pad_rows(rows, 0.0, dtype=torch.float32, device=prm.device)     # (B, S), (B, S)
+
+
+def shared_prefix_values(prm, cots):
+    """Shared-prefix scoring for the N CoTs of ONE question: the image and question (the prompt,
+    identical in every CoT) are encoded once, then the N continuations run as one batch against
+    the cached prefix. Same values as step_values, at about 1/N of the prompt's cost.
+
+    M-RoPE positions: the prefix's come from get_rope_index; the continuation's are
+    max(prefix positions) + 1 + arange(L) on all three axes (text after the image). Returns values
+    (N, S) and mask (N, S).
+    """
+    P = cots[0].prompt_len
+    prefix = cots[0].input_ids[:P]
+    for c in cots:
+        if c.prompt_len != P or not torch.equal(c.input_ids[:P], prefix) or \
+                (c.pixel_values is None) != (cots[0].pixel_values is None):
+            raise ValueError("shared_prefix_values needs CoTs of one question (the same prompt and image)")
+    device, N = prm.device, len(cots)
+    ids = prefix[None].to(device)                                               # (1, P)
+    kwargs = dict(input_ids=ids, use_cache=True)
+    start = P
+    if cots[0].pixel_values is not None:
+        mm = cots[0].mm_token_type_ids[:P][None].to(device)
+        grid = cots[0].image_grid_thw.to(device)
+        position_ids, _ = prm.backbone.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid)
+        kwargs.update(pixel_values=cots[0].pixel_values.to(device, prm.backbone.dtype), image_grid_thw=grid,
+                      mm_token_type_ids=mm, position_ids=position_ids)            # (3, 1, P)
+        start = int(position_ids.max()) + 1
+    out = prm.backbone(**kwargs)
+    cache = getattr(out, "cache", None)                                        # transformers >= 5.2x
+    cache = cache if cache is not None else out.past_key_values
+    cache.batch_repeat_interleave(N)                                            # the prefix, N times
+    cont, cont_mask = pad_rows([c.input_ids[P:] for c in cots], prm.pad_id)     # (N, L) the continuations
+    L = cont.shape[1]
+    attention_mask = torch.cat([torch.ones(N, P, dtype=torch.long), cont_mask.long()], 1)   # (N, P + L)
+    position_ids = (start + torch.arange(L)).expand(N, L)                       # (N, L), same on t, h, w
+    # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes.
+    cache_kw = "cache" if "cache" in inspect.signature(prm.backbone.forward).parameters else "past_key_values"
+    h = prm.backbone(input_ids=cont.to(device), attention_mask=attention_mask.to(device),
+                     position_ids=position_ids.to(device), use_cache=True, **{cache_kw: cache}).last_hidden_state
+    ends, mask = pad_rows([c.step_ends - P for c in cots])                       # (N, S)
+    h_steps = torch.gather(h, 1, ends.to(device).unsqueeze(-1).expand(-1, -1, h.shape[-1]))   # (N, S, H)
+    return prm.value(h_steps), mask.to(device)
+
+
+def aggregate(values, mask, how="mean_logit"):
+    """Aggregation function A over each CoT's steps: (B, S) values and mask -> (B,).
+
+    mean_logit: A = sigmoid((1/n) sum_i logit(V_i)), V clamped to [1e-6, 1-1e-6] (the paper's A)
+    min, prod, last, mean: the usual alternatives. Padding slots (mask False) are ignored.
+    """
+    mask = mask.to(values.device)
+    m = mask.to(values.dtype)
+    n = m.sum(-1).clamp(min=1)                                   # (B,)
+    if how == "mean_logit":
+        V = values.clamp(V_CLAMP, 1 - V_CLAMP)
+        return torch.sigmoid((torch.logit(V) * m).sum(-1) / n)
+    if how == "mean":
+        return (values * m).sum(-1) / n
+    if how == "min":
+        return values.masked_fill(~mask, float("inf")).min(-1).values
+    if how == "prod":
+        return values.masked_fill(~mask, 1.0).prod(-1)
+    if how == "last":
+        last = (mask.long().sum(-1) - 1).clamp(min=0)            # (B,)
+        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+    raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
+
+
+AGGREGATIONS = ("mean_logit", "min", "prod", "last", "mean")
+
+
+# ==============================================================================================
+# 2. Loading and saving a PRM (strict checks, the model card)
+# ==============================================================================================
+
+PRM_FORMAT = 2                  # version of prm.json
+# Backbones whose inputs this code builds and checks (tests: packed = per-prefix = shared-prefix).
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _quiet_transformers():
+    """Loading and saving print load reports and progress bars; keep script output readable."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _is_prm_dir(path):
+    return os.path.isfile(os.path.join(path, "prm.json")) and os.path.isfile(os.path.join(path, "prm.safetensors"))
+
+
+def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_implementation=None):
+    """(backbone, tokenizer, image processor or None) from a directory written by save_pretrained.
+    Weights that do not match the config (missing, unexpected, wrong shape) are a DataError; a base
+    model loaded from a checkpoint with an LM head leaves that head out."""
+    from transformers import AutoModel, AutoTokenizer
+    _quiet_transformers()
+    vision = check_backbone(path)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with _load_errors(path, "the backbone"):
+        backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                   output_loading_info=True, ignore_mismatched_sizes=True,
+                                                   **extra)
+    bad = {"missing": sorted(info["missing_keys"]),
+           "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head.")),
+           "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
+                                 for k in info["mismatched_keys"])}
+    if any(bad.values()):
+        raise DataError("weights do not match the model's config: " + "; ".join(
+            f"{why} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            for why, keys in bad.items() if keys), file=path)
+    with _load_errors(path, "the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    _ensure_chat_template(tokenizer, path)
+    image_processor = None
+    if vision:
+        from transformers import AutoImageProcessor
+        with _load_errors(path, "the image processor"):
+            image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return backbone, tokenizer, image_processor
+
+
+def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
+    """PRM.from_pretrained: the backbone, then the value head and the reading settings of prm.json."""
+    recover_dir(path)
+    recover_dir(os.path.join(path, "prm"))
+    if not _is_prm_dir(path) and _is_prm_dir(os.path.join(path, "prm")):
+        path = os.path.join(path, "prm")                     # a bilevel_train.py run directory
+    if not _is_prm_dir(path):
+        raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
+                        "a plain backbone is loaded with --model, not as a PRM)", file=path)
+    with open(os.path.join(path, "prm.json")) as f:
+        meta = json.load(f)
+    if meta.get("step_sep", STEP_SEP) != STEP_SEP:
+        raise DataError(f"step separator {meta['step_sep']!r} differs from this code's {STEP_SEP!r}",
+                        file=os.path.join(path, "prm.json"), field="step_sep")
+    prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    head_file = os.path.join(path, "prm.safetensors")
+    with _load_errors(head_file, "the value head"):
+        head = load_file(head_file)
+    H = prm.head.in_features
+    for name, shape in (("head.weight", (1, H)), ("head.bias", (1,))):
+        if name not in head or tuple(head[name].shape) != shape:
+            got = tuple(head[name].shape) if name in head else "missing"
+            raise DataError(f"tensor {name}: expected shape {shape}, found {got}", file=head_file)
+    prm.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
+    for key in ("final_answer", "max_side", "min_pixels", "max_pixels", "max_length", "aggregation"):
+        if key in meta:
+            setattr(prm, key, meta[key])
+    return prm
+
+
+def save_prm(prm, path, card=None):
+    """PRM.save_pretrained: everything into path.tmp, then one rename (atomic_dir)."""
+    import transformers
+    _quiet_transformers()
+    with atomic_dir(path) as tmp:
+        prm.backbone.save_pretrained(tmp)
+        prm.tokenizer.save_pretrained(tmp)
+        if prm.image_processor is not None:
+            prm.image_processor.save_pretrained(tmp)
+        save_file({"head.weight": prm.head.weight.detach().float().contiguous(),
+                   "head.bias": prm.head.bias.detach().float().contiguous()},
+                  os.path.join(tmp, "prm.safetensors"))
+        meta = dict(format=PRM_FORMAT, backbone_class=type(prm.backbone).__name__,
+                    model_type=prm.backbone.config.model_type, hidden_size=prm.head.in_features,
+                    head="V = sigmoid(head.weight @ h + head.bias), h = the backbone's last hidden state at "
+                         "the last token of a step; prm.safetensors holds head.weight (1, hidden) and head.bias (1,)",
+                    prompt="chat template; user turn: the image, then the question (and 'Options: (A) ...'); "
+                           "assistant turn: the steps joined by step_sep, each step's last token is its step end",
+                    step_sep=STEP_SEP, final_prefix=FINAL_PREFIX, **prm.settings(),
+                    versions=dict(torch=torch.__version__, transformers=transformers.__version__))
+        with open(os.path.join(tmp, "prm.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(meta, card or []))
 
 
 def check_backbone(path):
@@ -541,6 +584,20 @@ class _load_errors:
         raise DataError(f"cannot load {self.what}: {first[:300]}", file=self.path) from None
 
 
+def _ensure_chat_template(tokenizer, path):
+    """Some checkpoints keep the chat template beside the processor, not in the tokenizer."""
+    if tokenizer.chat_template:
+        return
+    for name in ("chat_template.jinja", "chat_template.json"):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p) as f:
+                text = f.read()
+            tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            return
+    raise DataError("the tokenizer has no chat template", file=path)
+
+
 def model_card(meta, lines):
     """README.md of a PRM directory: what it is, how it was trained (`lines`), how to score with it."""
     return "\n".join([
@@ -564,138 +621,13 @@ def model_card(meta, lines):
         "```", ""])
 
 
-def _ensure_chat_template(tokenizer, path):
-    """Some checkpoints keep the chat template beside the processor, not in the tokenizer."""
-    if tokenizer.chat_template:
-        return
-    for name in ("chat_template.jinja", "chat_template.json"):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            with open(p) as f:
-                text = f.read()
-            tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-            return
-    raise DataError("the tokenizer has no chat template", file=path)
-
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def step_values(prm, cots):
-    """Packed scoring: ONE forward for a batch of CoTs.
-
-    cots: list of Encoded (B of them). Returns values (B, S) and mask (B, S); values at masked
-    (padding) slots are meaningless.
-    """
-    batch = _to(collate(cots, prm.pad_id), prm.device)
-    h = prm.hidden(batch)                                        # (B, L, H)
-    idx = batch["step_ends"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
-    h_steps = torch.gather(h, 1, idx)                            # (B, S, H) hidden state at each step end
-    return prm.value(h_steps), batch["step_mask"]                # (B, S), (B, S)
-
-
-def prefix_values(prm, cots):
-    """Reference scoring: one forward per step prefix, the value read at its last position.
-    Same output as step_values; it exists for tests and as the cost baseline."""
-    rows = []
-    for c in cots:
-        row = [step_values(prm, [c.prefix(i)])[0][0, 0] for i in range(len(c.step_ends))]   # (1, 1) each
-        rows.append(torch.stack(row))
-    S = max(len(r) for r in rows)
-    values = torch.zeros(len(rows), S, device=prm.device)
-    mask = torch.zeros(len(rows), S, dtype=torch.bool, device=prm.device)
-    for b, r in enumerate(rows):
-        values[b, :len(r)] = r
-        mask[b, :len(r)] = True
-    return values, mask
-
-
-def shared_prefix_values(prm, cots):
-    """Shared-prefix scoring for the N CoTs of ONE question: the image and question (the prompt,
-    identical in every CoT) are encoded once, then the N continuations run as one batch against
-    the cached prefix. Same values as step_values, at about 1/N of the prompt's cost.
-
-    M-RoPE positions: the prefix's come from get_rope_index; the continuation's are
-    max(prefix positions) + 1 + arange(L) on all three axes (text after the image). Returns values
-    (N, S) and mask (N, S).
-    """
-    P = cots[0].prompt_len
-    prefix = cots[0].input_ids[:P]
-    for c in cots:
-        if c.prompt_len != P or not torch.equal(c.input_ids[:P], prefix) or \
-                (c.pixel_values is None) != (cots[0].pixel_values is None):
-            raise ValueError("shared_prefix_values needs CoTs of one question (the same prompt and image)")
-    device, N = prm.device, len(cots)
-    ids = prefix[None].to(device)                                               # (1, P)
-    kwargs = dict(input_ids=ids, use_cache=True)
-    start = P
-    if cots[0].pixel_values is not None:
-        mm = cots[0].mm_token_type_ids[:P][None].to(device)
-        grid = cots[0].image_grid_thw.to(device)
-        position_ids, _ = prm.backbone.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid)
-        kwargs.update(pixel_values=cots[0].pixel_values.to(device, prm.backbone.dtype), image_grid_thw=grid,
-                      mm_token_type_ids=mm, position_ids=position_ids)            # (3, 1, P)
-        start = int(position_ids.max()) + 1
-    out = prm.backbone(**kwargs)
-    cache = getattr(out, "cache", None)                                        # transformers >= 5.2x
-    cache = cache if cache is not None else out.past_key_values
-    cache.batch_repeat_interleave(N)                                            # the prefix, N times
-    L = max(len(c.input_ids) - P for c in cots)
-    cont = torch.full((N, L), prm.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(N, P + L, dtype=torch.long)
-    attention_mask[:, :P] = 1
-    for b, c in enumerate(cots):
-        cont[b, :len(c.input_ids) - P] = c.input_ids[P:]
-        attention_mask[b, P:len(c.input_ids)] = 1
-    position_ids = (start + torch.arange(L)).expand(N, L)                       # (N, L), same on t, h, w
-    # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes.
-    cache_kw = "cache" if "cache" in inspect.signature(prm.backbone.forward).parameters else "past_key_values"
-    h = prm.backbone(input_ids=cont.to(device), attention_mask=attention_mask.to(device),
-                     position_ids=position_ids.to(device), use_cache=True, **{cache_kw: cache}).last_hidden_state
-    S = max(len(c.step_ends) for c in cots)
-    ends = torch.zeros(N, S, dtype=torch.long)
-    mask = torch.zeros(N, S, dtype=torch.bool)
-    for b, c in enumerate(cots):
-        ends[b, :len(c.step_ends)] = c.step_ends - P
-        mask[b, :len(c.step_ends)] = True
-    h_steps = torch.gather(h, 1, ends.to(device).unsqueeze(-1).expand(-1, -1, h.shape[-1]))   # (N, S, H)
-    return prm.value(h_steps), mask.to(device)
-
-
-def aggregate(values, mask, how="mean_logit"):
-    """Aggregation function A over each CoT's steps: (B, S) values and mask -> (B,).
-
-    mean_logit: A = sigmoid((1/n) sum_i logit(V_i)), V clamped to [1e-6, 1-1e-6] (the paper's A)
-    min, prod, last, mean: the usual alternatives. Padding slots (mask False) are ignored.
-    """
-    mask = mask.to(values.device)
-    m = mask.to(values.dtype)
-    n = m.sum(-1).clamp(min=1)                                   # (B,)
-    if how == "mean_logit":
-        V = values.clamp(V_CLAMP, 1 - V_CLAMP)
-        return torch.sigmoid((torch.logit(V) * m).sum(-1) / n)
-    if how == "mean":
-        return (values * m).sum(-1) / n
-    if how == "min":
-        return values.masked_fill(~mask, float("inf")).min(-1).values
-    if how == "prod":
-        return values.masked_fill(~mask, 1.0).prod(-1)
-    if how == "last":
-        last = (mask.long().sum(-1) - 1).clamp(min=0)            # (B,)
-        return values.gather(1, last.unsqueeze(1)).squeeze(1)
-    raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
-
-
-AGGREGATIONS = ("mean_logit", "min", "prod", "last", "mean")
-
-
-# --------------------------------------------------------------------------------------------
-# The tiny backbone (tests and the toy world; nothing is downloaded)
-# --------------------------------------------------------------------------------------------
+# ==============================================================================================
+# 3. The tiny backbone (tests and the toy world; nothing is downloaded)
+# ==============================================================================================
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
 
 # Qwen2-VL's chat template, reduced to what this project uses: a user turn with an optional image.
 CHAT_TEMPLATE = (
@@ -706,6 +638,7 @@ CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
 
 # Text the tiny tokenizer's BPE merges are learned from: the words of the structured prompt and
 # of the toy world, so toy CoTs are a few dozen tokens rather than hundreds of bytes.
@@ -792,203 +725,11 @@ def resolve_model(model, cache_dir="runs/tiny-backbone"):
     return model
 
 
-def pick_device(name):
-    """--device: 'auto' is cuda when a GPU is present, else cpu; anything else is taken as given."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+# ==============================================================================================
+# 4. Records and data formats
+# ==============================================================================================
 
-
-def line_plot(path, title, series, x_ticks, y_max, y_label, legend):
-    """A line chart drawn with Pillow (no plotting library needed), for the PNGs a person reads.
-
-    series: {name: [(x, y), ...]}; x_ticks: [(x, text)] under the axis; y runs from 0 to y_max,
-    labelled at six points by y_label(value); legend: {name: text} on the right.
-    """
-    W, H, L, R, T, B = 720, 420, 60, 170, 30, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for points in series.values() for x, _ in points] + [x for x, _ in x_ticks]
-    x0, x1 = min(xs, default=0), max(xs, default=1)
-    x1 = x1 if x1 > x0 else x0 + 1
-    X = lambda x: L + (W - L - R) * (x - x0) / (x1 - x0)  # noqa: E731
-    Y = lambda y: H - B - (H - T - B) * y / y_max  # noqa: E731
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for k in range(6):
-        d.text((5, Y(y_max * k / 5) - 6), y_label(y_max * k / 5), fill="black")
-    for x, text in x_ticks:
-        d.text((X(x) - 4, H - B + 8), text, fill="black")
-    d.text((L, 8), title, fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-              "#bcbd22", "#17becf"]
-    for k, (name, points) in enumerate(series.items()):
-        color = colors[k % len(colors)]
-        if len(points) > 1:
-            d.line([(X(x), Y(y)) for x, y in points], fill=color, width=2)
-        d.text((W - R + 10, T + 16 * k), legend[name], fill=color)
-    img.save(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Files: atomic writes, JSONL with validation, the published DreamPRM JSON
-# --------------------------------------------------------------------------------------------
-
-class atomic_dir:
-    """`with atomic_dir(path) as tmp:` write into tmp; on success tmp replaces path.
-
-    The replacement is two renames (path -> path.old, tmp -> path); a crash between them leaves
-    no `path` but a complete `path.old`, which `recover_dir` puts back.
-    """
-
-    def __init__(self, path):
-        self.path = path.rstrip("/")
-        self.tmp = self.path + ".tmp"
-
-    def __enter__(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(self.path):
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
-
-
-def recover_dir(path):
-    """Undo a replacement cut short by a crash (see atomic_dir): bring path.old back. Returns path."""
-    path = path.rstrip("/")
-    if not os.path.exists(path) and os.path.isdir(path + ".old"):
-        os.replace(path + ".old", path)
-    return path
-
-
-def write_json_atomic(path, obj):
-    """Write JSON to path.tmp, flush to disk, then rename over path."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_tensors_atomic(path, tensors, metadata=None):
-    """safetensors file written to path.tmp, then renamed over path."""
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def iter_jsonl(path, drop_torn_tail=False):
-    """Yield (line_number, object) from a JSON Lines file.
-
-    A missing file, invalid UTF-8 or a malformed line is a DataError naming the file and line. With
-    drop_torn_tail (our own output files, on resume), a last line without its newline is a write
-    cut short by a crash: it is skipped, never parsed as data.
-    """
-    if not os.path.isfile(path):
-        raise DataError("no such file", file=path)
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    torn = lines[-1] != b""                                      # the last line has no newline
-    for i, raw in enumerate(lines, 1):
-        if drop_torn_tail and torn and i == len(lines):
-            return
-        obj = parse_line(raw, path, i)
-        if obj is not None:
-            yield i, obj
-
-
-def parse_line(raw, path, i):
-    """One JSON Lines line (bytes) -> its object, None for a blank line; errors name file and line."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"invalid UTF-8 (byte {e.start + 1} of the line)", file=path, line=i) from None
-    if not line.strip():
-        return None
-    if line.lstrip().startswith("["):
-        raise DataError("a JSON list, where JSON Lines (one object per line) is expected", file=path, line=i)
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=path, line=i) from None
-    if not isinstance(obj, dict):
-        raise DataError("each line must be a JSON object", file=path, line=i)
-    return obj
-
-
-class output_lock:
-    """`with output_lock(path):` one writer per output file. An operating-system advisory lock on
-    path.lock, released by the kernel when the process dies (a rerun after SIGKILL is never
-    blocked); a second writer stops with one line."""
-
-    def __init__(self, path):
-        self.path = path + ".lock"
-
-    def __enter__(self):
-        import fcntl
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise DataError("another process is writing this output; wait for it or choose another --out",
-                            file=self.path[:-5]) from None
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()                                           # closing releases the lock
-        return False
-
-
-def drop_torn_tail(path):
-    """Cut a half-written last line (no newline) off an output file before appending to it."""
-    if not os.path.isfile(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def append_jsonl(f, *records):
-    """Append records (keys starting with '_' are in-memory only) and flush them to disk at once."""
-    f.write("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
-                    for r in records))
-    f.flush()
-    os.fsync(f.fileno())
-
-
-@lru_cache(maxsize=4096)
-def _check_image(path):
-    """None if path is a readable image, else what is wrong with it."""
-    if not os.path.isfile(path):
-        return f"no such image file: {path}"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception:
-        return f"not an image: {path}"
-    return None
-
-
-@lru_cache(maxsize=65536)
-def image_digest(path):
-    """SHA-1 of an image file's bytes: the same picture under two paths is the same image."""
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# Our records: fields, validation, keys
-# --------------------------------------------------------------------------------------------
+# -- Our records: fields, validation, keys -----------------------------------------------------
 
 # Required fields per record kind and their types.
 _FIELDS = {
@@ -998,6 +739,8 @@ _FIELDS = {
     "correct": {"correct": bool},
     "labels": {"mc": list},
 }
+
+
 # What each kind of record needs: questions (gen_cots), CoTs with correctness (meta), labelled CoTs
 # (training), and test CoTs to score, whose domain, answer and correctness may be unknown.
 _KINDS = {"questions": ("question", "keyed"), "cots": ("question", "keyed", "steps", "correct"),
@@ -1066,6 +809,26 @@ def check_labels(mc, n_steps, file=None, line=None, field="mc"):
             raise DataError(f"label {p!r} is not a number in [0, 1]", file, line, field)
 
 
+@lru_cache(maxsize=4096)
+def _check_image(path):
+    """None if path is a readable image, else what is wrong with it."""
+    if not os.path.isfile(path):
+        return f"no such image file: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception:
+        return f"not an image: {path}"
+    return None
+
+
+@lru_cache(maxsize=65536)
+def image_digest(path):
+    """SHA-1 of an image file's bytes: the same picture under two paths is the same image."""
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
 def question_key(r):
     """What makes two records the same question: the question text (whitespace collapsed) and the
     image's content (not its path); text-only questions compare text alone."""
@@ -1086,15 +849,16 @@ def record_key(r):
     return r["_key"]
 
 
-def check_unique(records, key=record_key, what="question id and sample"):
-    """A DataError at the first record whose key repeats an earlier record's (in any file)."""
-    seen = {}
+def check_unique(records, key=record_key, what="question id and sample", seen=None):
+    """A DataError at the first record whose key repeats an earlier record's (in any file).
+    `seen` ({key: (file, line)}) carries the keys of earlier calls, for readers that stream."""
+    seen = {} if seen is None else seen
     for r in records:
         k = key(r)
         if k in seen:
-            f0, l0 = seen[k]["_src"]
+            f0, l0 = seen[k]
             raise DataError(f"duplicate record: the same {what} {k!r} as {f0}:{l0}", *r["_src"])
-        seen[k] = r
+        seen[k] = r["_src"]
 
 
 def _short_id(*parts):
@@ -1111,9 +875,7 @@ def extract_answer(text):
     return lines[-1] if lines else ""
 
 
-# --------------------------------------------------------------------------------------------
-# Formats: each public file format is one small function that turns a source record into ours
-# --------------------------------------------------------------------------------------------
+# -- Formats: each public file format is one small converter into our records ------------------
 
 @dataclass
 class Skip:
@@ -1268,13 +1030,21 @@ FORMATS = {
 }
 
 
-def _load_items(path):
-    """('list', [(where, object)]) for a JSON list, ('lines', [(line, object)]) for JSON Lines."""
+# -- Reading a file: detect its format, convert, validate --------------------------------------
+
+def _container(path):
+    """'list' for a file holding one JSON list, 'lines' for JSON Lines: the one format sniffer's
+    first question, answered from the first bytes (a byte-order mark and whitespace skipped)."""
     if not os.path.isfile(path):
         raise DataError("no such file", file=path)
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head.startswith(b"["):
+    return "list" if head.startswith(b"[") else "lines"
+
+
+def _load_items(path):
+    """('list', [(where, object)]) for a JSON list, ('lines', [(line, object)]) for JSON Lines."""
+    if _container(path) == "lines":
         return "lines", list(iter_jsonl(path))
     try:
         with open(path, encoding="utf-8") as f:
@@ -1421,17 +1191,13 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None)
     the file) are read whole.
     """
     image_root = image_root or os.path.dirname(os.path.abspath(path))
-    if not os.path.isfile(path):
-        raise DataError("no such file", file=path)
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    groups = {}
-    if not head.startswith(b"["):
+    container, groups = _container(path), {}
+    if container == "lines":
         with open(path, "rb") as f:
             first = next(((i, o) for i, o in ((i, parse_line(raw, path, i)) for i, raw in enumerate(f, 1))
                           if o is not None), None)
         fmt = _resolve_format(fmt, "lines", [first] if first else [], path)
-    if head.startswith(b"[") or fmt == "dreamprm":
+    if container == "list" or fmt == "dreamprm":
         records, skips = read_cots(path, kind, image_root, fmt, domain)
         for r in records:
             groups.setdefault((r["domain"], r["id"]), []).append(r)
@@ -1457,10 +1223,7 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None)
                     skips.append(rec)
                 else:
                     rec = _finish(rec, fmt, kind, image_root)
-                    if rec["_key"] in seen:
-                        raise DataError(f"duplicate record: the same {_key_words(fmt, kind)} {rec['_key']!r} as "
-                                        f"{path}:{seen[rec['_key']]}", path, i)
-                    seen[rec["_key"]] = i
+                    check_unique([rec], record_key, _key_words(fmt, kind), seen)
                     sample = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
                     groups.setdefault((rec["domain"], rec["id"]), []).append((i, offset, sample))
             offset += len(raw)
@@ -1484,3 +1247,277 @@ def skip_report(records, skips):
     return (f"{len(skips)} of {len(records) + len(skips)} records skipped ("
             + ", ".join(f"{why}: {n}" for why, n in reasons.most_common()) + f"); {len(lost)} of {total} "
             f"questions have no CoT left")
+
+
+# ==============================================================================================
+# 5. Plumbing
+# A reader of the method can stop here: errors a user can cause, the command line, atomic
+# files, JSON Lines, output locks and the PNG line chart.
+# ==============================================================================================
+
+# -- Errors and the command line ---------------------------------------------------------------
+
+class DataError(ValueError):
+    """Bad input a user can cause. str() is one line: 'file:line: field: what is wrong'."""
+
+    def __init__(self, message, file=None, line=None, field=None):
+        self.file, self.line, self.field = file, line, field
+        where = ":".join(str(p) for p in (file, line) if p is not None)
+        parts = [p for p in (where, f"field '{field}'" if field else None, message) if p]
+        super().__init__(": ".join(parts))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the scripts' docstrings as written and shows every flag's default (flags whose
+    help already explains a computed default say it themselves)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' argument parser: --help keeps the docstring and shows defaults, and a bad flag
+    is one line on stderr ("error: argument --lr: must be > 0"), exit code 2."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind=int, low=None, high=None, above=False):
+    """The one flag check: an argparse type for a finite number of `kind` (int or float) that is
+    >= low (> low with above=True) and <= high. NaN and infinities are refused."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (x <= low if above else x < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if above else '>='} {low}")
+        if high is not None and x > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return x
+    return parse
+
+
+def check_writable(folder):
+    """Create `folder` if needed and prove it takes a file, before any long work starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"cannot write here ({e.strerror})", file=folder) from None
+
+
+def add_format_args(ap):
+    """--format and --domain, for every script that reads CoT files."""
+    ap.add_argument("--format", choices=["auto"] + list(FORMATS), default="auto",
+                    help="input file format (auto: detected from the file; see the README's data section)")
+    ap.add_argument("--domain", default=None, help="domain of records whose format carries none "
+                    "(trl without a domain field; default: the file name without extension)")
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv); a DataError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def pick_device(name):
+    """--device: 'auto' is cuda when a GPU is present, else cpu; anything else is taken as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+# -- Files: atomic writes, JSON Lines, one writer per output -----------------------------------
+
+class atomic_dir:
+    """`with atomic_dir(path) as tmp:` write into tmp; on success tmp replaces path.
+
+    The replacement is two renames (path -> path.old, tmp -> path); a crash between them leaves
+    no `path` but a complete `path.old`, which `recover_dir` puts back.
+    """
+
+    def __init__(self, path):
+        self.path = path.rstrip("/")
+        self.tmp = self.path + ".tmp"
+
+    def __enter__(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = self.path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(self.path):
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def recover_dir(path):
+    """Undo a replacement cut short by a crash (see atomic_dir): bring path.old back. Returns path."""
+    path = path.rstrip("/")
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    return path
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to path.tmp, flush to disk, then rename over path."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path, tensors, metadata=None):
+    """safetensors file written to path.tmp, then renamed over path."""
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def iter_jsonl(path, drop_torn_tail=False):
+    """Yield (line_number, object) from a JSON Lines file.
+
+    A missing file, invalid UTF-8 or a malformed line is a DataError naming the file and line. With
+    drop_torn_tail (our own output files, on resume), a last line without its newline is a write
+    cut short by a crash: it is skipped, never parsed as data.
+    """
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    torn = lines[-1] != b""                                      # the last line has no newline
+    for i, raw in enumerate(lines, 1):
+        if drop_torn_tail and torn and i == len(lines):
+            return
+        obj = parse_line(raw, path, i)
+        if obj is not None:
+            yield i, obj
+
+
+def parse_line(raw, path, i):
+    """One JSON Lines line (bytes) -> its object, None for a blank line; errors name file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid UTF-8 (byte {e.start + 1} of the line)", file=path, line=i) from None
+    if not line.strip():
+        return None
+    if line.lstrip().startswith("["):
+        raise DataError("a JSON list, where JSON Lines (one object per line) is expected", file=path, line=i)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=path, line=i) from None
+    if not isinstance(obj, dict):
+        raise DataError("each line must be a JSON object", file=path, line=i)
+    return obj
+
+
+class output_lock:
+    """`with output_lock(path):` one writer per output file. An operating-system advisory lock on
+    path.lock, released by the kernel when the process dies (a rerun after SIGKILL is never
+    blocked); a second writer stops with one line."""
+
+    def __init__(self, path):
+        self.path = path + ".lock"
+
+    def __enter__(self):
+        import fcntl
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise DataError("another process is writing this output; wait for it or choose another --out",
+                            file=self.path[:-5]) from None
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()                                           # closing releases the lock
+        return False
+
+
+def drop_torn_tail(path):
+    """Cut a half-written last line (no newline) off an output file before appending to it."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(f, *records):
+    """Append records (keys starting with '_' are in-memory only) and flush them to disk at once."""
+    f.write("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
+                    for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# -- Plots -------------------------------------------------------------------------------------
+
+def _text(d, xy, text, fill, font):
+    """Draw text word by word: the default font's space is 2 pixels wide, which runs words together."""
+    x, y = xy
+    for word in text.split(" "):
+        d.text((x, y), word, fill=fill, font=font)
+        x += font.getlength(word) + font.size // 3
+    return x
+
+
+def line_plot(path, title, series, x_ticks, y_max, y_label, legend, x_title="", y_title=""):
+    """A line chart drawn with Pillow (no plotting library needed), for the PNGs a person reads.
+
+    series: {name: [(x, y), ...]}; x_ticks: [(x, text)] under the axis; y runs from 0 to y_max,
+    labelled at six points by y_label(value); legend: {name: text} on the right; x_title and
+    y_title name the axes (under the x axis, above the y axis).
+    """
+    W, H, L, R, T, B = 760, 440, 70, 190, 50, 60
+    font = ImageFont.load_default(size=13)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for points in series.values() for x, _ in points] + [x for x, _ in x_ticks]
+    x0, x1 = min(xs, default=0), max(xs, default=1)
+    x1 = x1 if x1 > x0 else x0 + 1
+    X = lambda x: L + (W - L - R) * (x - x0) / (x1 - x0)  # noqa: E731
+    Y = lambda y: H - B - (H - T - B) * y / y_max  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for k in range(6):
+        _text(d, (8, Y(y_max * k / 5) - 7), y_label(y_max * k / 5), "black", font)
+    for x, text in x_ticks:
+        _text(d, (X(x) - 4, H - B + 6), text, "black", font)
+    _text(d, (L, 10), title, "black", font)
+    _text(d, (8, T - 18), y_title, "black", font)
+    _text(d, (L + (W - L - R) / 2 - font.getlength(x_title) / 2, H - B + 28), x_title, "black", font)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+              "#bcbd22", "#17becf"]
+    for k, (name, points) in enumerate(series.items()):
+        color = colors[k % len(colors)]
+        if len(points) > 1:
+            d.line([(X(x), Y(y)) for x, y in points], fill=color, width=2)
+        _text(d, (W - R + 10, T + 18 * k), legend[name], color, font)
+    img.save(path)
