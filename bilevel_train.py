@@ -15,16 +15,21 @@ The math (symbols as in the paper; the README's "The math" explains each):
   v = grad_phi L_meta(phi),  eps = r / ||v||
   g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
 
+Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
+upper step, (4) the training loop (`main`). Appendices after it: A instance weights (DreamPRM-1.5),
+B data, C the run configuration, D checkpoints and the run directory, E memory options.
+
 Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
     python bilevel_train.py
 Real data:
     python bilevel_train.py --train labels.jsonl --meta meta.jsonl --domains ai2d,m3cot \\
-        --model /models/Qwen2-VL-2B-Instruct --precision bf16 --grad-checkpointing --offload-restore \
+        --model /models/Qwen2-VL-2B-Instruct --precision bf16 --grad-checkpointing --offload-restore \\
         --out runs/dreamprm
   (fp32 master weights, bf16 compute: 16 bytes per parameter before activations, about 33 GiB for
   a 2B PRM; --compact-states and --freeze-vision take it under 20 GiB; README, the 2B memory plan)
 """
 
+import bisect
 import json
 import math
 import os
@@ -34,6 +39,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +49,16 @@ import gen_cots
 import mc_label
 import prm
 
+
 TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.py --toy, mc_label.py)
 TOY_META = "toy/meta_cots.jsonl"
 # Defaults for real data, and the toy preset used when no data is given (a tiny PRM learns in
 # minutes, and larger meta batches keep the hypergradient's noise below its signal).
-DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01, unroll_steps=5, log_every=10, cold_start=0)
+DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01, unroll_steps=5, log_every=10,
+                cold_start=0, lr=5e-7)
 TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05, unroll_steps=5, log_every=10,
-                  cold_start=0)
+                  cold_start=0, lr=1e-4)
+TINY_MODEL = dict(lr=1e-4)             # the tiny backbone learns at the toy's rate on any data
 # DreamPRM-1.5's recipe for instance weights: one lower step per upper step (unroll 1) and a meta lr
 # that lets a weight move within the few upper steps that reach it. The toy adds a cold start (the
 # PRM learns the task before its judgement of instances counts) and as many lower steps as the
@@ -62,9 +71,11 @@ INSTANCE_META_LR = {"instance-table": 0.1, "instance-net": 0.01}
 TOY_INSTANCE = dict(iterations=750, log_every=50, cold_start=100)
 
 
-# --------------------------------------------------------------------------------------------
-# Weights and losses
-# --------------------------------------------------------------------------------------------
+
+
+# ==============================================================================================
+# 1. Domain weights and the two losses
+# ==============================================================================================
 
 def domain_weights(a):
     """alpha = softplus(a) / mean(softplus(a)): positive, mean 1, a = 0 gives uniform weights. (K,) -> (K,)"""
@@ -72,63 +83,23 @@ def domain_weights(a):
     return s / s.mean()
 
 
-def bounded(x, w_max=3.0):
-    """Instance weights from raw values: w = w_max * sigmoid(x + logit(1 / w_max)), in (0, w_max)
-    and exactly 1 at x = 0 (the published Instance Table starts at 1). Smooth, so a weight at its
-    bound still gets a gradient (a clip would freeze it), and never negative (a negative weight
-    would ascend an instance's loss)."""
-    return w_max * torch.sigmoid(x - math.log(w_max - 1))
+def cot_weights(a, keys, mode, steps=None, w_max=3.0):
+    """w_b before the 1 / sum_b n_b of L_tr: the weight of each CoT of a batch (B,).
 
-
-def instance_net(theta, values, p, mask):
-    """Instance Net: a small MLP reads, for each labelled step of a CoT, the PRM's value and the
-    step's MC label [V_i, p_i], and averages its outputs over the steps: (B, S) values, labels and
-    mask (labelled steps) -> (B,) raw weights. (The published net reads the PRM's two answer
-    probabilities alone; without the label it cannot tell a wrong label from a right one, which is
-    what instance weights are for.) V and p are data here (detached): theta alone carries the
-    hypergradient. theta = [W1 (H, 2), b1 (H,), W2 (1, H), b2 (1,)]."""
-    W1, b1, W2, b2 = theta
-    x = torch.stack([values, p], -1).to(W1.dtype)                       # (B, S, 2)
-    h = F.leaky_relu(x @ W1.T + b1)                                     # (B, S, H)
-    out = (h @ W2.T + b2).squeeze(-1)                                   # (B, S)
-    m = mask.to(out.dtype)
-    return (out * m).sum(-1) / m.sum(-1).clamp(min=1)
-
-
-def init_instance_net(hidden, seed, device):
-    """theta with a zero output layer: every CoT starts at weight 1."""
-    g = torch.Generator().manual_seed(seed)
-    W1 = torch.randn(hidden, 2, generator=g) * 2 ** -0.5
-    return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
-
-
-def instance_weights(a, batch_keys, mode, steps=None, w_max=3.0):
-    """Unnormalised instance weights w_b in (0, w_max): a CoT's table entry (instance-table) or the
-    Instance Net's output on its steps (instance-net). (B,)"""
-    if mode == "instance-table":
-        return bounded(a[batch_keys], w_max)
-    values, p, mask = steps
-    return bounded(instance_net(a, values.detach(), p, mask), w_max)
-
-
-def cot_weights(a, batch_keys, mode, steps=None, w_max=3.0):
-    """alpha_b for each CoT of a batch (B,): its domain's weight (domain), its instance weight
-    divided by the batch's mean (instance modes), or 1 (fixed).
-    a: raw domain weights (K,), raw instance weights (N,), or the net's theta; steps: (values, p,
-    mask), each (B, S), for the net. Dividing by the mean, as domain weights are normalised, keeps
-    only the relative weights: a common drift of all weights (up or down) would otherwise act as a
-    second, uncontrolled learning rate of the lower level (seen on the toy world: the net drove
-    every weight to 0, the table every weight up)."""
+    a: the raw weights, always a list of tensors: [a (K,)] per domain (domain, fixed),
+    [a (N,)] per training CoT (instance-table), or the Instance Net's theta (instance-net).
+    keys (B,): each CoT's index into a[0] (its domain, or itself). domain: alpha_d(b); fixed: 1;
+    instance modes: Appendix A (steps: (values, p, mask), each (B, S), for the net).
+    """
     if mode == "domain":
-        return domain_weights(a)[batch_keys]
+        return domain_weights(a[0])[keys]
     if mode.startswith("instance"):
-        w = instance_weights(a, batch_keys, mode, steps, w_max)
-        return w / w.mean()
-    return torch.ones(len(batch_keys), dtype=a.dtype, device=a.device)
+        return normalised_instance_weights(a, keys, mode, steps, w_max)
+    return torch.ones(len(keys), dtype=a[0].dtype, device=a[0].device)
 
 
 def detached(a):
-    return [x.detach() for x in a] if isinstance(a, list) else a.detach()
+    return [x.detach() for x in a]
 
 
 def step_losses(values, mask, p, p_mask):
@@ -163,23 +134,22 @@ def meta_loss(values, mask, r, loss="mse", aggregation=True, p=None, p_mask=None
     return (l / n.clamp(min=1)).mean()
 
 
-# --------------------------------------------------------------------------------------------
-# The hypergradient (finite difference, as DARTS and Betty's "darts" method)
-# --------------------------------------------------------------------------------------------
+
+
+# ==============================================================================================
+# 2. The hypergradient (finite difference, as DARTS and Betty's "darts" method)
+# ==============================================================================================
 
 def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01, offload=False):
     """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
 
-    phi: list of trainable tensors; a: raw weights (requires_grad).
+    phi: list of trainable tensors; a: list of raw-weight tensors (requires_grad).
     meta_loss_fn(): L_meta at the current phi (with autograd graph).
     train_losses_fn(): per-CoT losses l_b of the latest train batch (B,), run without autograd.
     weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
     Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
-    two forward passes, no backward through the network. phi is restored bit for bit.
-    a may be one tensor or a list of tensors (the Instance Net's theta); g_a has the same form.
-    offload: the exact copy of phi kept for the restore lives in CPU memory (pinned on CUDA), not
-    beside phi on the GPU: 4 bytes per parameter less GPU memory, the same bits restored.
-    Returns (g_a, L_meta value).
+    two forward passes, no backward through the network. phi is restored bit for bit, from a copy
+    (offload: kept in CPU memory, Appendix E). Returns (g_a, a list like a; L_meta value).
     """
     L_meta = meta_loss_fn()
     grads = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
@@ -188,16 +158,10 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
     phi, v = [p for p, _ in reached], [g for _, g in reached]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
         if v else 0.0                                           # ||v||_2, one device sync
-    params = a if isinstance(a, list) else [a]
     if norm == 0:
-        zeros = [torch.zeros_like(x) for x in params]
-        return (zeros if isinstance(a, list) else zeros[0]), L_meta.item()
+        return [torch.zeros_like(x) for x in a], L_meta.item()
     eps = r / norm
-    if offload:                                                 # exact restore, not p - eps v + eps v
-        saved = [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True)
-                 for p in phi]
-    else:
-        saved = [p.detach().clone() for p in phi]
+    saved = restore_copy(phi, offload)                          # exact restore, not p - eps v + eps v
     with torch.no_grad():
         for p, g in zip(phi, v):
             p.add_(g, alpha=eps)                                # phi + eps v
@@ -206,17 +170,316 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
             p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
         l_minus = train_losses_fn()                             # (B,)
         for p, s in zip(phi, saved):
-            p.copy_(s)
+            p.copy_(s)                                          # phi, bit for bit
     with torch.enable_grad():
         w = weights_fn(a)                                       # (B,)
         s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
-        g_a = [-xi * g for g in torch.autograd.grad(s, params)]
-    return (g_a if isinstance(a, list) else g_a[0]), L_meta.item()
+        g_a = [-xi * g for g in torch.autograd.grad(s, a)]
+    return g_a, L_meta.item()
 
 
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
+
+
+# ==============================================================================================
+# 3. One lower step, one upper step
+# ==============================================================================================
+
+def forward(model, records, autocast):
+    """Packed step values of a list of records: (B, S) values, (B, S) mask."""
+    with autocast:
+        return prm.step_values(model, [encode(model, r) for r in records])
+
+
+@dataclass
+class TrainBatch:
+    """The latest lower step's batch: the hypergradient re-evaluates its per-CoT losses."""
+    records: list
+    keys: torch.Tensor      # (B,) index into a of each CoT (its domain, or itself)
+    p: torch.Tensor         # (B, S) MC labels
+    p_mask: torch.Tensor    # (B, S) labelled steps
+    L_tr: torch.Tensor      # the weighted loss (scalar, detached)
+    l: torch.Tensor         # (B,) per-CoT losses
+    n: torch.Tensor         # (B,) labelled steps per CoT
+
+
+def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0):
+    """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached). A non-finite L_tr
+    stops the run (Diverged) before the step, so the last checkpoint stays good."""
+    values, mask = forward(model, records, autocast)                     # (B, S)
+    p, p_mask = label_tensors(records, values.shape[1], values.device)
+    alpha_b = cot_weights(detached(a), keys, weighting, (values.float(), p, mask & p_mask), w_max)
+    L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
+    if not torch.isfinite(L_tr):
+        raise Diverged("non-finite lower loss")
+    opt_phi.zero_grad(set_to_none=True)
+    L_tr.backward()
+    opt_phi.step()
+    opt_phi.zero_grad(set_to_none=True)          # the gradients are spent: free them before the hypergradient
+    return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
+
+
+def meta_batch_loss(model, m_records, autocast, upper_loss="mse", aggregation=True):
+    """L_meta on a meta batch, with autograd: mean_m (A(V_m) - r_m)^2 (or the ablations of meta_loss)."""
+    values, mask = forward(model, m_records, autocast)                   # (M, S)
+    r = torch.tensor([float(x["correct"]) for x in m_records], device=values.device)   # (M,)
+    pm, pm_mask = (None, None) if aggregation else meta_targets(m_records, values.shape[1], values.device)
+    return meta_loss(values.float(), mask, r, upper_loss, aggregation, pm, pm_mask)
+
+
+def batch_losses(model, batch, autocast):
+    """Per-CoT lower losses l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
+    values, mask = forward(model, batch.records, autocast)               # (B, S)
+    return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]
+
+
+def batch_weights(a, model, batch, autocast, weighting, w_max=3.0):
+    """w_b(a) = cot weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b. The Instance Net reads V at phi."""
+    steps = net_inputs(model, batch, autocast) if weighting == "instance-net" else None
+    return cot_weights(a, batch.keys, weighting, steps, w_max) / batch.n.sum().clamp(min=1)
+
+
+def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="domain", upper_loss="mse",
+               aggregation=True, fd_radius=0.01, w_max=3.0, offload=False):
+    """a <- Adam step on the finite-difference hypergradient g_a of L_meta, through L_tr on `batch`.
+    Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
+    g_a, L_meta = hypergradient(phi, a, partial(meta_batch_loss, model, m_records, autocast, upper_loss, aggregation),
+                                partial(batch_losses, model, batch, autocast),
+                                partial(batch_weights, model=model, batch=batch, autocast=autocast,
+                                        weighting=weighting, w_max=w_max), xi, fd_radius, offload)
+    if not (math.isfinite(L_meta) and all(torch.isfinite(g).all() for g in g_a)):
+        raise Diverged("non-finite upper loss or hypergradient")
+    opt_a.zero_grad(set_to_none=True)
+    for x, g in zip(a, g_a):
+        x.grad = g
+    opt_a.step()
+    return L_meta
+
+
+
+
+# ==============================================================================================
+# 4. The training loop
+# ==============================================================================================
+
+def main(argv=None):
+    """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
+    for args in runs(sys.argv[1:] if argv is None else list(argv)):
+        device = prm.pick_device(args.device)
+        torch.manual_seed(args.seed)
+        train, meta, domains = load_data(args)
+        model, train, meta, start, n_long = setup_run(args, train, meta, domains, device)
+        phi = [p for p in model.parameters() if p.requires_grad]
+        a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
+        keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
+        xi = args.lr
+        opt_phi = lower_optimizer(phi, xi, args.weight_decay, compact=args.compact_states, seed=args.seed)
+        opt_a = torch.optim.Adam(a, lr=args.meta_lr)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
+                     fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore)
+        start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
+        bilevel = args.weighting != "fixed"
+        sums = new_sums()
+        bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel",
+                   dynamic_ncols=True)
+        for it in bar:
+            t0 = time.perf_counter()
+            # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
+            for u in range(args.unroll_steps):
+                idx = sample(len(train), args.train_batch, args.seed, "train", it, u)
+                batch = lower_step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting,
+                                   autocast, args.weight_max)
+                sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
+                sums["weighted"] += batch.L_tr.item()
+            # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
+            if bilevel and it >= args.cold_start:
+                m_records = [meta[i] for i in sample(len(meta), args.meta_batch, args.seed, "meta", it)]
+                if args.weighting.startswith("instance"):            # Appendix A: other CoTs' weights move
+                    batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
+                sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
+            sums["n"] += 1
+            seconds, done = time.perf_counter() - t0, it + 1
+            if done % args.log_every == 0 or done == args.iterations:
+                w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
+                alpha = weights_per_domain(a, args.weighting, w, train, domains)
+                log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), train), args, history)
+                if args.weighting.startswith("instance"):
+                    save_instance_weights(args.out, w, train)
+                sums = new_sums()
+                show_weights(bar, alpha, args.weighting)
+            elif args.weighting == "domain":                            # cheap: on the bar at every iteration
+                show_weights(bar, weights_per_domain(a, args.weighting, None, train, domains), args.weighting)
+            if done % args.save_every == 0 or done == args.iterations:
+                save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
+        bar.close()
+        w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
+        finish_run(args, model, weights_per_domain(a, args.weighting, w, train, domains), w, train, meta,
+                   domains, history, n_long)
+    return 0
+
+
+def runs(argv):
+    """The run the flags ask for; then, for the toy demo (no data flags), the vanilla PRM baseline
+    that rerank.py compares with, unless --no-baseline or it is trained already."""
+    args = parse_args(argv)
+    toy_demo = not args.train and not args.meta and not args.synthetic
+    yield args
+    baseline = args.out.rstrip("/") + "-vanilla"
+    if toy_demo and args.weighting == "domain" and not args.no_baseline and \
+            not os.path.isdir(os.path.join(baseline, "prm")):
+        print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
+        resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
+        yield parse_args(baseline_argv(argv, baseline, resume))
+
+
+
+
+# ==============================================================================================
+# Appendix A. Instance weights (DreamPRM-1.5): --weighting instance-table, instance-net
+# The method ends above. The appendices hold what a run needs around it.
+# ==============================================================================================
+
+def bounded(x, w_max=3.0):
+    """Instance weights from raw values: w = w_max * sigmoid(x + logit(1 / w_max)), in (0, w_max)
+    and exactly 1 at x = 0 (the published Instance Table starts at 1). Smooth, so a weight at its
+    bound still gets a gradient (a clip would freeze it), and never negative (a negative weight
+    would ascend an instance's loss)."""
+    return w_max * torch.sigmoid(x - math.log(w_max - 1))
+
+
+def instance_net(theta, values, p, mask):
+    """Instance Net: a small MLP reads, for each labelled step of a CoT, the PRM's value and the
+    step's MC label [V_i, p_i], and averages its outputs over the steps: (B, S) values, labels and
+    mask (labelled steps) -> (B,) raw weights. (The published net reads the PRM's two answer
+    probabilities alone; without the label it cannot tell a wrong label from a right one, which is
+    what instance weights are for.) V and p are data here (detached): theta alone carries the
+    hypergradient. theta = [W1 (H, 2), b1 (H,), W2 (1, H), b2 (1,)]."""
+    W1, b1, W2, b2 = theta
+    x = torch.stack([values, p], -1).to(W1.dtype)                       # (B, S, 2)
+    h = F.leaky_relu(x @ W1.T + b1)                                     # (B, S, H)
+    out = (h @ W2.T + b2).squeeze(-1)                                   # (B, S)
+    m = mask.to(out.dtype)
+    return (out * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def init_instance_net(hidden, seed, device):
+    """theta with a zero output layer: every CoT starts at weight 1."""
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(hidden, 2, generator=g) * 2 ** -0.5
+    return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
+
+
+def init_raw_weights(weighting, n_domains, n_train, net_hidden, seed, device):
+    """The raw weights a, a list of tensors that all start uniform (every weight 1): one entry per
+    domain (domain, fixed), one per training CoT (instance-table), or the Instance Net's theta."""
+    if weighting == "instance-net":
+        return init_instance_net(net_hidden, seed, device)
+    n = n_train if weighting == "instance-table" else n_domains
+    return [torch.zeros(n, device=device, requires_grad=True)]
+
+
+def weight_keys(weighting, train, domains, device):
+    """(N,) each training CoT's index into a[0]: its domain, or (instance modes) itself."""
+    if weighting.startswith("instance"):
+        return torch.arange(len(train), device=device)
+    index = {d: k for k, d in enumerate(domains)}
+    return torch.tensor([index[r["domain"]] for r in train], device=device)
+
+
+def instance_weights(a, keys, mode, steps=None, w_max=3.0):
+    """Unnormalised instance weights w_b in (0, w_max): a CoT's table entry (instance-table) or the
+    Instance Net's output on its steps (instance-net). (B,)"""
+    if mode == "instance-table":
+        return bounded(a[0][keys], w_max)
+    values, p, mask = steps
+    return bounded(instance_net(a, values.detach(), p, mask), w_max)
+
+
+def normalised_instance_weights(a, keys, mode, steps=None, w_max=3.0):
+    """Instance weights divided by their batch's mean. Dividing by the mean, as domain weights are
+    normalised, keeps only the relative weights: a common drift of all weights (up or down) would
+    otherwise act as a second, uncontrolled learning rate of the lower level (seen on the toy
+    world: the net drove every weight to 0, the table every weight up). (B,)"""
+    w = instance_weights(a, keys, mode, steps, w_max)
+    return w / w.mean()
+
+
+def net_inputs(model, batch, autocast):
+    """What the Instance Net reads of a batch: (values, p, labelled-step mask), each (B, S), at phi."""
+    with torch.no_grad():
+        values, mask = forward(model, batch.records, autocast)
+    return values.float(), batch.p, mask & batch.p_mask
+
+
+def instance_batch(train, keys, size, seed, it, device):
+    """A fresh sample of training CoTs for an instance-mode upper step: their weights move, not only
+    those of the latest lower batch."""
+    idx = sample(len(train), size, seed, "instance", it)
+    return label_batch([train[i] for i in idx], keys[idx], device)
+
+
+def weights_of_all(a, weighting, train, keys, model, autocast, w_max, batch_size):
+    """The weight of every training CoT (N,); instance weights normalised to mean 1 over all of
+    them (instance-net: one no-grad pass over the data)."""
+    if weighting != "instance-net":
+        return cot_weights(detached(a), keys, weighting, w_max=w_max)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(train), batch_size):
+            values, mask = forward(model, train[i:i + batch_size], autocast)
+            p, p_mask = label_tensors(train[i:i + batch_size], values.shape[1], values.device)
+            out.append(instance_weights(detached(a), None, weighting, (values.float(), p, mask & p_mask), w_max))
+    w = torch.cat(out)
+    return w / w.mean()
+
+
+def weights_per_domain(a, weighting, w, train, domains):
+    """{domain: weight}: alpha_k (domain), the mean weight of the domain's CoTs in w (instance
+    modes), or 1 (fixed)."""
+    if weighting == "domain":
+        alpha = domain_weights(a[0].detach())
+        return {d: alpha[k].item() for k, d in enumerate(domains)}
+    if weighting.startswith("instance"):
+        of = weight_keys("domain", train, domains, w.device)
+        return {d: w[of == k].mean().item() for k, d in enumerate(domains)}
+    return {d: 1.0 for d in domains}
+
+
+def save_instance_weights(run_dir, w, train):
+    """instance_weights.safetensors: the weight of every training CoT, with the record keys."""
+    prm.save_tensors_atomic(os.path.join(run_dir, "instance_weights.safetensors"), {"weights": w},
+                            metadata={"keys": json.dumps([prm.record_key(r) for r in train])})
+
+
+def auc(scores, positive):
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney); None if a class is empty."""
+    pos = [s for s, y in zip(scores, positive) if y]
+    neg = sorted(s for s, y in zip(scores, positive) if not y)
+    if not pos or not neg:
+        return None
+    wins = sum(bisect.bisect_left(neg, s) + 0.5 * (bisect.bisect_right(neg, s) - bisect.bisect_left(neg, s)) for s in pos)
+    return wins / (len(pos) * len(neg))
+
+
+def key_auc(weights, train):
+    """Toy world only (its records know whether their answer key is corrupted): the AUC of the
+    CoT weights for telling clean-key CoTs from corrupted-key ones, overall and inside each domain
+    that has both."""
+    known = [(w, r) for w, r in zip(weights, train) if "key_corrupted" in (r.get("toy") or {})]
+    if not known:
+        return {}
+    out = {"overall": auc([w for w, _ in known], [not r["toy"]["key_corrupted"] for _, r in known])}
+    for d in sorted({r["domain"] for _, r in known}):
+        out[d] = auc([w for w, r in known if r["domain"] == d], [not r["toy"]["key_corrupted"] for w, r in known
+                                                                 if r["domain"] == d])
+    return {k: v for k, v in out.items() if v is not None}
+
+
+
+
+# ==============================================================================================
+# Appendix B. Data: the toy world, reading and checking the inputs, label tensors, batches
+# ==============================================================================================
 
 def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
     """A small labelled set made on the spot (text only), for runs with no data and for tests.
@@ -385,12 +648,8 @@ def encode(model, rec):
 
 def label_tensors(records, S, device, dtype=torch.float32):
     """MC labels (B, S) and which steps are labelled (B, S)."""
-    p = torch.zeros(len(records), S, dtype=dtype)
-    p_mask = torch.zeros(len(records), S, dtype=torch.bool)
-    for b, rec in enumerate(records):
-        for i, x in enumerate(rec["mc"]):
-            if x is not None:
-                p[b, i], p_mask[b, i] = x, True
+    p, _ = prm.pad_rows([[0.0 if x is None else x for x in r["mc"]] for r in records], 0.0, S, dtype)
+    p_mask, _ = prm.pad_rows([[x is not None for x in r["mc"]] for r in records], False, S, torch.bool)
     return p.to(device), p_mask.to(device)
 
 
@@ -407,112 +666,327 @@ def label_batch(records, keys, device):
     return TrainBatch(records, keys, p, p_mask, None, None, p_mask.sum(-1).float())
 
 
-def auc(scores, positive):
-    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney); None if a class is empty."""
-    pos = [s for s, y in zip(scores, positive) if y]
-    neg = sorted(s for s, y in zip(scores, positive) if not y)
-    if not pos or not neg:
-        return None
-    import bisect
-    wins = sum(bisect.bisect_left(neg, s) + 0.5 * (bisect.bisect_right(neg, s) - bisect.bisect_left(neg, s)) for s in pos)
-    return wins / (len(pos) * len(neg))
-
-
-def key_auc(weights, train):
-    """Toy world only (its records know whether their answer key is corrupted): the AUC of the
-    CoT weights for telling clean-key CoTs from corrupted-key ones, overall and inside each domain
-    that has both."""
-    known = [(w, r) for w, r in zip(weights, train) if "key_corrupted" in (r.get("toy") or {})]
-    if not known:
-        return {}
-    out = {"overall": auc([w for w, _ in known], [not r["toy"]["key_corrupted"] for _, r in known])}
-    for d in sorted({r["domain"] for _, r in known}):
-        out[d] = auc([w for w, r in known if r["domain"] == d], [not r["toy"]["key_corrupted"] for w, r in known
-                                                                 if r["domain"] == d])
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def sample(n, k, seed, *key):
     """k indices in [0, n), a pure function of (seed, key): a resumed run draws the same batches."""
     g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + key).encode()))
     return torch.randint(n, (k,), generator=g).tolist()
 
 
-# --------------------------------------------------------------------------------------------
-# One lower step, one upper step
-# --------------------------------------------------------------------------------------------
-
-def forward(model, records, autocast):
-    """Packed step values of a list of records: (B, S) values, (B, S) mask."""
-    with autocast:
-        return prm.step_values(model, [encode(model, r) for r in records])
 
 
-@dataclass
-class TrainBatch:
-    """The latest lower step's batch: the hypergradient re-evaluates its per-CoT losses."""
-    records: list
-    keys: torch.Tensor      # (B,) index into a of each CoT (its domain, or itself)
-    p: torch.Tensor         # (B, S) MC labels
-    p_mask: torch.Tensor    # (B, S) labelled steps
-    L_tr: torch.Tensor      # the weighted loss (scalar, detached)
-    l: torch.Tensor         # (B,) per-CoT losses
-    n: torch.Tensor         # (B,) labelled steps per CoT
+# ==============================================================================================
+# Appendix C. The run configuration: presets and flags
+# ==============================================================================================
+
+def presets(weighting, toy, model):
+    """The preset dictionaries that fill a run's unset flags, the first that sets a flag winning."""
+    out = []
+    if weighting.startswith("instance"):
+        out.append(dict(INSTANCE_RECIPE, meta_lr=INSTANCE_META_LR[weighting]))
+        out += [TOY_INSTANCE] if toy else []
+    out += [TINY_MODEL] if model == "tiny" and not toy else []
+    return out + [TOY_PRESET if toy else DEFAULTS]
 
 
-def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0):
-    """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached)."""
-    values, mask = forward(model, records, autocast)                     # (B, S)
-    p, p_mask = label_tensors(records, values.shape[1], values.device)
-    alpha_b = cot_weights(detached(a), keys, weighting, (values.float(), p, mask & p_mask), w_max)
-    L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
-    if torch.isfinite(L_tr):
-        opt_phi.zero_grad(set_to_none=True)
-        L_tr.backward()
-        opt_phi.step()
-        opt_phi.zero_grad(set_to_none=True)      # the gradients are spent: free them before the hypergradient
-    return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
+def preset_help(key):
+    """'default: X; toy Y; ...' for a flag whose default comes from the presets, read off them."""
+    parts = [f"default: {DEFAULTS[key]}"]
+    for label, preset in (("toy", TOY_PRESET), ("toy instance modes", TOY_INSTANCE),
+                          ("instance modes", INSTANCE_RECIPE), ("--model tiny", TINY_MODEL)):
+        if key in preset and preset[key] != DEFAULTS[key]:
+            parts.append(f"{label} {preset[key]}")
+    if key == "meta_lr":
+        parts += [f"{mode} {lr}" for mode, lr in INSTANCE_META_LR.items()]
+    return "; ".join(parts)
 
 
-def upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast):
-    """a <- Adam step on the finite-difference hypergradient g_a. Returns L_meta (NaN, and no
-    step, when L_meta or g_a is not finite)."""
-    device = model.device
-    r = torch.tensor([float(x["correct"]) for x in m_records], device=device)   # (M,)
-
-    def meta_loss_fn():
-        values, mask = forward(model, m_records, autocast)
-        pm, pm_mask = meta_targets(m_records, values.shape[1], device) if args.no_aggregation else (None, None)
-        return meta_loss(values.float(), mask, r, args.upper_loss, not args.no_aggregation, pm, pm_mask)
-
-    def train_losses_fn():
-        values, mask = forward(model, batch.records, autocast)
-        return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]      # (B,)
-
-    def weights_fn(a_):
-        steps = None
-        if args.weighting == "instance-net":                            # the net reads V at phi (restored)
-            with torch.no_grad():
-                values, mask = forward(model, batch.records, autocast)
-            steps = (values.float(), batch.p, mask & batch.p_mask)
-        return cot_weights(a_, batch.keys, args.weighting, steps, args.weight_max) / \
-            batch.n.sum().clamp(min=1)                                  # w_b(a)
-
-    g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, args.fd_radius,
-                                getattr(args, "offload_restore", False))
-    params, grads = (a, g_a) if isinstance(a, list) else ([a], [g_a])
-    if not all(torch.isfinite(g).all() for g in grads):
-        return float("nan")                                             # the caller stops the run
-    opt_a.zero_grad(set_to_none=True)
-    for x, g in zip(params, grads):
-        x.grad = g
-    opt_a.step()
-    return L_meta
+def data_flags(ap):
+    g = ap.add_argument_group("data")
+    g.add_argument("--train", nargs="*", default=[], help="training labels: our labels.jsonl or published train.json")
+    g.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
+    g.add_argument("--domains", default=None, help="comma-separated training domains (default: every domain "
+                   "with usable records)")
+    g.add_argument("--image-root", default=None, help="folder image paths are relative to (default: each file's folder)")
+    prm.add_format_args(g)
+    g.add_argument("--allow-overlap", action="store_true", help="allow meta questions that are also in the "
+                   "training data (same text and image)")
+    g.add_argument("--allow-one-class-meta", action="store_true", help="run even when every meta CoT is "
+                   "correct (or every one incorrect), with a warning")
+    g.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
+    g = ap.add_argument_group("reading a CoT (stored with the PRM, so scoring reads CoTs alike)")
+    g.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
+                   help="the final answer line: joins the last step (last-step) or is never encoded (drop), "
+                   "for train, meta and test alike (auto: drop for published DreamPRM data, else last-step)")
+    g.add_argument("--max-side", type=prm.number(int, 0), default=prm.MAX_SIDE, help="images shrink until their "
+                   "longest side is at most this many pixels, as in the published code (0: never; 512 gives 180 "
+                   "image tokens for a 1920x1080 image)")
+    g.add_argument("--min-pixels", type=prm.number(int, 1), default=None, help="image processor's minimum pixels "
+                   "(default: the processor's own)")
+    g.add_argument("--max-pixels", type=prm.number(int, 1), default=None, help="image processor's maximum pixels "
+                   "(default: the processor's own)")
+    g.add_argument("--max-length", type=prm.number(int, 1), default=None, help="longest CoT in tokens; longer "
+                   "ones are skipped and counted (default: the backbone's positions)")
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON, written atomically)
-# --------------------------------------------------------------------------------------------
+def method_flags(ap):
+    g = ap.add_argument_group("the bi-level method (defaults from the presets: real data, toy, instance modes)")
+    g.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
+    g.add_argument("--weighting", choices=["domain", "fixed", "instance-table", "instance-net", "instance"],
+                   default="domain", help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
+                   "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's step "
+                   "values to its weight (DreamPRM-1.5); instance: instance-table")
+    g.add_argument("--iterations", type=prm.number(int, 1), default=None, help="outer iterations, each U lower "
+                   f"steps + 1 upper step (>= 1; {preset_help('iterations')})")
+    g.add_argument("--unroll-steps", type=prm.number(int, 1), default=None, help="U: lower steps per upper step "
+                   f"(>= 1; {preset_help('unroll_steps')})")
+    g.add_argument("--train-batch", type=prm.number(int, 1), default=None, help="training CoTs per lower step "
+                   f"(>= 1; {preset_help('train_batch')})")
+    g.add_argument("--meta-batch", type=prm.number(int, 1), default=None, help="meta CoTs per upper step "
+                   f"(>= 1; {preset_help('meta_batch')})")
+    g.add_argument("--lr", type=prm.number(float, 0, above=True), default=None, help="xi, the lower (PRM) "
+                   f"learning rate (> 0 and finite; {preset_help('lr')})")
+    g.add_argument("--meta-lr", type=prm.number(float, 0, above=True), default=None, help="Adam learning rate "
+                   f"of the raw weights a (> 0; {preset_help('meta_lr')})")
+    g.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
+    g.add_argument("--fd-radius", type=prm.number(float, 0, above=True), default=0.01, help="r: finite-difference "
+                   "radius, eps = r / ||v|| (> 0)")
+    g.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
+    g.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
+                   f"training before the weights move (>= 0; {preset_help('cold_start')})")
+    g.add_argument("--no-aggregation", action="store_true",
+                   help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
+    g.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed for the value head and the batch "
+                   "order (>= 0)")
+    g = ap.add_argument_group("instance weights (DreamPRM-1.5)")
+    g.add_argument("--weight-max", type=prm.number(float, 1, above=True), default=3.0, help="instance modes: "
+                   "weights lie in (0, this) (> 1), 1 at the start")
+    g.add_argument("--instance-batch", type=prm.number(int, 1), default=None, help="instance modes: training CoTs "
+                   "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
+    g.add_argument("--net-hidden", type=prm.number(int, 1), default=64, help="instance-net: hidden width (>= 1)")
+
+
+def run_flags(ap):
+    g = ap.add_argument_group("memory and precision (README, the 2B memory plan)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bf16 compute with fp32 master weights (updates are never rounded away)")
+    g.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (a third of a 2B "
+                   "model's parameters: less memory; the published code trains every parameter)")
+    g.add_argument("--offload-restore", action="store_true", help="keep the hypergradient's exact copy of phi in "
+                   "CPU memory (pinned), not on the GPU (4 bytes per parameter less; bitwise the same)")
+    g.add_argument("--compact-states", action="store_true", help="keep AdamW's two moments in bf16 with "
+                   "stochastic rounding: 4 bytes per parameter less, not exact (see README, the 2B memory plan)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    g = ap.add_argument_group("the run directory")
+    g.add_argument("--out", default="runs/toy", help="run directory")
+    g.add_argument("--save-every", type=prm.number(int, 1), default=50, help="checkpoint every N outer iterations (>= 1)")
+    g.add_argument("--log-every", type=prm.number(int, 1), default=None, help="metrics and weights every N outer "
+                   f"iterations (>= 1; {preset_help('log_every')})")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (the "
+                   "settings must match the stored config.json, except --iterations upward, --device, "
+                   "--save-every and --log-every)")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
+    g.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
+                   "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
+
+
+def parse_args(argv):
+    """The flags, checked at parse time; unset ones filled from the presets."""
+    ap = prm.Parser(__doc__)
+    data_flags(ap)
+    method_flags(ap)
+    run_flags(ap)
+    args = ap.parse_args(argv)
+    toy = not args.train and not args.meta
+    args.weighting = "instance-table" if args.weighting == "instance" else args.weighting
+    for preset in presets(args.weighting, toy, args.model):
+        for k, v in preset.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.domains is not None:                  # checked before any data or model is read
+        args.domains = parse_domains(args.domains)
+    if args.instance_batch is None:
+        args.instance_batch = 4 * args.train_batch
+    return args
+
+
+def baseline_argv(argv, baseline, resume):
+    """The vanilla baseline's flags: every flag the user gave except --weighting, --out, --resume and
+    --overwrite (which are the baseline's own)."""
+    out, skip = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if skip or name in ("--weighting", "--out", "--resume", "--overwrite"):
+            skip = not skip and name in ("--weighting", "--out") and "=" not in a
+            continue
+        out.append(a)
+    return out + ["--weighting", "fixed", "--out", baseline] + (["--resume"] if resume else [])
+
+
+
+
+# ==============================================================================================
+# Appendix D. The run directory: setup, checkpoints (safetensors + JSON, atomic), metrics, outputs
+# ==============================================================================================
+
+# Flags that may differ when a run is resumed (--iterations only upward); every other setting in
+# config.json must match, or the resumed run would silently mix two experiments.
+RESUMABLE = ("iterations", "device", "save_every", "log_every", "resume", "overwrite", "no_baseline")
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint")
+
+
+def prepare_run_dir(args, config):
+    """Check --out before any model loads: writable; --resume only onto a checkpoint whose stored
+    config matches; no silent overwrite of another run. Returns the checkpoint's iteration or 0."""
+    out = args.out
+    prm.check_writable(out)
+    prm.recover_dir(os.path.join(out, "checkpoint"))
+    state = os.path.join(out, "checkpoint", "state.json")
+    if args.resume:
+        if not os.path.isfile(state):
+            raise prm.DataError("no checkpoint to resume from", file=out)
+        with open(os.path.join(out, "config.json")) as f:
+            stored = json.load(f)
+        new = json.loads(json.dumps(config))                   # tuples and lists compare alike
+        differ = sorted(k for k in set(stored) & set(new) if k not in RESUMABLE and stored[k] != new[k])
+        if differ:
+            raise prm.DataError("--resume with other settings than the stored run: "
+                                + ", ".join(f"{k} {stored[k]!r} -> {new[k]!r}" for k in differ), file=out)
+        with open(state) as f:
+            at = json.load(f)["iteration"]
+        if args.iterations < at:
+            raise prm.DataError(f"the checkpoint is at iteration {at}; --iterations {args.iterations} is below it",
+                                file=out, field="--iterations")
+        return at
+    present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    if present and not args.overwrite:
+        what = "a checkpoint: pass --resume to continue it" if "checkpoint" in present else \
+            f"another run's outputs ({', '.join(present)})"
+        raise prm.DataError(f"the run directory holds {what}, --overwrite to replace them, or choose another --out",
+                            file=out)
+    for n in present:
+        path = os.path.join(out, n)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return 0
+
+
+def setup_run(args, train, meta, domains, device):
+    """Everything before the first step: the final-answer rule, the run directory (checked before any
+    model loads), config.json, the PRM on its backbone with this run's reading settings, the CoTs
+    that fit --max-length, and the memory options. Returns (model, train, meta, start iteration,
+    (training, meta) CoTs skipped as too long)."""
+    final_answer = final_answer_rule(args, train)
+    print(f"{len(train)} training CoTs in {len(domains)} domains: "
+          + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
+    model_dir = prm.resolve_model(args.model)
+    config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
+                  model_dir=model_dir)
+    start = prepare_run_dir(args, config)
+    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
+    model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
+    model.final_answer = final_answer
+    model.max_side, model.min_pixels, model.max_pixels = args.max_side or None, args.min_pixels, args.max_pixels
+    model.max_length = args.max_length or model.max_length
+    train, long_train = drop_long(model, train, "training")
+    meta, long_meta = drop_long(model, meta, "meta")
+    for d in domains:
+        if not any(r["domain"] == d for r in train):
+            raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
+    model.train()
+    if args.freeze_vision:
+        freeze_vision(model)
+    if args.grad_checkpointing:
+        enable_checkpointing(model)
+    return model, train, meta, start, (long_train, long_meta)
+
+
+def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
+    """Resume from the checkpoint (start > 0) or begin metrics.jsonl afresh. Metrics logged after the
+    checkpoint are replayed by the resumed run, so they are dropped. Returns (start, history), the
+    history of logged weights that domain_weights.json and its plot hold."""
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if start:
+        start = load_checkpoint(run_dir, model, a, opt_phi, opt_a)
+        kept = [o for _, o in prm.iter_jsonl(metrics_path, True)] if os.path.isfile(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            for o in kept:
+                if o["iteration"] <= start:
+                    f.write(json.dumps(o) + "\n")
+        print(f"resumed {run_dir} at iteration {start}")
+    else:
+        open(metrics_path, "w").close()
+    history = [{"iteration": o["iteration"], "alpha": {d: o[f"alpha/{d}"] for d in domains}}
+               for _, o in prm.iter_jsonl(metrics_path, True)]
+    return start, history
+
+
+def new_sums():
+    """Running sums of the losses between two logs."""
+    return dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
+
+
+def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
+    """One metrics.jsonl row (losses averaged since the last log, weights, toy AUCs), the weights'
+    history in domain_weights.json, and, in the toy world, a line on screen."""
+    k = sums["n"]
+    row = {"iteration": done, "lower/loss": sums["lower"] / (k * args.unroll_steps),
+           "lower/weighted_loss": sums["weighted"] / (k * args.unroll_steps),
+           "upper/loss": sums["upper"] / k if args.weighting != "fixed" else None,
+           "time/seconds_per_iteration": seconds}
+    row.update({f"alpha/{d}": w for d, w in alpha.items()})
+    row.update({f"auc/{name}": v for name, v in aucs.items()})
+    shown = shown_aucs(aucs, args.weighting)
+    if shown:
+        tqdm.write(f"iteration {done}: " + ", ".join([f"alpha/{d} {w:.3f}" for d, w in alpha.items()] +
+                                                     [f"auc/{name} {v:.3f}" for name, v in shown.items()]))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        prm.append_jsonl(f, row)
+    history.append({"iteration": done, "alpha": alpha})
+    write_weights(run_dir, alpha, args.weighting, history)
+
+
+def show_weights(bar, alpha, weighting):
+    """The weights on the progress bar (none for fixed weights, which never move)."""
+    if weighting != "fixed":
+        bar.set_postfix_str(" ".join(f"{d}={x:.2f}" for d, x in list(alpha.items())[:6]))
+
+
+def shown_aucs(aucs, weighting):
+    """The toy AUCs worth printing: none for fixed weights (all equal), the overall one for domain
+    weights (equal inside a domain, so 0.5 there by construction), all of them for instance weights."""
+    if weighting == "fixed":
+        return {}
+    return aucs if weighting.startswith("instance") else {k: v for k, v in aucs.items() if k == "overall"}
+
+
+def finish_run(args, model, alpha, w, train, meta, domains, history, n_long):
+    """The PRM with its model card, the final weights and their plot, and what was learned on screen."""
+    instance = args.weighting.startswith("instance")
+    learned = ", ".join(f"{d} {x:.3f}" for d, x in sorted(alpha.items(), key=lambda x: -x[1]))
+    card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
+            f"{args.unroll_steps} lower steps; lower lr {args.lr}, meta lr {args.meta_lr}, precision {args.precision}",
+            f"- training CoTs: {len(train)} (" + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}"
+                                                       for d in domains) + f"); meta CoTs: {len(meta)}",
+            f"- skipped as longer than {model.max_length} tokens: {n_long[0]} training, {n_long[1]} meta CoTs",
+            "- learned domain weights: " + learned if args.weighting != "fixed" else "- domain weights: uniform (fixed)"]
+    model.save_pretrained(os.path.join(args.out, "prm"), card)
+    write_weights(args.out, alpha, args.weighting, history)
+    plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
+    if args.weighting != "fixed":
+        toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
+        what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
+        print(what + (" next to each toy domain's true quality (3 best):" if toy else ":"))
+        for d, x in sorted(alpha.items(), key=lambda x: -x[1]):
+            print(f"  {d:24s} {x:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
+        aucs = shown_aucs(key_auc(w.tolist(), train), args.weighting)
+        if aucs:
+            print("AUC of the weights, clean-key against corrupted-key CoTs: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
+    print(f"PRM saved to {os.path.join(args.out, 'prm')}")
+
 
 def optimizer_tensors(opt, prefix):
     """An optimizer's per-parameter state as flat tensors {prefix.i.name: tensor}."""
@@ -542,7 +1016,7 @@ def trainable_state(model):
 def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration):
     with prm.atomic_dir(os.path.join(run_dir, "checkpoint")) as tmp:
         prm.save_tensors_atomic(os.path.join(tmp, "model.safetensors"), trainable_state(model))
-        tensors = {f"theta.{i}": x.detach() for i, x in enumerate(a)} if isinstance(a, list) else {"a": a.detach()}
+        tensors = {name: x.detach() for name, x in zip(raw_weight_names(a), a)}
         tensors.update(optimizer_tensors(opt_phi, "phi"))
         tensors.update(optimizer_tensors(opt_a, "a"))
         prm.save_tensors_atomic(os.path.join(tmp, "state.safetensors"), tensors)
@@ -557,17 +1031,19 @@ def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
     model.load_state_dict({k: v.to(model.device) for k, v in weights.items()}, strict=False)
     tensors = load_file(os.path.join(ck, "state.safetensors"))
     with torch.no_grad():
-        for i, x in enumerate(a if isinstance(a, list) else [a]):
-            x.copy_(tensors[f"theta.{i}" if isinstance(a, list) else "a"].to(x.device))
+        for name, x in zip(raw_weight_names(a), a):
+            x.copy_(tensors[name].to(x.device))
     load_optimizer(opt_phi, tensors, "phi")
     load_optimizer(opt_a, tensors, "a")
     with open(os.path.join(ck, "state.json")) as f:
         return json.load(f)["iteration"]
 
 
-# --------------------------------------------------------------------------------------------
-# Outputs a person reads
-# --------------------------------------------------------------------------------------------
+def raw_weight_names(a):
+    """Checkpoint names of the raw weights: 'a' for one tensor (domain or table weights), 'theta.i'
+    for the Instance Net's parameters."""
+    return ["a"] if len(a) == 1 else [f"theta.{i}" for i in range(len(a))]
+
 
 def write_weights(run_dir, alpha, weighting, history):
     """domain_weights.json: the latest weights ("final" once the run ends) and every logged iteration's."""
@@ -576,114 +1052,31 @@ def write_weights(run_dir, alpha, weighting, history):
 
 
 def plot_weights(history, names, path):
-    """domain_weights.png: alpha_k over the logged iterations."""
+    """domain_weights.png: alpha_k from iteration 0 (every weight starts at 1) over the logged iterations."""
+    history = [{"iteration": 0, "alpha": {n: 1.0 for n in names}}] + history
     its = [h["iteration"] for h in history]
     series = {n: [(i, h["alpha"][n]) for i, h in zip(its, history)] for n in names}
     y_max = max([1.5] + [y for points in series.values() for _, y in points]) * 1.05
-    ticks = [(its[0], f"iteration {its[0]}"), (its[-1], str(its[-1]))] if its else []
-    legend = {n: f"{n} {history[-1]['alpha'][n]:.2f}" if history else n for n in names}
-    prm.line_plot(path, "domain weights alpha", series, ticks, y_max, lambda y: f"{y:.2f}", legend)
+    ticks = [(its[0], str(its[0])), (its[-1], str(its[-1]))]
+    legend = {n: f"{n} {history[-1]['alpha'][n]:.2f}" for n in names}
+    prm.line_plot(path, "Domain weights alpha during training", series, ticks, y_max, lambda y: f"{y:.2f}", legend,
+                  x_title="outer iteration", y_title="alpha (mean 1)")
 
 
-# --------------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------------
 
-def parse_args(argv):
-    ap = prm.Parser(__doc__)
-    ap.add_argument("--train", nargs="*", default=[], help="training labels: our labels.jsonl or published train.json")
-    ap.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
-    ap.add_argument("--domains", default=None, help="comma-separated training domains (default: every domain "
-                    "with usable records)")
-    ap.add_argument("--image-root", default=None, help="folder image paths are relative to (default: each file's folder)")
-    prm.add_format_args(ap)
-    ap.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
-                    help="the final answer line: joins the last step (last-step) or is never encoded (drop), "
-                    "for train, meta and test alike (auto: drop for published DreamPRM data, else last-step)")
-    ap.add_argument("--max-side", type=prm.number(int, 0), default=prm.MAX_SIDE, help="images shrink until their "
-                    "longest side is at most this many pixels, as in the published code (0: never; 512 gives 180 "
-                    "image tokens for a 1920x1080 image)")
-    ap.add_argument("--min-pixels", type=prm.number(int, 1), default=None, help="image processor's minimum pixels "
-                    "(default: the processor's own)")
-    ap.add_argument("--max-pixels", type=prm.number(int, 1), default=None, help="image processor's maximum pixels "
-                    "(default: the processor's own)")
-    ap.add_argument("--max-length", type=prm.number(int, 1), default=None, help="longest CoT in tokens; longer "
-                    "ones are skipped and counted (default: the backbone's positions)")
-    ap.add_argument("--allow-overlap", action="store_true", help="allow meta questions that are also in the "
-                    "training data (same text and image)")
-    ap.add_argument("--allow-one-class-meta", action="store_true", help="run even when every meta CoT is "
-                    "correct (or every one incorrect), with a warning")
-    ap.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
-    ap.add_argument("--out", default="runs/toy", help="run directory")
-    ap.add_argument("--iterations", type=prm.number(int, 1), default=None, help="outer iterations, each U lower "
-                    "steps + 1 upper step (>= 1; default: 1000; toy 150; toy instance modes 750)")
-    ap.add_argument("--unroll-steps", type=prm.number(int, 1), default=None, help="U: lower steps per upper step "
-                    "(>= 1; default: 5; instance modes 1)")
-    ap.add_argument("--train-batch", type=prm.number(int, 1), default=None, help="training CoTs per lower step "
-                    "(>= 1; default: 8; toy 16)")
-    ap.add_argument("--meta-batch", type=prm.number(int, 1), default=None, help="meta CoTs per upper step "
-                    "(>= 1; default: 16; toy 32)")
-    ap.add_argument("--lr", type=prm.number(float, 0, above=True), default=None, help="xi, the lower (PRM) "
-                    "learning rate (> 0 and finite; default: 5e-7; toy and --model tiny 1e-4)")
-    ap.add_argument("--meta-lr", type=prm.number(float, 0, above=True), default=None, help="Adam learning rate "
-                    "of the raw weights a (> 0; default: 0.01; toy 0.05; instance-table 0.1, instance-net 0.01)")
-    ap.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
-    ap.add_argument("--fd-radius", type=prm.number(float, 0, above=True), default=0.01, help="r: finite-difference "
-                    "radius, eps = r / ||v|| (> 0)")
-    ap.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
-    ap.add_argument("--weighting", choices=["domain", "fixed", "instance-table", "instance-net", "instance"],
-                    default="domain", help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
-                    "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's step "
-                    "values to its weight (DreamPRM-1.5); instance: instance-table")
-    ap.add_argument("--weight-max", type=prm.number(float, 1, above=True), default=3.0, help="instance modes: "
-                    "weights lie in (0, this) (> 1), 1 at the start")
-    ap.add_argument("--instance-batch", type=prm.number(int, 1), default=None, help="instance modes: training CoTs "
-                    "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
-    ap.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
-                    "training before the weights move (>= 0; default: 0; toy instance modes 100)")
-    ap.add_argument("--net-hidden", type=prm.number(int, 1), default=64, help="instance-net: hidden width (>= 1)")
-    ap.add_argument("--no-aggregation", action="store_true",
-                    help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="bf16: bf16 compute with fp32 master weights (updates are never rounded away)")
-    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (a third of a 2B "
-                    "model's parameters: less memory; the published code trains every parameter)")
-    ap.add_argument("--offload-restore", action="store_true", help="keep the hypergradient's exact copy of phi in "
-                    "CPU memory (pinned), not on the GPU (4 bytes per parameter less; bitwise the same)")
-    ap.add_argument("--compact-states", action="store_true", help="keep AdamW's two moments in bf16 with "
-                    "stochastic rounding: 4 bytes per parameter less, not exact (see README, the 2B memory plan)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    ap.add_argument("--save-every", type=prm.number(int, 1), default=50, help="checkpoint every N outer iterations (>= 1)")
-    ap.add_argument("--log-every", type=prm.number(int, 1), default=None, help="metrics and weights every N outer "
-                    "iterations (>= 1; default: 10; toy instance modes 50)")
-    ap.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
-    ap.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
-                    "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (the "
-                    "settings must match the stored config.json, except --iterations upward, --device, "
-                    "--save-every and --log-every)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed for the value head and the batch "
-                    "order (>= 0)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    ap.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
-    args = ap.parse_args(argv)
-    toy = not args.train and not args.meta
-    args.weighting = "instance-table" if args.weighting == "instance" else args.weighting
-    instance = args.weighting.startswith("instance")
-    presets = ([dict(INSTANCE_RECIPE, meta_lr=INSTANCE_META_LR[args.weighting])] if instance else []) + \
-        ([TOY_INSTANCE] if instance and toy else []) + [TOY_PRESET if toy else DEFAULTS]
-    for preset in presets:
-        for k, v in preset.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    if args.domains is not None:                  # checked before any data or model is read
-        args.domains = parse_domains(args.domains)
-    if args.instance_batch is None:
-        args.instance_batch = 4 * args.train_batch
-    if args.lr is None:
-        args.lr = 1e-4 if toy or args.model == "tiny" else 5e-7
-    return args
+
+# ==============================================================================================
+# Appendix E. Memory options: frozen vision tower, offloaded restore copy, AdamW variants
+# ==============================================================================================
+
+def restore_copy(phi, offload=False):
+    """The exact copy of phi that the hypergradient restores from: beside phi on its device, or
+    (--offload-restore) in CPU memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the
+    same bits restored."""
+    if offload:
+        return [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True)
+                for p in phi]
+    return [p.detach().clone() for p in phi]
 
 
 def freeze_vision(model):
@@ -769,245 +1162,14 @@ def enable_checkpointing(model):
     (getattr(bb, "activation_checkpointing_enable", None) or bb.gradient_checkpointing_enable)()
 
 
+
+
+# ==============================================================================================
+# The command line
+# ==============================================================================================
+
 class Diverged(RuntimeError):
-    pass
-
-
-# Flags that may differ when a run is resumed (--iterations only upward); every other setting in
-# config.json must match, or the resumed run would silently mix two experiments.
-RESUMABLE = ("iterations", "device", "save_every", "log_every", "resume", "overwrite", "no_baseline")
-RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint")
-
-
-def prepare_run_dir(args, config):
-    """Check --out before any model loads: writable; --resume only onto a checkpoint whose stored
-    config matches; no silent overwrite of another run. Returns the checkpoint's iteration or 0."""
-    out = args.out
-    prm.check_writable(out)
-    prm.recover_dir(os.path.join(out, "checkpoint"))
-    state = os.path.join(out, "checkpoint", "state.json")
-    if args.resume:
-        if not os.path.isfile(state):
-            raise prm.DataError("no checkpoint to resume from", file=out)
-        with open(os.path.join(out, "config.json")) as f:
-            stored = json.load(f)
-        new = json.loads(json.dumps(config))                   # tuples and lists compare alike
-        differ = sorted(k for k in set(stored) & set(new) if k not in RESUMABLE and stored[k] != new[k])
-        if differ:
-            raise prm.DataError("--resume with other settings than the stored run: "
-                                + ", ".join(f"{k} {stored[k]!r} -> {new[k]!r}" for k in differ), file=out)
-        with open(state) as f:
-            at = json.load(f)["iteration"]
-        if args.iterations < at:
-            raise prm.DataError(f"the checkpoint is at iteration {at}; --iterations {args.iterations} is below it",
-                                file=out, field="--iterations")
-        return at
-    present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
-    if present and not args.overwrite:
-        what = "a checkpoint: pass --resume to continue it" if "checkpoint" in present else \
-            f"another run's outputs ({', '.join(present)})"
-        raise prm.DataError(f"the run directory holds {what}, --overwrite to replace them, or choose another --out",
-                            file=out)
-    for n in present:
-        path = os.path.join(out, n)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return 0
-
-
-def baseline_argv(argv, baseline, resume):
-    """The vanilla baseline's flags: every flag the user gave except --weighting, --out, --resume and
-    --overwrite (which are the baseline's own)."""
-    out, skip = [], False
-    for a in argv:
-        name = a.split("=", 1)[0]
-        if skip or name in ("--weighting", "--out", "--resume", "--overwrite"):
-            skip = not skip and name in ("--weighting", "--out") and "=" not in a
-            continue
-        out.append(a)
-    return out + ["--weighting", "fixed", "--out", baseline] + (["--resume"] if resume else [])
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    toy_demo = not args.train and not args.meta and not args.synthetic
-    device = prm.pick_device(args.device)
-    torch.manual_seed(args.seed)
-    train, meta, domains = load_data(args)
-    final_answer = final_answer_rule(args, train)
-    print(f"{len(train)} training CoTs in {len(domains)} domains: "
-          + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
-
-    model_dir = prm.resolve_model(args.model)
-    config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
-                  model_dir=model_dir)
-    start = prepare_run_dir(args, config)
-    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
-
-    xi = args.lr
-    model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
-    model.final_answer = final_answer
-    model.max_side, model.min_pixels, model.max_pixels = args.max_side or None, args.min_pixels, args.max_pixels
-    model.max_length = args.max_length or model.max_length
-    train, long_train = drop_long(model, train, "training")
-    meta, long_meta = drop_long(model, meta, "meta")
-    for d in domains:
-        if not any(r["domain"] == d for r in train):
-            raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
-    model.train()
-    if args.freeze_vision:
-        freeze_vision(model)
-    if args.grad_checkpointing:
-        enable_checkpointing(model)
-    phi = [p for p in model.parameters() if p.requires_grad]
-    dom_index = {d: k for k, d in enumerate(domains)}
-    # Raw weights: one per domain, one per training CoT, or the Instance Net's theta; all start uniform.
-    instance = args.weighting.startswith("instance")
-    if args.weighting == "instance-net":
-        a = init_instance_net(args.net_hidden, args.seed, device)
-    else:
-        a = torch.zeros(len(train) if instance else len(domains), device=device, requires_grad=True)
-    opt_phi = lower_optimizer(phi, xi, args.weight_decay, compact=args.compact_states, seed=args.seed)
-    opt_a = torch.optim.Adam(a if isinstance(a, list) else [a], lr=args.meta_lr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if start:
-        start = load_checkpoint(args.out, model, a, opt_phi, opt_a)
-        # Metrics logged after the checkpoint are replayed by this run: drop them.
-        kept = [o for _, o in prm.iter_jsonl(metrics_path, True)] if os.path.isfile(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            for o in kept:
-                if o["iteration"] <= start:
-                    f.write(json.dumps(o) + "\n")
-        print(f"resumed {args.out} at iteration {start}")
-    else:
-        open(metrics_path, "w").close()
-
-    def batch_alpha_keys(idx, records):
-        if instance:
-            return torch.tensor(idx, device=device)
-        return torch.tensor([dom_index[r["domain"]] for r in records], device=device)
-
-    def weights_of_all():
-        """alpha_b of every training CoT (N,), instance weights normalised to mean 1 over all of them
-        (instance-net: one no-grad pass over the data)."""
-        if args.weighting != "instance-net":
-            keys = batch_alpha_keys(list(range(len(train))), train)
-            return cot_weights(detached(a), keys, args.weighting, w_max=args.weight_max)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(train), args.train_batch):
-                values, mask = forward(model, train[i:i + args.train_batch], autocast)
-                p, p_mask = label_tensors(train[i:i + args.train_batch], values.shape[1], device)
-                out.append(instance_weights(detached(a), None, args.weighting, (values.float(), p, mask & p_mask),
-                                            args.weight_max))
-        w = torch.cat(out)
-        return w / w.mean()
-
-    def current_alpha(w=None):
-        """Per domain: its weight, or the mean weight of its CoTs in the instance modes."""
-        if args.weighting == "domain":
-            w = domain_weights(a.detach())
-            return {d: w[k].item() for k, d in enumerate(domains)}
-        if instance:
-            w = weights_of_all() if w is None else w
-            keys = torch.tensor([dom_index[r["domain"]] for r in train], device=device)
-            return {d: w[keys == k].mean().item() for k, d in enumerate(domains)}
-        return {d: 1.0 for d in domains}
-
-    def report(alpha):
-        """Instance weights (safetensors, with the record keys) and, in the toy world, their AUC
-        for telling clean-key CoTs from corrupted-key ones."""
-        w = weights_of_all()
-        out = {}
-        if instance:
-            alpha.update(current_alpha(w))
-            prm.save_tensors_atomic(os.path.join(args.out, "instance_weights.safetensors"), {"weights": w},
-                                    metadata={"keys": json.dumps([prm.record_key(r) for r in train])})
-        out.update({f"auc/{k}": v for k, v in key_auc(w.tolist(), train).items()})
-        return out
-
-    history = [o for _, o in prm.iter_jsonl(metrics_path, True)]
-    history = [{"iteration": o["iteration"], "alpha": {d: o[f"alpha/{d}"] for d in domains}} for o in history]
-    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
-    sums = dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
-    for it in bar:
-        t0 = time.perf_counter()
-        for u in range(args.unroll_steps):
-            idx = sample(len(train), args.train_batch, args.seed, "train", it, u)
-            records = [train[i] for i in idx]
-            batch = lower_step(model, opt_phi, a, records, batch_alpha_keys(idx, records), args.weighting, autocast,
-                               args.weight_max)
-            if not torch.isfinite(batch.L_tr):
-                raise Diverged(f"non-finite lower loss at iteration {it}")
-            sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
-            sums["weighted"] += batch.L_tr.item()
-        L_meta = float("nan")
-        if args.weighting != "fixed" and it >= args.cold_start:
-            m_records = [meta[i] for i in sample(len(meta), args.meta_batch, args.seed, "meta", it)]
-            if instance:       # the weights of a fresh sample of training CoTs move, not only the last batch's
-                idx = sample(len(train), args.instance_batch, args.seed, "instance", it)
-                batch = label_batch([train[i] for i in idx], batch_alpha_keys(idx, None), device)
-            L_meta = upper_step(model, phi, a, opt_a, batch, m_records, xi, args, autocast)
-            if not math.isfinite(L_meta):
-                raise Diverged(f"non-finite upper loss at iteration {it}")
-        sums["upper"] += 0.0 if math.isnan(L_meta) else L_meta
-        sums["n"] += 1
-        seconds = time.perf_counter() - t0
-        done = it + 1
-        logging = done % args.log_every == 0 or done == args.iterations
-        if args.weighting == "domain" or logging:
-            alpha = current_alpha() if not instance else {}
-            extra = report(alpha) if logging else {}                     # instance modes fill alpha here
-            bar.set_postfix_str(" ".join(f"{d}={w:.2f}" for d, w in list(alpha.items())[:6]))
-        if logging:
-            k = sums["n"]
-            row = {"iteration": done, "lower/loss": sums["lower"] / (k * args.unroll_steps),
-                   "lower/weighted_loss": sums["weighted"] / (k * args.unroll_steps),
-                   "upper/loss": sums["upper"] / k if args.weighting != "fixed" else None,
-                   "time/seconds_per_iteration": seconds}
-            row.update({f"alpha/{d}": w for d, w in alpha.items()})
-            row.update(extra)
-            if any(k.startswith("auc/") for k in row):
-                tqdm.write(f"iteration {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                             if k.startswith(("auc/", "alpha/"))))
-            with open(metrics_path, "a") as f:
-                prm.append_jsonl(f, row)
-            history.append({"iteration": done, "alpha": alpha})
-            write_weights(args.out, alpha, args.weighting, history)
-            sums = dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
-        if done % args.save_every == 0 or done == args.iterations:
-            save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
-    bar.close()
-
-    alpha = current_alpha()
-    card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
-            f"{args.unroll_steps} lower steps; lower lr {xi}, meta lr {args.meta_lr}, precision {args.precision}",
-            f"- training CoTs: {len(train)} (" + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}"
-                                                       for d in domains) + f"); meta CoTs: {len(meta)}",
-            f"- skipped as longer than {model.max_length} tokens: {long_train} training, {long_meta} meta CoTs",
-            "- learned domain weights: " + ", ".join(f"{d} {w:.3f}" for d, w in sorted(alpha.items(), key=lambda x: -x[1]))]
-    model.save_pretrained(os.path.join(args.out, "prm"), card)
-    write_weights(args.out, alpha, args.weighting, history)
-    plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
-    toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
-    what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
-    print(what + (" next to each toy domain's true quality (3 best):" if toy else ":"))
-    for d, w in sorted(alpha.items(), key=lambda x: -x[1]):
-        print(f"  {d:24s} {w:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
-    aucs = key_auc(weights_of_all().tolist(), train)
-    if aucs:
-        print("AUC of the weights, clean-key against corrupted-key CoTs: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
-    print(f"PRM saved to {os.path.join(args.out, 'prm')}")
-    baseline = args.out.rstrip("/") + "-vanilla"
-    if toy_demo and args.weighting == "domain" and not args.no_baseline and \
-            not os.path.isdir(os.path.join(baseline, "prm")):
-        print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
-        resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
-        return main(baseline_argv(argv, baseline, resume))
-    return 0
+    """A non-finite loss or hypergradient: the run stops before the step, its last checkpoint kept."""
 
 
 def cli(argv=None):

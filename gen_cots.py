@@ -410,78 +410,90 @@ def drive(policy, tasks, on_done, concurrency):
     toy and hf policies get batches of up to batch_size prompts that share n (hf: one generate).
     Returns the peak number of requests in flight.
     """
-    tasks = iter(tasks)
-    finished = []                     # outputs of completed tasks, handed to on_done between sends
-    waiting = deque()                 # (task id, slot, prompt, n) not yet sent
-    active = {}                       # task id -> [generator, results, unanswered]
-    room = concurrency if policy.parallel else policy.batch_size
-    peak, next_id = 0, 0
+    s = _Schedule(tasks, on_done, concurrency if policy.parallel else policy.batch_size)
+    s.fill(0)
+    s.flush()
+    return _drive_threads(policy, s, concurrency) if policy.parallel else _drive_batches(policy, s)
 
-    def advance(tid, gen, results):
+
+class _Schedule:
+    """drive's bookkeeping: requests not yet sent, tasks waiting for their answers, finished outputs."""
+
+    def __init__(self, tasks, on_done, room):
+        self.tasks, self.on_done, self.room = iter(tasks), on_done, room
+        self.finished = []            # outputs of completed tasks, handed to on_done between sends
+        self.waiting = deque()        # (task id, slot, prompt, n) not yet sent
+        self.active = {}              # task id -> [generator, results, unanswered]
+        self.next_id = 0
+
+    def advance(self, tid, gen, results):
+        """Send a task its results; queue the requests it yields next, or keep its output."""
         try:
             requests = gen.send(results)
         except StopIteration as stop:
-            finished.append(stop.value)
+            self.finished.append(stop.value)
             return
         if not requests:
-            return advance(tid, gen, [])
-        active[tid] = [gen, [None] * len(requests), len(requests)]
-        waiting.extend((tid, slot, prompt, n) for slot, (prompt, n) in enumerate(requests))
+            return self.advance(tid, gen, [])
+        self.active[tid] = [gen, [None] * len(requests), len(requests)]
+        self.waiting.extend((tid, slot, prompt, n) for slot, (prompt, n) in enumerate(requests))
 
-    def answer(tid, slot, texts):
-        entry = active[tid]
+    def answer(self, tid, slot, texts):
+        entry = self.active[tid]
         entry[1][slot] = texts
         entry[2] -= 1
         if entry[2] == 0:
-            del active[tid]
-            advance(tid, entry[0], entry[1])
+            del self.active[tid]
+            self.advance(tid, entry[0], entry[1])
 
-    def fill(in_flight):
-        nonlocal next_id
-        while len(waiting) + in_flight < room:
-            gen = next(tasks, None)
+    def fill(self, in_flight):
+        """Start new tasks while the requests waiting and in flight leave room."""
+        while len(self.waiting) + in_flight < self.room:
+            gen = next(self.tasks, None)
             if gen is None:
                 return
-            next_id += 1
-            advance(next_id, gen, None)
+            self.next_id += 1
+            self.advance(self.next_id, gen, None)
 
-    def flush():
-        while finished:
-            on_done(finished.pop(0))
+    def flush(self):
+        while self.finished:
+            self.on_done(self.finished.pop(0))
 
-    if not policy.parallel:
-        fill(0)
-        flush()
-        while waiting:
-            n = waiting[0][3]
-            batch = [w for w in waiting if w[3] == n][:policy.batch_size]
-            for w in batch:
-                waiting.remove(w)
-            peak = max(peak, len(batch))
-            for (tid, slot, _, _), texts in zip(batch, policy.sample([w[2] for w in batch], n)):
-                answer(tid, slot, texts)
-            fill(0)
-            flush()
-        return peak
+
+def _drive_batches(policy, s):
+    """Toy and hf policies: batches of waiting prompts that share n, one sample() call each."""
+    peak = 0
+    while s.waiting:
+        n = s.waiting[0][3]
+        batch = [w for w in s.waiting if w[3] == n][:policy.batch_size]
+        for w in batch:
+            s.waiting.remove(w)
+        peak = max(peak, len(batch))
+        for (tid, slot, _, _), texts in zip(batch, policy.sample([w[2] for w in batch], n)):
+            s.answer(tid, slot, texts)
+        s.fill(0)
+        s.flush()
+    return peak
+
+
+def _drive_threads(policy, s, concurrency):
+    """The openai policy: one request per prompt, up to `concurrency` in flight on a thread pool."""
+    peak, in_flight = 0, {}
     with ThreadPoolExecutor(concurrency) as pool:
-        in_flight = {}
-
         def send():
-            while waiting and len(in_flight) < concurrency:
-                tid, slot, prompt, n = waiting.popleft()
-                in_flight[pool.submit(lambda p=prompt, k=n: policy.sample([p], k)[0])] = (tid, slot)
+            while s.waiting and len(in_flight) < concurrency:
+                tid, slot, prompt, n = s.waiting.popleft()
+                in_flight[pool.submit(policy.sample, [prompt], n)] = (tid, slot)
 
-        fill(0)
-        flush()
-        while waiting or in_flight:
+        while s.waiting or in_flight:
             send()
             peak = max(peak, len(in_flight))
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for f in done:
-                answer(*in_flight.pop(f), f.result())
-            fill(len(in_flight))
+                s.answer(*in_flight.pop(f), f.result()[0])
+            s.fill(len(in_flight))
             send()                                                # refill the server before writing
-            flush()
+            s.flush()
     return peak
 
 

@@ -80,13 +80,6 @@ def label_steps(cot, K, min_rollouts=0, zero_stop=False, max_steps=None):
     return mc, counts
 
 
-def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
-    """label_steps for one CoT, its requests sent to the policy by gen_cots.drive. Returns (mc, rollouts)."""
-    out = []
-    gen_cots.drive(policy, [label_steps(cot, K, min_rollouts, zero_stop, max_steps)], out.append, 1)
-    return out[0]
-
-
 def labelled_record(cot, K, min_rollouts, zero_stop, max_steps):
     """A task: the labels.jsonl record of one CoT (cut to its labelled steps with --max-steps)."""
     mc, counts = yield from label_steps(cot, K, min_rollouts, zero_stop, max_steps)

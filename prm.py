@@ -1496,7 +1496,7 @@ def line_plot(path, title, series, x_ticks, y_max, y_label, legend, x_title="", 
     labelled at six points by y_label(value); legend: {name: text} on the right; x_title and
     y_title name the axes (under the x axis, above the y axis).
     """
-    W, H, L, R, T, B = 760, 440, 70, 190, 50, 60
+    W, H, L, R, T, B = 760, 450, 70, 190, 60, 60
     font = ImageFont.load_default(size=13)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -1511,7 +1511,7 @@ def line_plot(path, title, series, x_ticks, y_max, y_label, legend, x_title="", 
     for x, text in x_ticks:
         _text(d, (X(x) - 4, H - B + 6), text, "black", font)
     _text(d, (L, 10), title, "black", font)
-    _text(d, (8, T - 18), y_title, "black", font)
+    _text(d, (8, T - 28), y_title, "black", font)
     _text(d, (L + (W - L - R) / 2 - font.getlength(x_title) / 2, H - B + 28), x_title, "black", font)
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
               "#bcbd22", "#17becf"]

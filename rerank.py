@@ -64,11 +64,6 @@ def top_answers(preds):
     return [[i for i, k in enumerate(keys) if k == answer] for answer, n in counts.items() if n == best]
 
 
-def majority_vote(preds):
-    """The CoT a self-consistency vote picks: the first CoT of the first most-voted answer."""
-    return top_answers(preds)[0][0]
-
-
 def uniform_choice(correct, groups):
     """Expected accuracy of a uniform choice among tied candidates: each group (a tied answer, or a
     tied CoT) is equally likely and scores the mean correctness of its CoTs."""
@@ -95,19 +90,6 @@ def score_question(model, records, how, batch_size=16, shared_prefix=True):
             V = V.float()
             for b, (i, A) in enumerate(zip(batch, prm.aggregate(V, mask, how).tolist())):
                 scores[i], values[i] = A, V[b][mask[b]].tolist()
-    return scores, values
-
-
-def score_cots(model, records, how, batch_size=16, shared_prefix=True):
-    """score_question over the questions of a list of records; results in the records' order."""
-    groups = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[(r["domain"], r["id"])].append(i)
-    scores, values = [None] * len(records), [None] * len(records)
-    for idx in groups.values():
-        s, v = score_question(model, [records[i] for i in idx], how, batch_size, shared_prefix)
-        for i, x, y in zip(idx, s, v):
-            scores[i], values[i] = x, y
     return scores, values
 
 
@@ -198,8 +180,9 @@ def plot_curve(curve, path):
     ns = sorted(next(iter(curve.values())))
     series = {name: [(i, c[n]) for i, n in enumerate(ns)] for name, c in curve.items()}
     legend = {name: f"{name} {100 * c[ns[-1]]:.1f}%" for name, c in curve.items()}
-    prm.line_plot(path, "accuracy against N (best of N)", series, [(i, str(n)) for i, n in enumerate(ns)],
-                  1.0, lambda y: f"{100 * y:.0f}%", legend)
+    prm.line_plot(path, "Best-of-N accuracy against N", series, [(i, str(n)) for i, n in enumerate(ns)],
+                  1.0, lambda y: f"{100 * y:.0f}%", legend, x_title="N, CoTs per question",
+                  y_title="accuracy")
 
 
 def score_with(name, path, questions, load, args, device):
@@ -266,7 +249,7 @@ def write_outputs(questions, load, parts, names, args):
     return labelled, scores_by_prm, step_counts, unlabelled, long_cots
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = prm.Parser(__doc__)
     ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question (correct and answer optional)")
     ap.add_argument("--prm", nargs="*", default=None, help="PRM or run directories (default: the toy runs present)")
@@ -284,7 +267,11 @@ def main(argv=None):
                     "against N (>= 1)")
     ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed of the subsets (>= 0)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = prm.pick_device(args.device)
     prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
     if not os.path.isfile(args.cots):

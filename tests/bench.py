@@ -246,14 +246,12 @@ def image_records(cots, batch):
 
 def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, autocast):
     """U lower steps on the training batch, then (bilevel) the upper step on the meta batch."""
-    keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a.device)
+    keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a[0].device)
     for _ in range(U):
         last = bt.lower_step(model, opt_phi, a, train, keys, "domain", autocast)
     if bilevel:
-        args = argparse.Namespace(no_aggregation=False, upper_loss="mse", weighting="domain", fd_radius=0.01,
-                                  weight_max=3.0, offload_restore=offload)
         bt.upper_step(model, [p for p in model.parameters() if p.requires_grad], a, opt_a, last, meta, 1e-4,
-                      args, autocast)
+                      autocast, offload=offload)
 
 
 # The memory options, each added to the ones above it.
@@ -282,11 +280,11 @@ def memory_options(model, cots, args, device, autocast):
         if change.get("freeze"):
             bt.freeze_vision(model)
         phi = [p for p in model.parameters() if p.requires_grad]
-        a = torch.zeros(3, device=device, requires_grad=True)
+        a = [torch.zeros(3, device=device, requires_grad=True)]
         # foreach is torch's default on CUDA (said explicitly, so a CPU run measures the same)
         opt_phi = bt.lower_optimizer(phi, 1e-7, fused=True, compact=o["compact"]) if o["fused"] else \
             torch.optim.AdamW(phi, lr=1e-7, foreach=True)
-        opt_a = torch.optim.Adam([a], lr=0.01)
+        opt_a = torch.optim.Adam(a, lr=0.01)
         run = lambda bilevel: outer_iteration(model, opt_phi, opt_a, a, train, meta, args.U, bilevel,  # noqa: E731
                                               o["offload"], autocast)
         try:

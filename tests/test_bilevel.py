@@ -33,13 +33,12 @@ def test_hypergradient_matches_double_backward(backbone_dir, mode):
     p, p_mask = p[:, : max(len(e.step_ends) for e in enc)], p_mask[:, : max(len(e.step_ends) for e in enc)]
     N = p_mask.sum()
     if mode == "domain":
-        a = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+        a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
     elif mode == "instance-table":
-        a = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).requires_grad_()
+        a = [torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).requires_grad_()]
     else:
         a = [x.detach().double().normal_(0, 0.5, generator=torch.Generator().manual_seed(i)).requires_grad_()
              for i, x in enumerate(bt.init_instance_net(6, 0, "cpu"))]
-    params = a if isinstance(a, list) else [a]
     with torch.no_grad():
         V, M = prm.step_values(model, enc)                 # the net reads the values at phi (data)
     xi = 1e-3
@@ -55,7 +54,6 @@ def test_hypergradient_matches_double_backward(backbone_dir, mode):
 
     before = [x.detach().clone() for x in phi]
     g, _ = bt.hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=1e-4)
-    g = g if isinstance(g, list) else [g]
     assert all(torch.equal(x, y) for x, y in zip(before, phi)), "phi must be restored bit for bit"
 
     def grads(loss, create_graph=False):
@@ -65,7 +63,7 @@ def test_hypergradient_matches_double_backward(backbone_dir, mode):
     v = [gi.detach() for gi in grads(meta_loss_fn())]
     L_tr = (weights_fn(a) * train_losses_fn()).sum()
     dot = sum((gi * vi).sum() for gi, vi in zip(grads(L_tr, create_graph=True), v))
-    g_ref = [-xi * x for x in torch.autograd.grad(dot, params)]
+    g_ref = [-xi * x for x in torch.autograd.grad(dot, a)]
     flat, flat_ref = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in g_ref])
     rel = ((flat - flat_ref).norm() / flat_ref.norm()).item()
     print(f"{mode}: hypergradient relative error {rel:.2e}")
@@ -82,14 +80,14 @@ def test_lower_loss_is_the_weighted_mean():
     keys = torch.tensor([0, 1, 0])
     alpha = bt.domain_weights(a)
     assert torch.allclose(alpha.mean(), torch.tensor(1.0)) and (alpha > 0).all()
-    L, l, n = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights(a, keys, "domain"))
+    L, l, n = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([a], keys, "domain"))
     sq = [(0.9 - 1) ** 2 + 0.2 ** 2, (0.7 - 1) ** 2 + (0.3 - 0.25) ** 2, 0.1 ** 2]
     w = [alpha[0], alpha[1], alpha[0]]
     by_hand = sum(wi * s for wi, s in zip(w, sq)) / 5
     assert torch.allclose(L, by_hand) and n.tolist() == [2, 2, 1]
     assert torch.allclose(bt.domain_weights(torch.zeros(4)), torch.ones(4))
     a.requires_grad_(True)
-    L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights(a, keys, "domain"))
+    L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([a], keys, "domain"))
     L.backward()
     assert torch.isfinite(a.grad).all()
 
@@ -223,7 +221,7 @@ def test_diverged_run_stops_and_keeps_checkpoint(backbone_dir, tmp_path, monkeyp
     code = bt.cli(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "10", "--unroll-steps", "1",
                    "--save-every", "1", "--train-batch", "4", "--meta-batch", "4"])
     err = capsys.readouterr().err
-    assert code == 1 and "non-finite lower loss at iteration 3" in err and "last good checkpoint" in err
+    assert code == 1 and "non-finite lower loss" in err and "last good checkpoint" in err
     assert json.load(open(f"{out}/checkpoint/state.json"))["iteration"] == 3
     assert not os.path.exists(f"{out}/prm")
 
@@ -247,7 +245,7 @@ def test_bf16_compute_keeps_updates_far_below_bf16_resolution(backbone_dir):
     train, _ = bt.synthetic_data(0, 8, 8)
     records = train[:8]
     keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
-    a = torch.zeros(3)
+    a = [torch.zeros(3)]
     fractions = {}
     for mode in ("master_fp32", "plain_bf16"):
         model = prm.PRM.from_backbone(backbone_dir).train()
@@ -276,7 +274,7 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
     train, _ = bt.synthetic_data(1, 8, 8)
     records = train[::6][:6]
     keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
-    a = torch.tensor([0.2, -0.1, 0.0])
+    a = [torch.tensor([0.2, -0.1, 0.0])]
     params = {}
     for ckpt in (False, True):
         model = prm.PRM.from_backbone(backbone_dir).train()
@@ -324,7 +322,7 @@ def test_instance_weights_are_bounded():
     big = [t.detach() * 0 + 50 for t in theta]
     assert (bt.instance_weights(big, None, "instance-net", steps, w_max=2.0) <= 2.0).all()
     # The weights a batch trains with have mean 1: only the relative weights count.
-    w = bt.cot_weights(torch.tensor([-2.0, 0.0, 1.0, 3.0]), torch.tensor([0, 1, 2, 3]), "instance-table")
+    w = bt.cot_weights([torch.tensor([-2.0, 0.0, 1.0, 3.0])], torch.tensor([0, 1, 2, 3]), "instance-table")
     assert w.mean().item() == pytest.approx(1.0) and w[0] < w[1] < w[2] < w[3]
 
 
@@ -345,22 +343,20 @@ def test_memory_options_are_exact(backbone_dir):
     the same hypergradient and the same phi bit for bit; --freeze-vision leaves the vision tower as
     it was and trains the rest."""
     train, meta = bt.synthetic_data(0, 8, 8)
-    args = bt.parse_args(["--synthetic"])
     results = []
     for offload in (False, True):
         torch.manual_seed(0)
         model = prm.PRM.from_backbone(backbone_dir)
         phi = [p for p in model.parameters() if p.requires_grad]
-        a = torch.zeros(3, requires_grad=True)
+        a = [torch.zeros(3, requires_grad=True)]
         opt = torch.optim.AdamW(phi, lr=1e-3)
-        opt_a = torch.optim.Adam([a], lr=0.05)
+        opt_a = torch.optim.Adam(a, lr=0.05)
         keys = torch.tensor([DOMAINS.index(r["domain"]) for r in train[::3][:8]])
         off = torch.autocast("cpu", enabled=False)
         batch = bt.lower_step(model, opt, a, train[::3][:8], keys, "domain", off)
         assert all(p.grad is None for p in phi)                       # freed before the hypergradient
-        args.offload_restore = offload
-        bt.upper_step(model, phi, a, opt_a, batch, meta[:6], 1e-3, args, off)
-        results.append([a.detach().clone()] + [p.detach().clone() for p in phi])
+        bt.upper_step(model, phi, a, opt_a, batch, meta[:6], 1e-3, off, offload=offload)
+        results.append([a[0].detach().clone()] + [p.detach().clone() for p in phi])
     assert all(torch.equal(x, y) for x, y in zip(*results))
     model = prm.PRM.from_backbone(backbone_dir)
     vision = {k: v.clone() for k, v in model.backbone.visual.state_dict().items()}
@@ -369,7 +365,7 @@ def test_memory_options_are_exact(backbone_dir):
     phi = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(phi, lr=1e-2)
     records = [dict(r, _image=None) for r in train[:4]]
-    bt.lower_step(model, opt, torch.zeros(3), records, torch.zeros(4, dtype=torch.long), "domain",
+    bt.lower_step(model, opt, [torch.zeros(3)], records, torch.zeros(4, dtype=torch.long), "domain",
                   torch.autocast("cpu", enabled=False))
     assert all(torch.equal(v, model.backbone.visual.state_dict()[k]) for k, v in vision.items())
     assert not all(torch.equal(v, model.backbone.language_model.state_dict()[k]) for k, v in text.items())
@@ -381,19 +377,19 @@ def assert_optimizer_resumes_exactly(backbone_dir, tmp_path, make_optimizer):
     train, _ = bt.synthetic_data(2, 8, 8)
     records = train[::4][:6]
     keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
-    a = torch.tensor([0.2, -0.1, 0.0])
+    a = [torch.tensor([0.2, -0.1, 0.0])]
     off = torch.autocast("cpu", enabled=False)
     runs = []
     for resumed in (False, True):
         model = prm.PRM.from_backbone(backbone_dir).train()
         phi = [p for p in model.parameters() if p.requires_grad]
-        opt, opt_a = make_optimizer(phi), torch.optim.Adam([a.clone().requires_grad_()])
+        opt, opt_a = make_optimizer(phi), torch.optim.Adam([a[0].clone().requires_grad_()])
         if resumed:
-            bt.load_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a)
+            bt.load_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a)
         else:
             for _ in range(2):
                 bt.lower_step(model, opt, a, records, keys, "domain", off)
-            bt.save_checkpoint(str(tmp_path), model, torch.zeros(3), opt, opt_a, 2)
+            bt.save_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a, 2)
         bt.lower_step(model, opt, a, records, keys, "domain", off)
         runs.append([p.detach().clone() for p in phi])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
@@ -407,7 +403,7 @@ def test_fused_adamw_matches_the_per_tensor_loop_and_resumes(backbone_dir, tmp_p
     train, _ = bt.synthetic_data(2, 8, 8)
     records = train[::4][:6]
     keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
-    a = torch.tensor([0.2, -0.1, 0.0])
+    a = [torch.tensor([0.2, -0.1, 0.0])]
     off = torch.autocast("cpu", enabled=False)
     params = {}
     for fused in (False, True):
@@ -507,7 +503,7 @@ def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path
     train, _ = bt.synthetic_data(3, 8, 8)
     records = train[::4][:6]
     keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
-    a = torch.tensor([0.2, -0.1, 0.0])
+    a = [torch.tensor([0.2, -0.1, 0.0])]
     off = torch.autocast("cpu", enabled=False)
     start = [p.detach().clone() for p in prm.PRM.from_backbone(backbone_dir).parameters()]
     params = {}

@@ -17,6 +17,13 @@ from conftest import kill_after_lines
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
+    """mc_label.label_steps for one CoT, its requests sent to the policy by gen_cots.drive."""
+    out = []
+    gen_cots.drive(policy, [mc_label.label_steps(cot, K, min_rollouts, zero_stop, max_steps)], out.append, 1)
+    return out[0]
+
+
 def test_toy_pipeline_labels_drop_after_planted_error(small_toy):
     cots = prm.read_records(str(small_toy / "train_cots.jsonl"), "cots")
     assert len(cots) == 4 * 4 * len(gen_cots.TOY_DOMAINS)
@@ -37,17 +44,17 @@ def test_adaptive_and_zero_stop(small_toy):
     cot = prm.read_records(str(small_toy / "train_cots.jsonl"), "cots")[0]
     policy = gen_cots.ToyPolicy(0)
     easy = dict(cot, toy=dict(cot["toy"], domain="easy"))          # the easy policy never errs
-    mc, counts = mc_label.label_cot(easy, policy, K=16, min_rollouts=4)
+    mc, counts = label_cot(easy, policy, K=16, min_rollouts=4)
     assert counts[:-1] == [4, 4, 4, 4] and mc[:-1] == [1.0] * 4
-    mc, counts = mc_label.label_cot(easy, policy, K=3, max_steps=2)  # the step cap: rollouts for both
+    mc, counts = label_cot(easy, policy, K=3, max_steps=2)  # the step cap: rollouts for both
     assert mc == [1.0, 1.0] and counts == [3, 3]
     wrong = dict(cot, answer="-1", correct=False)                   # no rollout can reach this key
     calls = []
     counting = gen_cots.ToyPolicy(0)
     counting.sample = lambda prompts, n: calls.append(len(prompts) * n) or policy.sample(prompts, n)
-    mc, counts = mc_label.label_cot(wrong, counting, K=8, zero_stop=True)
+    mc, counts = label_cot(wrong, counting, K=8, zero_stop=True)
     assert mc == [0.0] * 5 and counts == [8, 0, 0, 0, 0] and calls == [8]     # later prefixes never rolled
-    mc, counts = mc_label.label_cot(wrong, counting, K=8)
+    mc, counts = label_cot(wrong, counting, K=8)
     assert counts == [8, 8, 8, 8, 0] and calls == [8, 32]                      # all prefixes in one call
 
 

@@ -8,6 +8,24 @@ import rerank
 from test_prm import write_published
 
 
+def majority_vote(preds):
+    """The CoT a self-consistency vote picks: the first CoT of the first most-voted answer."""
+    return rerank.top_answers(preds)[0][0]
+
+
+def score_cots(model, records, how, batch_size=16, shared_prefix=True):
+    """rerank.score_question over the questions of a list of records; results in the records' order."""
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r["domain"], r["id"]), []).append(i)
+    scores, values = [None] * len(records), [None] * len(records)
+    for idx in groups.values():
+        s, v = rerank.score_question(model, [records[i] for i in idx], how, batch_size, shared_prefix)
+        for i, x, y in zip(idx, s, v):
+            scores[i], values[i] = x, y
+    return scores, values
+
+
 def test_select_best_matches_brute_force():
     rng = random.Random(0)
     for _ in range(50):
@@ -24,10 +42,10 @@ def test_select_best_matches_brute_force():
 
 
 def test_majority_vote_ties_and_normalization():
-    assert rerank.majority_vote(["7", "8", "8", "7"]) == 0           # tie: the answer seen first
-    assert rerank.majority_vote(["8", " 7", "7.", "8"]) == 0
-    assert rerank.majority_vote(["A", "b", "B", "a", "B"]) == 1      # case and whitespace normalized
-    assert rerank.majority_vote(["x"]) == 0
+    assert majority_vote(["7", "8", "8", "7"]) == 0           # tie: the answer seen first
+    assert majority_vote(["8", " 7", "7.", "8"]) == 0
+    assert majority_vote(["A", "b", "B", "a", "B"]) == 1      # case and whitespace normalized
+    assert majority_vote(["x"]) == 0
 
 
 def test_ties_count_as_a_uniform_choice():
@@ -37,7 +55,7 @@ def test_ties_count_as_a_uniform_choice():
     assert m["majority"] == 0.5                    # "7" (right) and "8" (wrong) tie at two votes each
     assert m["prm"] == 0.25                        # four CoTs tie at 0.9, one of them right
     assert m["pass@1"] == 0.4 and m["oracle"] == 1.0
-    assert rerank.majority_vote([c["pred"] for c in cots]) == 0     # the pick itself: the first sample
+    assert majority_vote([c["pred"] for c in cots]) == 0     # the pick itself: the first sample
     # Answers with mixed correctness (one key, two CoTs judged differently) count their mean.
     assert rerank.uniform_choice([1.0, 0.0, 1.0], [[0, 1], [2]]) == 0.75
 
@@ -89,8 +107,8 @@ def test_shared_prefix_scoring_equals_packed_batches(images, tiny_prm):
             records.append({"id": f"q{q}", "domain": "d", "question": f"Question {q}?", "_question": f"Question {q}?",
                             "_image": images[q] if q < 2 else None, "steps": make_steps(1 + (q + s) % 5, s),
                             "final": str(s)})
-    shared, v_shared = rerank.score_cots(tiny_prm, records, "mean_logit", shared_prefix=True)
-    packed, v_packed = rerank.score_cots(tiny_prm, records, "mean_logit", batch_size=5, shared_prefix=False)
+    shared, v_shared = score_cots(tiny_prm, records, "mean_logit", shared_prefix=True)
+    packed, v_packed = score_cots(tiny_prm, records, "mean_logit", batch_size=5, shared_prefix=False)
     assert max(abs(a - b) for a, b in zip(shared, packed)) <= 1e-4
     assert all(len(a) == len(b) == len(r["steps"]) for a, b, r in zip(v_shared, v_packed, records))
     assert max(abs(x - y) for a, b in zip(v_shared, v_packed) for x, y in zip(a, b)) <= 1e-4
