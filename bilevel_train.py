@@ -71,8 +71,6 @@ INSTANCE_META_LR = {"instance-table": 0.1, "instance-net": 0.01}
 TOY_INSTANCE = dict(iterations=750, log_every=50, cold_start=100)
 
 
-
-
 # ==============================================================================================
 # 1. Domain weights and the two losses
 # ==============================================================================================
@@ -134,8 +132,6 @@ def meta_loss(values, mask, r, loss="mse", aggregation=True, p=None, p_mask=None
     return (l / n.clamp(min=1)).mean()
 
 
-
-
 # ==============================================================================================
 # 2. The hypergradient (finite difference, as DARTS and Betty's "darts" method)
 # ==============================================================================================
@@ -176,8 +172,6 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
         s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
         g_a = [-xi * g for g in torch.autograd.grad(s, a)]
     return g_a, L_meta.item()
-
-
 
 
 # ==============================================================================================
@@ -242,10 +236,11 @@ def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="
                aggregation=True, fd_radius=0.01, w_max=3.0, offload=False):
     """a <- Adam step on the finite-difference hypergradient g_a of L_meta, through L_tr on `batch`.
     Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
-    g_a, L_meta = hypergradient(phi, a, partial(meta_batch_loss, model, m_records, autocast, upper_loss, aggregation),
-                                partial(batch_losses, model, batch, autocast),
-                                partial(batch_weights, model=model, batch=batch, autocast=autocast,
-                                        weighting=weighting, w_max=w_max), xi, fd_radius, offload)
+    meta_loss_fn = partial(meta_batch_loss, model, m_records, autocast, upper_loss, aggregation)   # L_meta(phi)
+    train_losses_fn = partial(batch_losses, model, batch, autocast)                             # l_b(phi), (B,)
+    weights_fn = partial(batch_weights, model=model, batch=batch, autocast=autocast, weighting=weighting,
+                         w_max=w_max)                                                           # w_b(a), (B,)
+    g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, fd_radius, offload)
     if not (math.isfinite(L_meta) and all(torch.isfinite(g).all() for g in g_a)):
         raise Diverged("non-finite upper loss or hypergradient")
     opt_a.zero_grad(set_to_none=True)
@@ -253,8 +248,6 @@ def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="
         x.grad = g
     opt_a.step()
     return L_meta
-
-
 
 
 # ==============================================================================================
@@ -330,8 +323,6 @@ def runs(argv):
         print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
         resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
         yield parse_args(baseline_argv(argv, baseline, resume))
-
-
 
 
 # ==============================================================================================
@@ -473,8 +464,6 @@ def key_auc(weights, train):
         out[d] = auc([w for w, r in known if r["domain"] == d], [not r["toy"]["key_corrupted"] for w, r in known
                                                                  if r["domain"] == d])
     return {k: v for k, v in out.items() if v is not None}
-
-
 
 
 # ==============================================================================================
@@ -672,8 +661,6 @@ def sample(n, k, seed, *key):
     return torch.randint(n, (k,), generator=g).tolist()
 
 
-
-
 # ==============================================================================================
 # Appendix C. The run configuration: presets and flags
 # ==============================================================================================
@@ -822,8 +809,6 @@ def baseline_argv(argv, baseline, resume):
             continue
         out.append(a)
     return out + ["--weighting", "fixed", "--out", baseline] + (["--resume"] if resume else [])
-
-
 
 
 # ==============================================================================================
@@ -1063,8 +1048,6 @@ def plot_weights(history, names, path):
                   x_title="outer iteration", y_title="alpha (mean 1)")
 
 
-
-
 # ==============================================================================================
 # Appendix E. Memory options: frozen vision tower, offloaded restore copy, AdamW variants
 # ==============================================================================================
@@ -1160,8 +1143,6 @@ def enable_checkpointing(model):
     """Recompute activations in backward (transformers renamed the method in 5.2x; use what exists)."""
     bb = model.backbone
     (getattr(bb, "activation_checkpointing_enable", None) or bb.gradient_checkpointing_enable)()
-
-
 
 
 # ==============================================================================================
