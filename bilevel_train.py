@@ -519,13 +519,14 @@ def read_inputs(args):
     an error."""
     train, train_skips = [], []
     for path in args.train:
-        recs, skips = prm.read_cots(path, "labels", args.image_root, args.format, args.domain)
+        recs, skips = prm.read_cots(path, "labels", args.image_root, args.format, args.domain,
+                                     args.correct_from)
         print(f"{path}: {len(recs)} training CoTs" + (f" ({recs[0]['_format']} format)" if recs else "")
               + (f"; {prm.skip_report(recs, skips)}" if skips else ""))
         train += recs
         train_skips += skips
     prm.check_unique(train, prm.record_key, "record key (question, image and steps, or id and sample)")
-    meta, skips = prm.read_cots(args.meta, "cots", args.image_root, args.format, args.domain)
+    meta, skips = prm.read_cots(args.meta, "cots", args.image_root, args.format, args.domain, args.correct_from)
     print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(meta, skips)}" if skips else ""))
     # Sorted by key: the run depends on the set of records, not on the order a concurrent stage wrote them.
     train.sort(key=prm.record_key)

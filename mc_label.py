@@ -116,7 +116,8 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cots)),
                                    os.path.basename(args.cots).replace("cots", "labels")
                                    if "cots" in os.path.basename(args.cots) else "labels.jsonl")
-    cots, skips = prm.read_cots(args.cots, "cots", fmt=args.format, domain=args.domain)
+    cots, skips = prm.read_cots(args.cots, "cots", fmt=args.format, domain=args.domain,
+                                 correct_from=args.correct_from)
     prm.check_unique(cots, lambda c: (c["id"], c["sample"]), "question id and sample")   # what a rerun skips by
     no_key = next((c for c in cots if not c["answer"].strip()), None)
     if no_key:

@@ -30,6 +30,7 @@ Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 """
 
 import argparse
+import ast
 import hashlib
 import inspect
 import json
@@ -744,7 +745,7 @@ _FIELDS = {
 # What each kind of record needs: questions (gen_cots), CoTs with correctness (meta), labelled CoTs
 # (training), and test CoTs to score, whose domain, answer and correctness may be unknown.
 _KINDS = {"questions": ("question", "keyed"), "cots": ("question", "keyed", "steps", "correct"),
-          "labels": ("question", "keyed", "steps", "correct", "labels"), "test": ("question", "steps")}
+          "labels": ("question", "keyed", "steps", "labels"), "test": ("question", "steps")}
 
 
 def check_record(obj, kind, file, line, image_root):
@@ -759,11 +760,11 @@ def check_record(obj, kind, file, line, image_root):
                 raise DataError("missing required field", file, line, field)
             if not isinstance(obj[field], typ) or (typ is not bool and isinstance(obj[field], bool)):
                 raise DataError(f"wrong type {type(obj[field]).__name__}", file, line, field)
+    if obj.get("correct") is not None and not isinstance(obj["correct"], bool):
+        raise DataError(f"wrong type {type(obj['correct']).__name__} (true, false or absent)", file, line, "correct")
     if kind == "test":
         obj.setdefault("domain", "all")
         obj.setdefault("answer", "")
-        if obj.get("correct") is not None and not isinstance(obj["correct"], bool):
-            raise DataError(f"wrong type {type(obj['correct']).__name__} (true, false or absent)", file, line, "correct")
         if not isinstance(obj["domain"], str):
             raise DataError(f"wrong type {type(obj['domain']).__name__}", file, line, "domain")
     obj["id"] = str(obj["id"])
@@ -866,16 +867,34 @@ def _short_id(*parts):
     return hashlib.sha1("\0".join(str(p) for p in parts).encode()).hexdigest()[:12]
 
 
+# The answer line a CoT ends with, in the forms the public formats write it.
+_ANSWER_RES = [re.compile(r"^[ \t]*#+[ \t]*Answer[ \t]*\n\s*(\S[^\n]*)", re.IGNORECASE | re.MULTILINE),    # PRM800K
+               re.compile(r"^[ \t]*(?:\*\*)?Answer(?:\*\*)?[ \t]*[:：][ \t]*(\S[^\n]*)", re.IGNORECASE | re.MULTILINE),
+               re.compile(r"\bthe answer is[ \t]*[:：]?[ \t]*(\S[^\n]*)", re.IGNORECASE)]
+
+
 def extract_answer(text):
-    """The answer a CoT gives: the text after the last 'Final answer:', else its last non-empty line."""
+    """The answer a CoT gives, one rule for every format: the first line after the last 'Final
+    answer:'; else the line after a '# Answer' heading (PRM800K), after 'Answer:', or after 'The
+    answer is' (Math-Shepherd), the last one in the text; else the CoT's last non-empty line."""
     final = split_steps(text).final
     if final:
         return final.splitlines()[0].strip()
+    for pattern in _ANSWER_RES:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip().rstrip(".").strip()
     lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
     return lines[-1] if lines else ""
 
 
 # -- Formats: each public file format is one small converter into our records ------------------
+#
+# A converter takes (source record, file, where, opts) and returns our record (question, answer,
+# image, steps, final, pred, correct, mc, domain, id) or a Skip. Step labels become MC values in
+# [0, 1]: correct 1.0, wrong 0.0, a neutral or unrated step None (unlabelled: it teaches nothing,
+# rather than being read as right or wrong). `correct` is the CoT's final correctness where the
+# format states it, else None (unknown) unless opts["correct_from"] is "last-label".
 
 @dataclass
 class Skip:
@@ -887,10 +906,12 @@ class Skip:
 
 def _need(obj, field, types, file, where):
     """obj[field], present and of one of the types (a bool is not a number)."""
-    if field not in obj:
+    if not isinstance(obj, dict):
+        raise DataError(f"must be an object, found {type(obj).__name__}", file, where, field.rsplit(".", 1)[0])
+    if field.split(".")[-1] not in obj:
         raise DataError("missing required field", file, where, field)
-    v = obj[field]
-    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+    v = obj[field.split(".")[-1]]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
         raise DataError(f"wrong type {type(v).__name__}", file, where, field)
     return v
 
@@ -902,6 +923,23 @@ def _strict_bool(v, file, where, field):
     if isinstance(v, str) and v.strip().lower() in ("true", "false"):
         return v.strip().lower() == "true"
     raise DataError(f"{v!r} is not a boolean", file, where, field)
+
+
+def _label(x, file, where, field):
+    """A step label as an MC value: true/false -> 1.0/0.0, a number in [0, 1] as it is."""
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, (int, float)) and math.isfinite(x) and 0 <= x <= 1:
+        return float(x)
+    raise DataError(f"label {x!r} is not true, false or a number in [0, 1]", file, where, field)
+
+
+def _last_label(mc, opts):
+    """Correctness for formats that state none: unknown, or the last step's label >= 0.5 when the
+    user asks for that rule (--correct-from last-label)."""
+    if opts["correct_from"] != "last-label" or not mc or mc[-1] is None:
+        return None
+    return mc[-1] >= 0.5
 
 
 def _one_image(v, file, where, field):
@@ -917,34 +955,65 @@ def _one_image(v, file, where, field):
     return v or None, None
 
 
-def _from_ours(obj, file, where, domain):
+def _strip_steps(steps, file, where, field):
+    """Steps as stripped strings (a non-string step is an error)."""
+    if not all(isinstance(s, str) for s in steps):
+        raise DataError("must be a list of strings", file, where, field)
+    return [s.strip() for s in steps]
+
+
+def _cot(question, steps, mc, correct, image=None, answer="", domain="", policy="", qid=None, final=""):
+    """Our record from a converter's parts; pred by extract_answer, id from the question if none."""
+    return dict(id=str(qid) if qid is not None else _short_id(question, image), domain=domain, question=question,
+                answer=str(answer), image=image, steps=steps, final=final,
+                pred=extract_answer(final and FINAL_PREFIX + final or (steps[-1] if steps else "")),
+                correct=correct, mc=mc, policy=policy, _given_id=qid is not None)
+
+
+def _from_ours(obj, file, where, opts):
     return obj
 
 
-def _from_dreamprm(obj, file, where, domain):
+def _question_of(preamble):
+    """The question in a published DreamPRM input's text before Step 1: up to the paragraph with
+    its 'Options:' line; without options, the response's opening sentence ("Let's analyze the
+    question step by step:"), a last one-line paragraph that speaks of steps, is left out."""
+    paragraphs = [p for p in re.split(r"\n[ \t]*\n", preamble.strip()) if p.strip()]
+    with_options = [i for i, p in enumerate(paragraphs) if re.search(r"^[ \t]*Options[ \t]*:", p, re.MULTILINE)]
+    if with_options:
+        return "\n\n".join(paragraphs[:with_options[-1] + 1])
+    last = paragraphs[-1] if paragraphs else ""
+    if len(paragraphs) > 1 and "\n" not in last and re.search(r"\bstep|^let", last, re.IGNORECASE):
+        paragraphs = paragraphs[:-1]
+    return "\n\n".join(paragraphs)
+
+
+def _from_dreamprm(obj, file, where, opts):
     """Published DreamPRM JSON. Meta record {id?, true_false, input, image_path}: one CoT, question
     and steps inside input. Train record {id?, sid?, input, add, image_path, dataset, accuracy}:
-    one step prefix (grouped into CoTs afterwards, `_group_prefixes`)."""
-    meta = "true_false" in obj
+    one step prefix (grouped into CoTs afterwards, `_group_prefixes`); a prefix without step
+    markers is one labelled step, as the published code trains on it."""
     text = _need(obj, "input", str, file, where)
     image, several = _one_image(obj.get("image_path"), file, where, "image_path")
-    if meta:
-        correct = _strict_bool(obj["true_false"], file, where, "true_false")
+    if "true_false" in obj:
         split = split_steps(text, paragraphs=False)
-        question = split.preamble
-        rec = dict(question=question, answer="", steps=split.steps, final=split.final, pred=split.final,
-                   correct=correct, domain=obj.get("dataset") or domain or "meta")
+        question, steps, mc = _question_of(split.preamble), split.steps, None
+        correct = _strict_bool(obj["true_false"], file, where, "true_false")
+        domain, answer = obj.get("dataset") or opts["domain"] or "meta", ""
     else:
-        acc = _need(obj, "accuracy", (int, float), file, where)
-        check_labels([acc], 1, file, where, "accuracy")
+        acc = _label(_need(obj, "accuracy", (int, float), file, where), file, where, "accuracy")
         split = split_steps(_need(obj, "add", str, file, where), paragraphs=False)
-        question = text
-        rec = dict(question=question, answer=str(obj.get("ground_truth", "")), steps=split.steps, final=split.final,
-                   pred=split.final, mc=[None] * (len(split.steps) - 1) + [float(acc)], correct=acc >= 0.5,
-                   domain=_need(obj, "dataset", str, file, where), _prefix=True)
-    rec.update(id=str(obj["id"]) if "id" in obj else _short_id(question, obj.get("image_path")), image=image,
-               _given_id="id" in obj)
-    if several or not split.steps:
+        question, steps = text, split.steps or ([split.preamble] if split.preamble else [])
+        mc, correct = [None] * (len(steps) - 1) + [acc], acc >= 0.5
+        domain, answer = _need(obj, "dataset", str, file, where), obj.get("ground_truth", "")
+    rec = _cot(question, steps, mc, correct, image, answer, domain,
+               qid=obj["id"] if "id" in obj else _short_id(question, obj.get("image_path")), final=split.final)
+    rec["_given_id"] = "id" in obj
+    if mc is None:
+        del rec["mc"]
+    else:
+        rec["_prefix"] = True
+    if several or not steps:
         return Skip(several or "no steps", rec["id"], rec["domain"])
     return rec
 
@@ -953,35 +1022,33 @@ def _text_of(prompt, file, where):
     """A prompt as text: a string, or chat messages whose text parts are joined."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+    if isinstance(prompt, list):
         parts = []
         for m in prompt:
-            c = m.get("content", "")
+            c = m.get("content", "") if isinstance(m, dict) else ""
             parts += [c] if isinstance(c, str) else [x.get("text", "") for x in c if isinstance(x, dict)]
         return "\n".join(p for p in parts if p)
     raise DataError("must be a string or a list of chat messages", file, where, "prompt")
 
 
-def _from_trl(obj, file, where, domain):
-    """TRL stepwise supervision {prompt, completions: [str], labels: [bool], image(s)?, domain?}:
-    each completion is a step, each label its correctness; the last label is the CoT's."""
+def _from_trl(obj, file, where, opts):
+    """TRL stepwise supervision {prompt, completions: [str], labels: [bool or number in [0, 1]],
+    image(s)?, domain?}: each completion is a step, each label its correctness. TRL states no
+    final correctness (a record may be an unfinished prefix), so it is unknown (--correct-from)."""
     question = _text_of(_need(obj, "prompt", (str, list), file, where), file, where)
-    steps = _need(obj, "completions", list, file, where)
+    steps = _strip_steps(_need(obj, "completions", list, file, where), file, where, "completions")
     labels = _need(obj, "labels", list, file, where)
     if len(labels) != len(steps):
         raise DataError(f"{len(labels)} labels for {len(steps)} completions", file, where, "labels")
-    mc = [float(_strict_bool(x, file, where, "labels")) for x in labels]
+    mc = [_label(x, file, where, "labels") for x in labels]
     field = "images" if "images" in obj else "image"
     image, several = _one_image(obj.get(field), file, where, field)
-    steps = [s.strip() if isinstance(s, str) else s for s in steps]
-    rec = dict(id=_short_id(question, image), domain=obj.get("domain") or domain, question=question,
-               answer=str(obj.get("answer", "")), image=image, steps=steps, final="",
-               pred=extract_answer(steps[-1]) if steps and isinstance(steps[-1], str) else "",
-               correct=bool(mc and mc[-1] == 1.0), mc=mc)
+    rec = _cot(question, steps, mc, _last_label(mc, opts), image, obj.get("answer", ""),
+               obj.get("domain") or opts["domain"])
     return _skip_or(rec, several)
 
 
-def _from_visualprocessbench(obj, file, where, domain):
+def _from_visualprocessbench(obj, file, where, opts):
     """VisualProcessBench {image: [paths], question, answer, response: {steps, process_correctness},
     policy_model, data_source}. Labels 1 (correct) -> 1.0, -1 (incorrect) -> 0.0, 0 (neutral) ->
     unlabelled; the CoT is correct when no step is incorrect."""
@@ -992,21 +1059,196 @@ def _from_visualprocessbench(obj, file, where, domain):
             response = json.loads(response)
         except json.JSONDecodeError:
             raise DataError("not a JSON object with steps and process_correctness", file, where, "response") from None
-    if not isinstance(response, dict):
-        raise DataError("must be an object with steps and process_correctness", file, where, "response")
-    steps = _need(response, "steps", list, file, where)
-    labels = _need(response, "process_correctness", list, file, where)
+    steps = _strip_steps(_need(response, "response.steps", list, file, where), file, where, "response.steps")
+    labels = _need(response, "response.process_correctness", list, file, where)
     if len(labels) != len(steps) or any(x not in (1, 0, -1) or isinstance(x, bool) for x in labels):
         raise DataError(f"needs one of 1, 0, -1 for each of the {len(steps)} steps", file, where,
                         "response.process_correctness")
     image, several = _one_image(obj.get("image"), file, where, "image")
-    steps = [s.strip() if isinstance(s, str) else s for s in steps]
-    rec = dict(id=_short_id(question, image), domain=obj.get("data_source") or domain, question=question,
-               answer=str(_need(obj, "answer", (str, int, float), file, where)), image=image, steps=steps, final="",
-               pred=extract_answer(steps[-1]) if steps and isinstance(steps[-1], str) else "",
-               correct=-1 not in labels, mc=[{1: 1.0, -1: 0.0, 0: None}[x] for x in labels],
-               policy=obj.get("policy_model", ""))
+    rec = _cot(question, steps, [{1: 1.0, -1: 0.0, 0: None}[x] for x in labels], -1 not in labels, image,
+               _need(obj, "answer", (str, int, float), file, where), obj.get("data_source") or opts["domain"],
+               obj.get("policy_model", ""))
     return _skip_or(rec, several)
+
+
+def _from_prm800k(obj, file, where, opts):
+    """PRM800K (openai/prm800k, one labelled solution per line): question {problem,
+    ground_truth_answer}, label {steps: [{completions: [{text, rating}], chosen_completion,
+    human_completion}], finish_reason}. The CoT follows the chosen completion of each step (or the
+    labeler's own, rated +1); where none was chosen it ends, with the completion rated -1 that
+    ended the labelling if there is one. Ratings +1 -> 1.0, -1 -> 0.0, 0 (neutral) -> unlabelled.
+    Correct when finish_reason is 'solution', wrong when 'found_error'; 'give_up' and
+    'bad_problem' records have no outcome and are skipped."""
+    q, label = _need(obj, "question", dict, file, where), _need(obj, "label", dict, file, where)
+    problem = _need(q, "question.problem", str, file, where)
+    steps, mc = [], []
+    for k, step in enumerate(_need(label, "label.steps", list, file, where)):
+        field = f"label.steps[{k}]"
+        completions = (step.get("completions") if isinstance(step, dict) else None) or []
+        chosen, human = (step.get("chosen_completion"), step.get("human_completion")) if isinstance(step, dict) \
+            else (None, None)
+        if chosen is not None:
+            if not isinstance(chosen, int) or not 0 <= chosen < len(completions):
+                raise DataError(f"chosen_completion {chosen!r} is not an index of completions", file, where, field)
+            c = completions[chosen]
+        elif human is not None:
+            c = dict(human, rating=1) if isinstance(human, dict) else {"text": human, "rating": 1}
+        else:
+            c = next((x for x in completions if isinstance(x, dict) and x.get("rating") == -1), None)
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+            break
+        steps.append(c["text"].strip())
+        mc.append({1: 1.0, -1: 0.0}.get(c.get("rating")))
+        if chosen is None and human is None:
+            break
+    finish = label.get("finish_reason")
+    rec = _cot(problem, steps, mc, {"solution": True, "found_error": False}.get(finish), None,
+               q.get("ground_truth_answer", ""), opts["domain"])
+    if finish not in ("solution", "found_error"):
+        return Skip(f"finish_reason {finish}: no outcome", rec["id"], rec["domain"])
+    return _skip_or(rec, None)
+
+
+MATH_SHEPHERD_TAG = "ки"                     # Math-Shepherd marks the end of each step with this tag
+_FIRST_STEP_RE = re.compile(r"(?:#+[ \t]*)?(?:\*\*)?\bStep[ \t]*1\b", re.IGNORECASE)   # inline: "... ? Step 1: ..."
+
+
+def _from_mathshepherd(obj, file, where, opts):
+    """Math-Shepherd {input: the question and steps, each step followed by 'ки'; label: the same
+    text with '+' or '-' in place of each tag; task}. '+' -> 1.0, '-' -> 0.0 (its MC labels, hard
+    estimate). The question is the text before 'Step 1'; the last step gives the answer ('The
+    answer is: ...'), and its label is that answer's correctness."""
+    text, marked = _need(obj, "input", str, file, where), _need(obj, "label", str, file, where)
+    pieces = text.split(MATH_SHEPHERD_TAG)
+    mc, at = [], 0
+    for piece in pieces[:-1]:                                   # the tag k stands at `at` in `marked`
+        at += len(piece)
+        sign = marked[at:at + 1]
+        if sign not in ("+", "-"):
+            raise DataError(f"no '+' or '-' where input has its tag {len(mc) + 1}", file, where, "label")
+        mc.append(1.0 if sign == "+" else 0.0)
+        at += 1
+    first = _FIRST_STEP_RE.search(pieces[0])
+    if first is None and mc:
+        raise DataError("no 'Step 1' marker: the question cannot be told from the first step", file, where, "input")
+    question = pieces[0][:first.start()].strip() if first else text.strip()
+    steps = [pieces[0][first.start():].strip()] + [p.strip() for p in pieces[1:-1]] if mc else []
+    rec = _cot(question, steps, mc, mc[-1] == 1.0 if mc else None, domain=obj.get("task") or opts["domain"])
+    return _skip_or(rec, None)
+
+
+def _from_processbench(obj, file, where, opts):
+    """ProcessBench {id, generator, problem, steps, final_answer_correct, label}: label is the index
+    of the first wrong step, or -1 when every step is right. Steps before it -> 1.0, that step ->
+    0.0, later steps unlabelled (no one judged them); correct = final_answer_correct."""
+    problem = _need(obj, "problem", str, file, where)
+    steps = _strip_steps(_need(obj, "steps", list, file, where), file, where, "steps")
+    first_wrong = _need(obj, "label", int, file, where)
+    if not -1 <= first_wrong < len(steps):
+        raise DataError(f"{first_wrong} is not -1 or a step index below {len(steps)}", file, where, "label")
+    n = len(steps) if first_wrong < 0 else first_wrong
+    mc = [1.0] * n + ([0.0] + [None] * (len(steps) - n - 1) if first_wrong >= 0 else [])
+    correct = _strict_bool(_need(obj, "final_answer_correct", (bool, str), file, where), file, where,
+                           "final_answer_correct")
+    rec = _cot(problem, steps, mc, correct, domain=opts["domain"], policy=str(obj.get("generator", "")),
+               qid=obj.get("id"))
+    rec["_first_wrong"] = first_wrong
+    return _skip_or(rec, None)
+
+
+def _turns(conversations, file, where):
+    """Chat turns as (role, text), role 'user' or 'assistant' (system turns dropped): InternVL's
+    {from: human/gpt, value} or {role: user/assistant, content}. A Python-literal string of the
+    list (as the DreamPRM-1.5 meta set stores it) is parsed as a literal, never evaluated."""
+    if isinstance(conversations, str):
+        try:
+            conversations = ast.literal_eval(conversations)
+        except (ValueError, SyntaxError):
+            raise DataError("not a list of turns", file, where, "conversations") from None
+    if not isinstance(conversations, list):
+        raise DataError("must be a list of turns", file, where, "conversations")
+    turns = []
+    for k, t in enumerate(conversations):
+        role = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        text = _text_of([{"content": t.get("value", t.get("content"))}], file, where) if isinstance(t, dict) else None
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(role, role)
+        if role not in ("user", "assistant", "system") or text is None:
+            raise DataError("a turn needs from/value (human, gpt) or role/content (user, assistant)", file, where,
+                            f"conversations[{k}]")
+        if role != "system":
+            turns.append((role, text))
+    return turns
+
+
+def _conversation(conversations, file, where):
+    """(question, steps, mc) of a step-by-step supervision chat: a user turn answered by '+' or '-'
+    is a step (+ -> 1.0, - -> 0.0); user turns before the first step are the question. Where the
+    first step's turn holds the question too ('### Question: ... ### Solution Process: step', or
+    'question Step 1: ...'), it is split there."""
+    turns, question, steps, mc = _turns(conversations, file, where), [], [], []
+    for k, (role, text) in enumerate(turns):
+        answer = turns[k + 1][1].strip() if k + 1 < len(turns) and turns[k + 1][0] == "assistant" else None
+        if role == "assistant":
+            if text.strip() not in ("+", "-") or k == 0 or turns[k - 1][0] != "user":
+                raise DataError(f"assistant turn {text.strip()[:20]!r}: only '+' or '-' after a step", file, where,
+                                "conversations")
+        elif answer in ("+", "-"):
+            steps.append(text)
+            mc.append(1.0 if answer == "+" else 0.0)
+        elif not steps:
+            question.append(text)
+        else:
+            raise DataError("a step without a '+' or '-' answer", file, where, "conversations")
+    if not question and steps:
+        split = re.search(r"^[ \t]*#*[ \t]*Solution Process[ \t]*:?[ \t]*$", steps[0], re.MULTILINE | re.IGNORECASE) \
+            or _FIRST_STEP_RE.search(steps[0])
+        if split is None or split.start() == 0:
+            raise DataError("the first step's turn holds no question ('### Solution Process:' or 'Step 1' "
+                            "marker not found)", file, where, "conversations")
+        cut = split.end() if "solution process" in split.group(0).lower() else split.start()
+        question, steps[0] = [steps[0][:split.start()]], steps[0][cut:]
+    question = re.sub(r"<image>|^[ \t]*#*[ \t]*Question[ \t]*:[ \t]*\n", "", "\n".join(question),
+                      flags=re.MULTILINE | re.IGNORECASE).strip()
+    return question, [s.strip() for s in steps], mc
+
+
+def _from_dreamprm15(obj, file, where, opts):
+    """DreamPRM-1.5 meta set {id, response, true_false, image, conversations}: the question turn,
+    then each step as a turn answered '+' (the published file answers every step '+', whatever the
+    outcome, so those answers are not read as labels); correct = true_false (a bool or the string
+    'True'/'False')."""
+    question, steps, _ = _conversation(_need(obj, "conversations", (list, str), file, where), file, where)
+    image, several = _one_image(obj.get("image"), file, where, "image")
+    rec = _cot(question, steps, None, _strict_bool(obj["true_false"], file, where, "true_false"), image,
+               domain=obj.get("dataset") or opts["domain"], qid=obj.get("id"))
+    del rec["mc"]
+    return _skip_or(rec, several)
+
+
+def _from_visualprm400k(obj, file, where, opts):
+    """VisualPRM400K. v1.1 (raw): {image, question, answer, response, steps_with_score: [{step,
+    score}]}, each score the step's MC value. v1.0: {image, conversations}, the question and first
+    step in one turn, each step answered '+' or '-'. No final correctness is stated (--correct-from)."""
+    image, several = _one_image(obj.get("image"), file, where, "image")
+    if "steps_with_score" in obj:
+        scored = _need(obj, "steps_with_score", list, file, where)
+        steps = _strip_steps([s.get("step") if isinstance(s, dict) else s for s in scored], file, where,
+                             "steps_with_score")
+        mc = [_label(s.get("score"), file, where, "steps_with_score") for s in scored]
+        question, answer = _need(obj, "question", str, file, where), obj.get("answer", "")
+    else:
+        question, steps, mc = _conversation(_need(obj, "conversations", (list, str), file, where), file, where)
+        answer = obj.get("answer", "")
+    rec = _cot(question, steps, mc, _last_label(mc, opts), image, answer, obj.get("source") or opts["domain"])
+    return _skip_or(rec, several)
+
+
+def _from_rlhflow(obj, file, where, opts):
+    """RLHFlow PRM data (Mistral-PRM-Data, Deepseek-PRM-Data): {conversations: [{role: user, content:
+    the question and step 1}, {role: assistant, content: '+'}, {role: user, content: step 2}, ...]}.
+    No final correctness is stated (--correct-from)."""
+    question, steps, mc = _conversation(_need(obj, "conversations", (list, str), file, where), file, where)
+    return _skip_or(_cot(question, steps, mc, _last_label(mc, opts), domain=opts["domain"]), None)
 
 
 def _skip_or(rec, several):
@@ -1017,16 +1259,39 @@ def _skip_or(rec, several):
     return rec
 
 
-# name: (reader, what a file of this format holds; the error for an unknown file lists these)
+def _roles(obj):
+    """The role names of a record's conversations (for telling chat formats apart)."""
+    turns = obj.get("conversations")
+    return {t.get("from", t.get("role")) for t in turns if isinstance(t, dict)} if isinstance(turns, list) else \
+        ({"from"} if isinstance(turns, str) and "'from'" in turns else set())
+
+
+# name: (converter, the fields that identify it, what a file of this format holds). Detection takes
+# the first format whose identifying fields the first record has (in this order: specific first).
 FORMATS = {
-    "ours": (_from_ours, "JSON Lines: id, domain, question, answer, image?, choices?; CoTs add sample, steps, "
-                         "final, correct; labels add mc"),
-    "dreamprm": (_from_dreamprm, "one JSON list: train records input, add, accuracy, dataset, image_path "
-                                 "(id, sid optional); meta records input, true_false, image_path (id optional)"),
-    "trl": (_from_trl, "JSON list or JSON Lines: prompt, completions [str], labels [bool], image or images "
-                       "optional, domain optional"),
-    "visualprocessbench": (_from_visualprocessbench, "JSON Lines: image [paths], question, answer, "
-                                                     "response {steps, process_correctness}, data_source"),
+    "prm800k": (_from_prm800k, ("question.problem", "label.steps"),
+                "JSON Lines: question {problem, ground_truth_answer}, label {steps [{completions [{text, rating}], "
+                "chosen_completion, human_completion}], finish_reason}"),
+    "processbench": (_from_processbench, ("problem", "steps", "label", "final_answer_correct"),
+                     "JSON Lines or list: id, generator, problem, steps [str], final_answer_correct, label "
+                     "(first wrong step, -1 for none)"),
+    "mathshepherd": (_from_mathshepherd, ("input", "label"), "JSON Lines: input (steps each ending in 'ки'), "
+                     "label (the same text with + or -), task"),
+    "dreamprm15": (_from_dreamprm15, ("conversations", "true_false"),
+                   "JSON list: id, response, true_false, image, conversations (question turn, step turns)"),
+    "visualprm400k": (_from_visualprm400k, ("image", "steps_with_score|conversations"),
+                      "JSON Lines: image, question, answer, steps_with_score [{step, score}] (v1.1); or image, "
+                      "conversations of from/value turns answered + or - (v1.0)"),
+    "rlhflow": (_from_rlhflow, ("conversations",), "JSON Lines: conversations of role/content turns, each step "
+                "a user turn answered + or -"),
+    "trl": (_from_trl, ("prompt", "completions", "labels"), "JSON list or JSON Lines: prompt, completions [str], "
+            "labels [bool or number in [0, 1]], image or images optional, domain optional"),
+    "dreamprm": (_from_dreamprm, ("input", "add|true_false"), "one JSON list: train records input, add, "
+                 "accuracy, dataset, image_path (id, sid optional); meta records input, true_false, image_path"),
+    "visualprocessbench": (_from_visualprocessbench, ("question", "response"), "JSON Lines: image [paths], "
+                           "question, answer, response {steps, process_correctness}, data_source"),
+    "ours": (_from_ours, ("question",), "JSON Lines: id, domain, question, answer, image?, choices?; CoTs add "
+             "sample, steps, final, correct; labels add mc"),
 }
 
 
@@ -1059,22 +1324,35 @@ def _load_items(path):
     return "list", [(f"record {i}", obj) for i, obj in enumerate(data)]
 
 
+def _has(obj, spec):
+    """Whether a record has an identifying field: 'a' (present), 'a.b' (nested), 'a|b' (either),
+    'conversations@from' (chat turns keyed from/value) or 'conversations@role' (role/content)."""
+    if "|" in spec:
+        return any(_has(obj, s) for s in spec.split("|"))
+    if "@" in spec:
+        field, key = spec.split("@")
+        turns = obj.get(field)
+        return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and key in turns[0]
+    head, _, rest = spec.partition(".")
+    return head in obj and (not rest or (isinstance(obj[head], dict) and rest in obj[head]))
+
+
 def detect_format(container, items, path):
-    """The format of a file, from its container and its first record's fields."""
-    first = items[0][1] if items else {}
-    if "completions" in first and "prompt" in first:
-        return "trl"
-    if container == "list" and ("add" in first or "true_false" in first):
-        return "dreamprm"
-    if container == "lines" and "response" in first and "question" in first:
-        return "visualprocessbench"
-    if container == "lines" and (not first or "question" in first or "steps" in first):
+    """The format of a file: the first in FORMATS whose identifying fields its first record has.
+    A record that fits none is named against the nearest format and the fields it lacks."""
+    if not items:
         return "ours"
-    if container == "list" and "question" in first:
-        raise DataError("a JSON list of records in our format: ours is JSON Lines, one object per line", file=path)
-    raise DataError("matches no known format. Formats and their fields: "
-                    + "; ".join(f"{name}: {desc}" for name, (_, desc) in FORMATS.items()),
-                    file=path, line=items[0][0] if items else None)
+    where, first = items[0]
+    for name, (_, fields, _) in FORMATS.items():
+        if all(_has(first, f) for f in fields):
+            return name
+    share = {name: sum(_has(first, f) for f in fields) / len(fields) for name, (_, fields, _) in FORMATS.items()}
+    nearest = max(share, key=share.get)
+    lacks = [f.replace("|", " or ") for f in FORMATS[nearest][1] if not _has(first, f)]
+    hint = f"nearest: {nearest}, which needs {', '.join(lacks)}; " if share[nearest] else ""
+    raise DataError(f"matches no known format ({hint}formats and their fields: "
+                    + "; ".join(f"{name}: {desc}" for name, (_, _, desc) in FORMATS.items()) + ")",
+                    file=path, line=where)
 
 
 def _norm_step(s):
@@ -1109,7 +1387,7 @@ def _group_prefixes(prefixes):
     return cots
 
 
-def read_cots(path, kind, image_root=None, fmt="auto", domain=None):
+def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from="stated"):
     """The one reader: any supported file -> (records, skips) in our record format.
 
     kind: 'questions', 'cots' or 'labels' (what the caller needs: labels need step labels).
@@ -1117,12 +1395,14 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None):
     carry none (default: the file name without extension). Records without steps (and, for other
     formats, with several images or an empty step) are skipped and returned as `Skip`s; every kept
     record is validated by `check_record` (images are checked only for kept records) and gets its
-    key (`record_key`). Duplicate keys inside the file are a DataError.
+    key (`record_key`). Duplicate keys inside the file are a DataError. correct_from: 'stated'
+    (final correctness only where the format states it) or 'last-label' (else the last step's
+    label >= 0.5).
     """
     image_root = image_root or os.path.dirname(os.path.abspath(path))
     container, items = _load_items(path)
     fmt = _resolve_format(fmt, container, items, path)
-    domain = domain or os.path.splitext(os.path.basename(path))[0]
+    opts = _options(path, domain, correct_from)
     records, skips, prefixes, seen = [], [], [], set()
     for where, obj in items:
         if fmt == "dreamprm":                                   # prefix records have no key of their own
@@ -1130,7 +1410,7 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None):
             if raw in seen:
                 raise DataError("duplicate record (identical to an earlier one)", path, where)
             seen.add(raw)
-        rec = _convert(obj, fmt, path, where, domain)
+        rec = _convert(obj, fmt, path, where, opts)
         if isinstance(rec, Skip):
             skips.append(rec)
         else:
@@ -1153,9 +1433,15 @@ def _resolve_format(fmt, container, items, path):
     return fmt
 
 
-def _convert(obj, fmt, path, where, domain):
+def _options(path, domain, correct_from):
+    """What converters need beyond the record: the file's default domain (its name without
+    extension) and the correctness rule."""
+    return {"domain": domain or os.path.splitext(os.path.basename(path))[0], "correct_from": correct_from}
+
+
+def _convert(obj, fmt, path, where, opts):
     """One source record -> our (not yet validated) record, or a Skip."""
-    rec = FORMATS[fmt][0](obj, path, where, domain)
+    rec = FORMATS[fmt][0](obj, path, where, opts)
     if fmt == "ours" and rec.get("steps") == []:
         return Skip("no steps", str(rec.get("id")), str(rec.get("domain", "")).strip())
     if not isinstance(rec, Skip):
@@ -1167,6 +1453,9 @@ def _finish(rec, fmt, kind, image_root):
     """Validate a converted record (`check_record`) and give it its format and key."""
     if kind == "labels" and "mc" not in rec:
         raise DataError("no step labels: training needs them (a meta or test file?)", *rec["_src"], "mc")
+    if kind == "cots" and fmt != "ours" and rec.get("correct") is None:
+        raise DataError(f"no final correctness: {fmt} records state none (--correct-from last-label takes the "
+                        "last step's label, >= 0.5 correct)", *rec["_src"], "correct")
     check_record(rec, kind, *rec["_src"], image_root)
     rec["_format"] = fmt
     if kind != "questions":
@@ -1181,7 +1470,7 @@ def _key_words(fmt, kind):
         "question id" if kind == "questions" else "question id and sample"
 
 
-def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None):
+def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None, correct_from="stated"):
     """Group a CoT file by question without holding its records, for scoring large test sets.
 
     One pass reads every record (validated, keys checked for duplicates) and keeps only where it
@@ -1198,17 +1487,17 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None)
                           if o is not None), None)
         fmt = _resolve_format(fmt, "lines", [first] if first else [], path)
     if container == "list" or fmt == "dreamprm":
-        records, skips = read_cots(path, kind, image_root, fmt, domain)
+        records, skips = read_cots(path, kind, image_root, fmt, domain, correct_from)
         for r in records:
             groups.setdefault((r["domain"], r["id"]), []).append(r)
         return list(groups.items()), skips, lambda entries: entries
-    domain = domain or os.path.splitext(os.path.basename(path))[0]
+    opts = _options(path, domain, correct_from)
     skips, seen, samples = [], {}, {}
 
     def read_back(i, offset, sample):
         with open(path, "rb") as f:
             f.seek(offset)
-            rec = _finish(_convert(parse_line(f.readline(), path, i), fmt, path, i, domain), fmt, kind, image_root)
+            rec = _finish(_convert(parse_line(f.readline(), path, i), fmt, path, i, opts), fmt, kind, image_root)
         if fmt != "ours":
             rec["sample"] = sample
         return rec
@@ -1218,7 +1507,7 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None)
         for i, raw in enumerate(f, 1):
             obj = parse_line(raw, path, i)
             if obj is not None:
-                rec = _convert(obj, fmt, path, i, domain)
+                rec = _convert(obj, fmt, path, i, opts)
                 if isinstance(rec, Skip):
                     skips.append(rec)
                 else:
@@ -1325,6 +1614,10 @@ def add_format_args(ap):
                     help="input file format (auto: detected from the file; see the README's data section)")
     ap.add_argument("--domain", default=None, help="domain of records whose format carries none "
                     "(trl without a domain field; default: the file name without extension)")
+    ap.add_argument("--correct-from", choices=("stated", "last-label"), default="stated",
+                    help="a CoT's final correctness: only where the format states it (stated; trl, rlhflow and "
+                    "visualprm400k state none, so their CoTs' correctness is unknown), or else from the last "
+                    "step's label, >= 0.5 correct (last-label)")
 
 
 def run_cli(main, argv=None):

@@ -98,8 +98,10 @@ def first_error(xs, threshold):
     return next((i for i, x in enumerate(xs) if x < threshold), -1)
 
 
-def add_step_counts(counts, records, values, threshold=0.25):
-    """Add one question's CoTs to the step report's sums (records with MC labels and a score)."""
+def add_step_counts(counts, records, values, threshold=0.25, judged_threshold=0.5):
+    """Add one question's CoTs to the step report's sums (records with MC labels and a score), and
+    to the benchmark figures' sums for CoTs whose steps are judged right or wrong (a format other
+    than ours, every label 0 or 1; see benchmark_report)."""
     for r, v in zip(records, values):
         mc = r.get("mc")
         if not mc or v is None:
@@ -110,7 +112,41 @@ def add_step_counts(counts, records, values, threshold=0.25):
         labelled = [p if p is not None else 1.0 for p in mc]
         counts["hits"] += first_error(v, threshold) == first_error(labelled, threshold)
         counts["cots"] += 1
+        if r.get("_format", "ours") != "ours" and all(p in (0.0, 1.0) for _, p in pairs):
+            add_judged_counts(counts, v, mc, judged_threshold)
     return counts
+
+
+def add_judged_counts(counts, v, mc, threshold):
+    """Sums for benchmark_report: the step confusion counts (true right/wrong x flagged or not; a
+    step is flagged wrong when V < threshold) and the first-error hits on erroneous and correct CoTs."""
+    for x, p in zip(v, mc):
+        if p is not None:
+            counts[("right" if p == 1.0 else "wrong") + ("_flagged" if x < threshold else "_passed")] += 1
+    label = next((i for i, p in enumerate(mc) if p == 0.0), -1)        # the first wrong step, -1 for none
+    kind = "erroneous" if label >= 0 else "correct"
+    counts[kind] += 1
+    counts[kind + "_hits"] += first_error(v, threshold) == label
+
+
+def benchmark_report(counts, threshold=0.5):
+    """Step-level figures as the benchmarks publish them, over the judged CoTs (None if there are none).
+    VisualProcessBench (Wang et al., 2025, arXiv 2503.10291): the F1 of telling right from wrong
+    steps, for each class and their macro mean, neutral steps left out. ProcessBench (Zheng et al.,
+    2024, arXiv 2412.06559): the accuracy of the first wrong step found exactly on erroneous CoTs,
+    of no step flagged on correct CoTs, and their harmonic mean. A step is flagged when V < threshold."""
+    if not counts["erroneous"] + counts["correct"]:
+        return None
+    rf, rp, wf, wp = (counts[k] for k in ("right_flagged", "right_passed", "wrong_flagged", "wrong_passed"))
+    f1_right = 2 * rp / max(1, 2 * rp + wp + rf)
+    f1_wrong = 2 * wf / max(1, 2 * wf + rf + wp)
+    err = counts["erroneous_hits"] / counts["erroneous"] if counts["erroneous"] else None
+    ok = counts["correct_hits"] / counts["correct"] if counts["correct"] else None
+    hm = 2 * err * ok / (err + ok) if err is not None and ok is not None and err + ok > 0 else (
+        0.0 if err is not None and ok is not None else None)
+    return {"threshold": threshold, "f1_right": f1_right, "f1_wrong": f1_wrong, "macro_f1": (f1_right + f1_wrong) / 2,
+            "steps": rf + rp + wf + wp, "erroneous_accuracy": err, "correct_accuracy": ok, "processbench_f1": hm,
+            "erroneous": counts["erroneous"], "correct": counts["correct"]}
 
 
 def step_report(records, values, threshold=0.25, counts=None):
@@ -232,7 +268,7 @@ def write_outputs(questions, load, parts, names, args):
                                      "sample": pick["sample"] if pick else None,
                                      "pred": pick.get("pred", pick.get("final", "")) if pick else None,
                                      "score": row["scores"][best] if pick else None}, ensure_ascii=False) + "\n")
-                add_step_counts(step_counts[n], records, row["values"])
+                add_step_counts(step_counts[n], records, row["values"], judged_threshold=args.step_threshold)
             if all(isinstance(r.get("correct"), bool) for r in records):
                 labelled.append((domain, [{"correct": r["correct"], "pred": r.get("pred", r.get("final", ""))}
                                           for r in records]))
@@ -266,6 +302,8 @@ def parse_args(argv):
     ap.add_argument("--subsets", type=prm.number(int, 1), default=20, help="random subsets per N for accuracy "
                     "against N (>= 1)")
     ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed of the subsets (>= 0)")
+    ap.add_argument("--step-threshold", type=prm.number(float, 0, 1), default=0.5, help="the benchmarks' step-level "
+                    "figures flag a step as wrong when its value V is below this (VisualProcessBench, ProcessBench)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     return ap.parse_args(argv)
 
@@ -282,7 +320,8 @@ def main(argv=None):
     if len(names) != len(prms) or len(set(names)) != len(names):
         raise prm.DataError(f"{len(prms)} PRMs need as many distinct names, got {names}", field="--names")
     prm.check_writable(args.out)                                # before any scoring, not after
-    questions, skips, load = prm.index_questions(args.cots, "test", args.image_root, args.format, args.domain)
+    questions, skips, load = prm.index_questions(args.cots, "test", args.image_root, args.format, args.domain,
+                                                  args.correct_from)
     if skips:
         print(f"{args.cots}: {prm.skip_report([r for _, e in questions for r in e], skips)}")
     if not questions:
@@ -295,29 +334,45 @@ def main(argv=None):
     if long_cots:
         print(f"{long_cots} CoTs longer than the PRM's max_length: not scored (null in scores.jsonl)")
     print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)")
+    write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts,
+                 dict(skipped=len(skips), not_scored_too_long=long_cots, unlabelled_questions=unlabelled))
+    return 0
+
+
+def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts, counts):
+    """results.json, results.md and accuracy_vs_n.png: best of N against the baselines (questions
+    whose CoTs all carry `correct`), the step report against MC labels, and the benchmarks'
+    step-level figures where steps are judged right or wrong."""
+    steps = {n: step_report(None, None, counts=step_counts[n]) for n in names}
+    judged = {n: benchmark_report(step_counts[n], args.step_threshold) for n in names}
     if not labelled:
         print("no question has `correct` on every CoT: no accuracy table")
-        return 0
-    if unlabelled:
-        print(f"{unlabelled} questions without `correct` on every CoT: left out of the table")
-    table, curve = evaluate(labelled, scores_by_prm, args.subsets, args.seed)
-    steps = {n: step_report(None, None, counts=step_counts[n]) for n in names}
-    columns = ["pass@1", "majority"] + names + ["oracle"]
-    md = markdown(table, columns)
-    if any(steps.values()):
+        if not any(judged.values()):
+            return
+    elif counts["unlabelled_questions"]:
+        print(f"{counts['unlabelled_questions']} questions without `correct` on every CoT: left out of the table")
+    table, curve = evaluate(labelled, scores_by_prm, args.subsets, args.seed) if labelled else ({}, {})
+    md = markdown(table, ["pass@1", "majority"] + names + ["oracle"]) if labelled else ""
+    if labelled and any(steps.values()):
         md += "\n\nStep level, against the MC labels:\n\n| PRM | step MSE | first wrong step found |\n|---|---:|---:|\n"
         md += "\n".join(f"| {n} | {s['step_mse']:.4f} | {100 * s['first_error_accuracy']:.1f}% |"
                         for n, s in steps.items() if s)
+    if any(judged.values()):
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
+        md += (f"\n\nStep level as the benchmarks report it (a step is flagged wrong when V < {args.step_threshold}):"
+               "\n\n| PRM | judged steps | macro F1 (VisualProcessBench) | erroneous CoTs: first error found | "
+               "correct CoTs: none flagged | F1 (ProcessBench) |\n|---|---:|---:|---:|---:|---:|\n")
+        md += "\n".join(f"| {n} | {b['steps']} | {pct(b['macro_f1'])} | {pct(b['erroneous_accuracy'])} | "
+                        f"{pct(b['correct_accuracy'])} | {pct(b['processbench_f1'])} |" for n, b in judged.items() if b)
     prm.write_json_atomic(os.path.join(args.out, "results.json"),
-                          {"table": table, "accuracy_vs_n": curve, "step_level": steps, "aggregate": aggregations,
-                           "prms": dict(zip(names, prms)), "cots": args.cots, "skipped": len(skips),
-                           "not_scored_too_long": long_cots, "unlabelled_questions": unlabelled})
+                          {"table": table, "accuracy_vs_n": curve, "step_level": steps, "benchmark_step_level": judged,
+                           "aggregate": aggregations, "prms": dict(zip(names, prms)), "cots": args.cots, **counts})
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + "\n")
-    plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
-    print(md)
-    print("and results.json, results.md, accuracy_vs_n.png")
-    return 0
+        f.write(md.strip("\n") + "\n")
+    if curve:
+        plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
+    print(md.strip("\n"))
+    print("and results.json, results.md" + (", accuracy_vs_n.png" if curve else ""))
 
 
 if __name__ == "__main__":

@@ -43,14 +43,25 @@ def test_trl_stepwise_supervision(tmp_path, images):
         records, skips = read(path)
         assert [r["_format"] for r in records] == ["trl"] * 3
         a, b, c = records
-        assert a["mc"] == [1.0, 1.0, 0.0] and a["correct"] is False and a["steps"] == STEPS
-        assert b["mc"] == [1.0, 1.0] and b["correct"] is True and b["_image"] == images[0]
+        assert a["mc"] == [1.0, 1.0, 0.0] and a["correct"] is None and a["steps"] == STEPS   # TRL states none
+        assert b["mc"] == [1.0, 1.0] and b["correct"] is None and b["_image"] == images[0]
         assert a["domain"] == b["domain"] == "math_shepherd" and c["domain"] == "chat"
         assert c["_question"] == "Chat form?" and c["_image"] is None
         assert a["id"] == b["id"] != c["id"] and (a["sample"], b["sample"]) == (0, 1)
         assert sorted(s.reason for s in skips) == ["no steps", "several images"]
     records, _ = read(path, domain="prm800k")
     assert records[0]["domain"] == "prm800k" and records[2]["domain"] == "chat"       # a field wins over the flag
+    records, _ = read(path, correct_from="last-label")
+    assert [r["correct"] for r in records] == [False, True, True]
+    with pytest.raises(prm.DataError, match="field 'correct': no final correctness: trl records state none "
+                                            r"\(--correct-from last-label"):
+        read(path, "cots")
+    rows[0]["labels"] = [1.0, 0.75, 0.25]                                              # float labels, as TRL allows
+    (a, *_), _ = read(write_jsonl(tmp_path / "floats.jsonl", rows), correct_from="last-label")
+    assert a["mc"] == [1.0, 0.75, 0.25] and a["correct"] is False
+    rows[0]["labels"] = [1.0, 1.5, 0.0]
+    with pytest.raises(prm.DataError, match="floats.jsonl:1: field 'labels': label 1.5 is not true, false or a number"):
+        read(write_jsonl(tmp_path / "floats.jsonl", rows))
 
 
 def vpb_row(image, labels, source="MathVerse", response_as_text=False):
@@ -249,3 +260,181 @@ def test_rerank_refuses_duplicate_cots(tmp_path, backbone_dir, capsys):
     code = prm.run_cli(rerank.main, ["--cots", path, "--prm", backbone_dir, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "test.jsonl:3: duplicate record: the same question id and sample 'ai2d/q#0'" in err
+
+
+# -- the public PRM datasets, each to its published layout ----------------------------------------
+
+def prm800k_row(steps, ratings, finish="solution", error=None, human_at=None):
+    """One PRM800K line: each step a singleton completion, chosen; `error` (a text) ends the
+    trajectory with an unchosen completion rated -1, as phase 2 stops at the first error."""
+    label_steps = []
+    for k, (s, r) in enumerate(zip(steps, ratings)):
+        if k == human_at:                                # phase 1: all rated -1, the labeler wrote their own
+            label_steps.append({"completions": [{"text": "a wrong try", "rating": -1, "flagged": None}],
+                                "human_completion": {"text": s, "rating": None}, "chosen_completion": None})
+        else:
+            label_steps.append({"completions": [{"text": s, "rating": r, "flagged": None}],
+                                "human_completion": None, "chosen_completion": 0})
+    if error:
+        label_steps.append({"completions": [{"text": error, "rating": -1, "flagged": False}],
+                            "human_completion": None, "chosen_completion": None})
+    return {"labeler": "x", "timestamp": "2023-01-22T04:34:27", "generation": 9, "is_quality_control_question": False,
+            "is_initial_screening_question": False,
+            "question": {"problem": QUESTION, "ground_truth_answer": "7", "pre_generated_steps": steps},
+            "label": {"steps": label_steps, "total_time": 1000, "finish_reason": finish}}
+
+
+def test_prm800k_native(tmp_path):
+    rows = [prm800k_row(STEPS[:2] + ["So the sum is 7.\n\n# Answer\n\n7"], [0, 1, 1]),
+            prm800k_row(STEPS[:2], [1, 0], "found_error", error="Step 3: The sum is 8."),
+            prm800k_row(STEPS, [1, 1, 1], human_at=1),
+            prm800k_row(STEPS[:1], [1], "give_up"), prm800k_row(STEPS[:1], [1], "bad_problem")]
+    records, skips = read(write_jsonl(tmp_path / "phase2_train.jsonl", rows), "cots")
+    a, b, c = records
+    assert {r["_format"] for r in records} == {"prm800k"} and a["answer"] == "7"
+    assert a["mc"] == [None, 1.0, 1.0] and a["correct"] is True and a["pred"] == "7"     # neutral: unlabelled
+    assert b["mc"] == [1.0, None, 0.0] and b["correct"] is False and b["steps"][-1] == "Step 3: The sum is 8."
+    assert c["mc"] == [1.0, 1.0, 1.0] and c["steps"][1] == STEPS[1]                      # the human step, +1
+    assert sorted(s.reason for s in skips) == ["finish_reason bad_problem: no outcome", "finish_reason give_up: no outcome"]
+
+
+def test_math_shepherd_native(tmp_path):
+    tag = prm.MATH_SHEPHERD_TAG
+    steps = ["Step 1: Read 3 and 4.", "Step 2: 3 + 4 = 7.", "Step 3: The answer is: 7"]
+    text = QUESTION + " " + " ".join(s + " " + tag for s in steps)
+    wrong = text.replace("= 7.", "= 8.").replace("is: 7", "is: 8")
+    rows = [{"input": text, "label": text.replace(tag, "+"), "task": "GSM8K"},
+            {"input": wrong, "label": wrong.replace(tag, "+", 1).replace(tag, "-"), "task": "GSM8K"}]
+    records, _ = read(write_jsonl(tmp_path / "math-shepherd.jsonl", rows), "cots")
+    a, b = records
+    assert a["_format"] == "mathshepherd" and a["question"] == QUESTION and a["steps"] == steps
+    assert a["mc"] == [1.0, 1.0, 1.0] and a["correct"] is True and a["pred"] == "7" and a["domain"] == "GSM8K"
+    assert b["mc"] == [1.0, 0.0, 0.0] and b["correct"] is False
+    rows[0]["label"] = text.replace(tag, "?")
+    with pytest.raises(prm.DataError, match="field 'label': no '\\+' or '-' where input has its tag 1"):
+        read(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_processbench(tmp_path):
+    rows = [{"id": "gsm8k-0", "generator": "Qwen2-7B", "problem": QUESTION, "steps": STEPS, "final_answer_correct": False,
+             "label": 1},
+            {"id": "gsm8k-1", "generator": "Qwen2-7B", "problem": QUESTION, "steps": STEPS, "final_answer_correct": True,
+             "label": -1}]
+    records, _ = read(write_json(tmp_path / "gsm8k.json", rows), "cots")
+    a, b = records
+    assert a["_format"] == "processbench" and a["mc"] == [1.0, 0.0, None] and a["correct"] is False
+    assert b["mc"] == [1.0, 1.0, 1.0] and b["correct"] is True and a["id"] == "gsm8k-0" and a["policy"] == "Qwen2-7B"
+    rows[0]["label"] = 3
+    with pytest.raises(prm.DataError, match="record 0: field 'label': 3 is not -1 or a step index below 3"):
+        read(write_json(tmp_path / "gsm8k.json", rows))
+
+
+SYSTEM = "You are an advanced AI assistant, designed to serve as a process supervision model."
+
+
+def test_dreamprm15_meta_set(tmp_path, images):
+    """The published layout: a JSON list beside data/meta_images/, image paths '../data/meta_images/..',
+    true_false as a bool or as the string 'True'/'False', conversations as a list or as a Python literal."""
+    (tmp_path / "data" / "meta_images").mkdir(parents=True)
+    shutil.copy(images[0], tmp_path / "data" / "meta_images" / "test_Art_113.png")
+    turns = [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "### Question:\nQuestion: <image 1> Who?"
+                                                                            "\n\nOptions: (A) x (B) y"},
+             {"from": "human", "value": "Look at the painting."}, {"from": "gpt", "value": "+"},
+             {"from": "human", "value": "Answer: B"}, {"from": "gpt", "value": "+"}]
+    rows = [{"id": "test_Art_113", "response": "Look at the painting.\n\nAnswer: B", "true_false": False,
+             "image": "../data/meta_images/test_Art_113.png", "conversations": turns},
+            {"id": "test_Art_114", "response": "B", "true_false": "True", "image": "../data/meta_images/test_Art_113.png",
+             "conversations": repr(turns[:2] + turns[4:])}]
+    records, _ = read(write_json(tmp_path / "data" / "meta_MMMU_Pro.json", rows), "cots")
+    a, b = records
+    assert a["_format"] == "dreamprm15" and a["question"] == "Question: <image 1> Who?\n\nOptions: (A) x (B) y"
+    assert a["steps"] == ["Look at the painting.", "Answer: B"] and a["correct"] is False and a["pred"] == "B"
+    assert b["correct"] is True and b["steps"] == ["Answer: B"] and "mc" not in a       # its '+' are no labels
+    assert a["_image"] == str(tmp_path / "data" / "meta_images" / "test_Art_113.png")
+    rows[1]["conversations"] = "__import__('os').system('true')"                        # parsed, never run
+    with pytest.raises(prm.DataError, match="record 1: field 'conversations': not a list of turns"):
+        read(write_json(tmp_path / "data" / "meta_MMMU_Pro.json", rows), "cots")
+
+
+def test_visualprm400k_both_layouts(tmp_path, images):
+    v11 = [{"image": images[0], "question": QUESTION, "answer": "7", "response": "\n\n".join(STEPS),
+            "steps_with_score": [{"step": s, "score": x} for s, x in zip(STEPS, [1.0, 0.625, 0.0])],
+            "num_mc_sequences": 16}]
+    (a,), _ = read(write_jsonl(tmp_path / "ai2d.jsonl", v11))
+    assert a["_format"] == "visualprm400k" and a["mc"] == [1.0, 0.625, 0.0] and a["correct"] is None
+    assert a["domain"] == "ai2d" and a["_image"] == images[0]
+    turns = [{"from": "system", "value": SYSTEM},
+             {"from": "human", "value": f"<image>\n### Question:\n{QUESTION}\n\n### Solution Process:\n{STEPS[0]}"},
+             {"from": "gpt", "value": "+"}, {"from": "human", "value": STEPS[1]}, {"from": "gpt", "value": "-"}]
+    (b,), _ = read(write_jsonl(tmp_path / "v10.jsonl", [{"image": images[0], "conversations": turns}]),
+                   correct_from="last-label")
+    assert b["_format"] == "visualprm400k" and b["question"] == QUESTION and b["steps"] == STEPS[:2]
+    assert b["mc"] == [1.0, 0.0] and b["correct"] is False
+
+
+def test_rlhflow(tmp_path):
+    turns = [{"role": "user", "content": f"{QUESTION} {STEPS[0]}"}, {"role": "assistant", "content": "+"},
+             {"role": "user", "content": STEPS[1]}, {"role": "assistant", "content": "+"}]
+    (a,), _ = read(write_jsonl(tmp_path / "mistral.jsonl", [{"conversations": turns}]))
+    assert a["_format"] == "rlhflow" and a["question"] == QUESTION and a["steps"] == STEPS[:2]
+    assert a["mc"] == [1.0, 1.0] and a["correct"] is None
+    turns[1]["content"] = "maybe"
+    with pytest.raises(prm.DataError, match="mistral.jsonl:1: field 'conversations': assistant turn 'maybe'"):
+        read(write_jsonl(tmp_path / "mistral.jsonl", [{"conversations": turns}]))
+
+
+def test_detection_names_the_nearest_format(tmp_path):
+    """A PRM800K line is PRM800K (it has a question too, as ours does); a record that fits no format
+    is named against the nearest one and the fields it lacks."""
+    assert prm.detect_format("lines", [(1, prm800k_row(STEPS, [1, 1, 1]))], "x") == "prm800k"
+    with pytest.raises(prm.DataError) as info:
+        read(write_jsonl(tmp_path / "x.jsonl", [{"problem": QUESTION, "steps": STEPS, "label": 1}]))
+    assert "nearest: processbench, which needs final_answer_correct" in str(info.value)
+
+
+def test_dreamprm_preamble_answer_line_and_stepless_train(tmp_path):
+    """The policy's opening sentence is no part of the question; pred is the answer line alone; a
+    train prefix without step markers is one labelled step."""
+    meta = [{"id": 3, "true_false": True, "image_path": None, "input": "Question: Q3?\nOptions: (A) 1 (B) 2\n\n"
+             "Let's analyze the question step by step:\n\n### Step 1: Think\nIt is B.\n\nFinal answer: B\n\n"
+             "(Note: Since the image details are not provided, this is a guess.)"},
+            {"id": 4, "true_false": False, "image_path": None, "input": "Question: Q4?\n\nLet's solve this step by "
+             "step.\n\nStep 1: It is 5.\n\nFinal answer: 5"}]
+    a, b = read(write_json(tmp_path / "meta.json", meta), "cots")[0]
+    assert a["question"] == "Question: Q3?\nOptions: (A) 1 (B) 2" and a["pred"] == "B"
+    assert b["question"] == "Question: Q4?" and b["pred"] == "5"
+    train = [{"input": "Question: Q5?", "add": "Let's solve this problem using Python code.\n```python\nprint(5)\n```",
+              "image_path": None, "dataset": "code", "accuracy": 0.75}]
+    (c,), skips = read(write_json(tmp_path / "train.json", train))
+    assert not skips and c["steps"] == [train[0]["add"]] and c["mc"] == [0.75]
+
+
+def test_text_formats_encode_identically(tmp_path, tiny_prm):
+    """A round trip for the text-only formats: the same CoTs in each give identical inputs."""
+    tag = prm.MATH_SHEPHERD_TAG
+    cots, labels = [STEPS, STEPS[:2] + ["Step 3: The sum is 8."]], [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+    turns = lambda s, l: [t for x, y in zip([f"{QUESTION} {s[0]}"] + s[1:], l)  # noqa: E731
+                          for t in ({"role": "user", "content": x}, {"role": "assistant", "content": "+-"[y == 0.0]})]
+    files = {
+        "trl": write_jsonl(tmp_path / "trl.jsonl", [{"prompt": QUESTION, "completions": s, "labels": l}
+                                                    for s, l in zip(cots, labels)]),
+        "prm800k": write_jsonl(tmp_path / "prm800k.jsonl", [prm800k_row(STEPS, [1, 1, 1]), prm800k_row(
+            STEPS[:2], [1, 1], "found_error", error="Step 3: The sum is 8.")]),
+        "mathshepherd": write_jsonl(tmp_path / "ms.jsonl", [
+            {"input": QUESTION + " " + " ".join(x + " " + tag for x in s),
+             "label": QUESTION + " " + " ".join(x + " " + "+-"[y == 0.0] for x, y in zip(s, l))}
+            for s, l in zip(cots, labels)]),
+        "processbench": write_jsonl(tmp_path / "pb.jsonl", [
+            {"id": f"p{k}", "problem": QUESTION, "steps": s, "final_answer_correct": l[-1] == 1.0,
+             "label": l.index(0.0) if 0.0 in l else -1} for k, (s, l) in enumerate(zip(cots, labels))]),
+        "rlhflow": write_jsonl(tmp_path / "rl.jsonl", [{"conversations": turns(s, l)} for s, l in zip(cots, labels)]),
+    }
+    encoded = {}
+    for fmt, path in files.items():
+        records, skips = read(path)
+        assert not skips and [r["_format"] for r in records] == [fmt] * 2
+        assert [r["mc"] for r in records] == labels, fmt
+        encoded[fmt] = [tiny_prm.encode(r) for r in records]
+    for fmt, es in encoded.items():
+        for e, e0 in zip(es, encoded["trl"]):
+            assert torch.equal(e.input_ids, e0.input_ids) and torch.equal(e.step_ends, e0.step_ends), fmt

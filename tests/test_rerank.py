@@ -113,3 +113,38 @@ def test_shared_prefix_scoring_equals_packed_batches(images, tiny_prm):
     assert all(len(a) == len(b) == len(r["steps"]) for a, b, r in zip(v_shared, v_packed, records))
     assert max(abs(x - y) for a, b in zip(v_shared, v_packed) for x, y in zip(a, b)) <= 1e-4
     assert len(set(shared)) > 1
+
+
+def test_benchmark_step_figures_by_hand():
+    """ProcessBench- and VisualProcessBench-style figures from two judged CoTs, against hand counts;
+    CoTs in our format (MC fractions) are not judged."""
+    from collections import Counter
+    records = [{"_format": "processbench", "mc": [1.0, 0.0, None]}, {"_format": "processbench", "mc": [1.0, 1.0, 1.0]},
+               {"_format": "ours", "mc": [1.0, 0.0]}]
+    values = [[0.9, 0.2, 0.1], [0.9, 0.8, 0.3], [0.1, 0.1]]
+    counts = rerank.add_step_counts(Counter(), records, values, judged_threshold=0.5)
+    b = rerank.benchmark_report(counts, 0.5)
+    # steps: right passed 3 (0.9, 0.9, 0.8), right flagged 1 (0.3), wrong flagged 1 (0.2), wrong passed 0
+    assert abs(b["f1_right"] - 6 / 7) < 1e-12 and abs(b["f1_wrong"] - 2 / 3) < 1e-12
+    assert abs(b["macro_f1"] - (6 / 7 + 2 / 3) / 2) < 1e-12 and b["steps"] == 5
+    # the erroneous CoT's first error (step 1) is found; the correct CoT has a step flagged
+    assert b["erroneous_accuracy"] == 1.0 and b["correct_accuracy"] == 0.0 and b["processbench_f1"] == 0.0
+    assert (b["erroneous"], b["correct"]) == (1, 1)
+    assert rerank.benchmark_report(rerank.add_step_counts(Counter(), records[2:], values[2:])) is None
+
+
+def test_rerank_reports_benchmark_figures_on_processbench(tmp_path, backbone_dir, capsys):
+    import prm
+    steps = ["Step 1: 3 + 4 = 7.", "Step 2: So it is 7.", "Step 3: Done."]
+    rows = [{"id": f"q{k % 2}", "generator": "g", "problem": f"Q{k % 2}?", "steps": steps[:2 + k // 2],
+             "final_answer_correct": k % 3 == 0, "label": -1 if k % 3 == 0 else 1} for k in range(4)]
+    path = tmp_path / "gsm8k.json"
+    path.write_text(json.dumps(rows))
+    model_dir = str(tmp_path / "prm")
+    prm.PRM.from_backbone(backbone_dir).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert rerank.main(["--cots", str(path), "--prm", model_dir, "--names", "p", "--out", str(out)]) == 0
+    results = json.load(open(out / "results.json"))
+    b = results["benchmark_step_level"]["p"]
+    assert (b["erroneous"], b["correct"]) == (2, 2) and b["threshold"] == 0.5 and 0 <= b["macro_f1"] <= 1
+    assert "F1 (ProcessBench)" in (out / "results.md").read_text()
