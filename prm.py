@@ -1416,12 +1416,9 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from
         else:
             (prefixes if rec.get("_prefix") else records).append(rec)
     records += _group_prefixes(prefixes)
+    samples, repeats = {}, {}
     for rec in records:
-        _finish(rec, fmt, kind, image_root)
-    if fmt != "ours":
-        samples = {}
-        for rec in records:                                     # the k-th CoT of a question in file order
-            rec["sample"] = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
+        _number(_finish(rec, fmt, kind, image_root), fmt, samples, repeats)
     check_unique(records, record_key, _key_words(fmt, kind))
     return records, skips
 
@@ -1465,6 +1462,18 @@ def _finish(rec, fmt, kind, image_root):
     return rec
 
 
+def _number(rec, fmt, samples, repeats):
+    """Formats without sample numbers: the k-th CoT of a question in file order is its sample k, and
+    a CoT identical to an earlier one of the file (the same question, image and steps: N samples
+    may agree, as the DreamPRM-1.5 meta set's answer-only CoTs do) gets its repeat in its key."""
+    if fmt == "ours":
+        return rec
+    rec["sample"] = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
+    n = repeats[rec["_key"]] = repeats.get(rec["_key"], -1) + 1
+    rec["_key"] += f"#{n}" if n else ""
+    return rec
+
+
 def _key_words(fmt, kind):
     return "question, image and steps" if fmt != "ours" else \
         "question id" if kind == "questions" else "question id and sample"
@@ -1492,14 +1501,13 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
             groups.setdefault((r["domain"], r["id"]), []).append(r)
         return list(groups.items()), skips, lambda entries: entries
     opts = _options(path, domain, correct_from)
-    skips, seen, samples = [], {}, {}
+    skips, seen, samples, repeats = [], {}, {}, {}
 
-    def read_back(i, offset, sample):
+    def read_back(i, offset, sample, key):
         with open(path, "rb") as f:
             f.seek(offset)
             rec = _finish(_convert(parse_line(f.readline(), path, i), fmt, path, i, opts), fmt, kind, image_root)
-        if fmt != "ours":
-            rec["sample"] = sample
+        rec["sample"], rec["_key"] = sample, key
         return rec
 
     with open(path, "rb") as f:
@@ -1511,10 +1519,9 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
                 if isinstance(rec, Skip):
                     skips.append(rec)
                 else:
-                    rec = _finish(rec, fmt, kind, image_root)
+                    rec = _number(_finish(rec, fmt, kind, image_root), fmt, samples, repeats)
                     check_unique([rec], record_key, _key_words(fmt, kind), seen)
-                    sample = samples[rec["id"]] = samples.get(rec["id"], -1) + 1
-                    groups.setdefault((rec["domain"], rec["id"]), []).append((i, offset, sample))
+                    groups.setdefault((rec["domain"], rec["id"]), []).append((i, offset, rec["sample"], rec["_key"]))
             offset += len(raw)
     return list(groups.items()), skips, lambda entries: [read_back(*e) for e in entries]
 

@@ -351,6 +351,8 @@ def test_dreamprm15_meta_set(tmp_path, images):
     assert a["steps"] == ["Look at the painting.", "Answer: B"] and a["correct"] is False and a["pred"] == "B"
     assert b["correct"] is True and b["steps"] == ["Answer: B"] and "mc" not in a       # its '+' are no labels
     assert a["_image"] == str(tmp_path / "data" / "meta_images" / "test_Art_113.png")
+    twice, _ = read(write_json(tmp_path / "data" / "meta_MMMU_Pro.json", rows + rows[:1]), "cots")   # as published
+    assert [r["sample"] for r in twice] == [0, 0, 1] and len({r["_key"] for r in twice}) == 3
     rows[1]["conversations"] = "__import__('os').system('true')"                        # parsed, never run
     with pytest.raises(prm.DataError, match="record 1: field 'conversations': not a list of turns"):
         read(write_json(tmp_path / "data" / "meta_MMMU_Pro.json", rows), "cots")
