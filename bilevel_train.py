@@ -30,6 +30,7 @@ Real data:
 """
 
 import bisect
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import gen_cots
@@ -260,7 +262,8 @@ def main(argv=None):
         device = prm.pick_device(args.device)
         torch.manual_seed(args.seed)
         train, meta, domains = load_data(args)
-        model, train, meta, start, n_long = setup_run(args, train, meta, domains, device)
+        model, train, meta, start, n_long, run_lock = setup_run(args, train, meta, domains, device)  # run_lock:
+        # the run directory is this process's until the next run replaces it
         phi = [p for p in model.parameters() if p.requires_grad]
         a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
         keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
@@ -519,14 +522,13 @@ def read_inputs(args):
     an error."""
     train, train_skips = [], []
     for path in args.train:
-        recs, skips = prm.read_cots(path, "labels", args.image_root, args.format, args.domain,
-                                     args.correct_from)
+        recs, skips = prm.read_cots(path, "labels", **prm.reading(args))
         print(f"{path}: {len(recs)} training CoTs" + (f" ({recs[0]['_format']} format)" if recs else "")
               + (f"; {prm.skip_report(recs, skips)}" if skips else ""))
         train += recs
         train_skips += skips
     prm.check_unique(train, prm.record_key, "record key (question, image and steps, or id and sample)")
-    meta, skips = prm.read_cots(args.meta, "cots", args.image_root, args.format, args.domain, args.correct_from)
+    meta, skips = prm.read_cots(args.meta, "cots", **prm.reading(args))
     print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(meta, skips)}" if skips else ""))
     # Sorted by key: the run depends on the set of records, not on the order a concurrent stage wrote them.
     train.sort(key=prm.record_key)
@@ -825,53 +827,83 @@ RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_we
 
 
 def prepare_run_dir(args, config):
-    """Check --out before any model loads: writable; --resume only onto a checkpoint whose stored
-    config matches; no silent overwrite of another run. Returns the checkpoint's iteration or 0."""
+    """Check --out before any model loads: writable, not held by a live run (the returned lock holds
+    it for this run until the process ends); --resume only onto a readable checkpoint whose stored
+    config matches (data digests included); no silent overwrite of another run. Returns (the
+    checkpoint's iteration or 0, the outputs --overwrite is to replace, the lock)."""
     out = args.out
     prm.check_writable(out)
+    lock = prm.output_lock(os.path.join(out, "run")).hold()
     prm.recover_dir(os.path.join(out, "checkpoint"))
     state = os.path.join(out, "checkpoint", "state.json")
     if args.resume:
         if not os.path.isfile(state):
             raise prm.DataError("no checkpoint to resume from", file=out)
-        with open(os.path.join(out, "config.json")) as f:
-            stored = json.load(f)
+        stored = read_json_object(os.path.join(out, "config.json"))
         new = json.loads(json.dumps(config))                   # tuples and lists compare alike
         differ = sorted(k for k in set(stored) & set(new) if k not in RESUMABLE and stored[k] != new[k])
         if differ:
             raise prm.DataError("--resume with other settings than the stored run: "
                                 + ", ".join(f"{k} {stored[k]!r} -> {new[k]!r}" for k in differ), file=out)
-        with open(state) as f:
-            at = json.load(f)["iteration"]
+        at = read_json_object(state).get("iteration")
+        if type(at) is not int or at < 0:
+            raise prm.DataError("no iteration number: the checkpoint is damaged", file=state, field="iteration")
         if args.iterations < at:
             raise prm.DataError(f"the checkpoint is at iteration {at}; --iterations {args.iterations} is below it",
                                 file=out, field="--iterations")
-        return at
+        return at, [], lock
     present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
     if present and not args.overwrite:
         what = "a checkpoint: pass --resume to continue it" if "checkpoint" in present else \
             f"another run's outputs ({', '.join(present)})"
         raise prm.DataError(f"the run directory holds {what}, --overwrite to replace them, or choose another --out",
                             file=out)
+    return 0, present, lock
+
+
+def clear_run_dir(out, present):
+    """--overwrite: remove the old run's outputs, once every check of the new run has passed."""
     for n in present:
         path = os.path.join(out, n)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return 0
+
+
+def read_json_object(path):
+    """A JSON object from one of the run's own files; missing or damaged is one clear error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise prm.DataError("missing: the run directory is incomplete", file=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise prm.DataError(f"damaged ({e})", file=path) from None
+    if not isinstance(obj, dict):
+        raise prm.DataError("damaged (not a JSON object)", file=path)
+    return obj
+
+
+def data_digest(records):
+    """SHA-1 of what training reads of a set of records (keys, steps, labels, correctness), stored in
+    config.json: a resume onto changed data stops instead of mixing two experiments."""
+    h = hashlib.sha1()
+    for r in records:
+        h.update(json.dumps([r.get("_key"), r["id"], r["question"], r["steps"], r.get("mc"), r.get("correct"),
+                             r.get("image")]).encode())
+    return h.hexdigest()
 
 
 def setup_run(args, train, meta, domains, device):
     """Everything before the first step: the final-answer rule, the run directory (checked before any
     model loads), config.json, the PRM on its backbone with this run's reading settings, the CoTs
     that fit --max-length, and the memory options. Returns (model, train, meta, start iteration,
-    (training, meta) CoTs skipped as too long)."""
+    (training, meta) CoTs skipped as too long, the run directory's lock: held while it lives)."""
     final_answer = final_answer_rule(args, train)
     print(f"{len(train)} training CoTs in {len(domains)} domains: "
           + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
     model_dir = prm.resolve_model(args.model)
     config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
-                  model_dir=model_dir)
-    start = prepare_run_dir(args, config)
-    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
+                  model_dir=model_dir, train_digest=data_digest(train), meta_digest=data_digest(meta))
+    start, old_outputs, lock = prepare_run_dir(args, config)
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
     model.final_answer = final_answer
     model.max_side, model.min_pixels, model.max_pixels = args.max_side or None, args.min_pixels, args.max_pixels
@@ -881,12 +913,14 @@ def setup_run(args, train, meta, domains, device):
     for d in domains:
         if not any(r["domain"] == d for r in train):
             raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
+    clear_run_dir(args.out, old_outputs)
+    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
     model.train()
     if args.freeze_vision:
         freeze_vision(model)
     if args.grad_checkpointing:
         enable_checkpointing(model)
-    return model, train, meta, start, (long_train, long_meta)
+    return model, train, meta, start, (long_train, long_meta), lock
 
 
 def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
@@ -1011,18 +1045,33 @@ def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration):
 
 def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
     """Restore model, a and both optimizers; returns the iteration to continue from."""
-    from safetensors.torch import load_file
     ck = os.path.join(run_dir, "checkpoint")
-    weights = load_file(os.path.join(ck, "model.safetensors"))
+    weights = read_tensors(os.path.join(ck, "model.safetensors"))
+    expected = trainable_state(model)
+    wrong = sorted(k for k in expected if k not in weights or weights[k].shape != expected[k].shape)
+    if wrong:                                          # a tensor left out would silently restart from the backbone
+        raise prm.DataError(f"the checkpoint lacks or misshapes {len(wrong)} trainable tensor(s) ({wrong[0]}, ...): "
+                            "it is damaged", file=os.path.join(ck, "model.safetensors"))
     model.load_state_dict({k: v.to(model.device) for k, v in weights.items()}, strict=False)
-    tensors = load_file(os.path.join(ck, "state.safetensors"))
+    tensors = read_tensors(os.path.join(ck, "state.safetensors"))
+    missing = [name for name in raw_weight_names(a) if name not in tensors]
+    if missing:
+        raise prm.DataError(f"no tensor {missing[0]}: the checkpoint is damaged", file=os.path.join(ck, "state.safetensors"))
     with torch.no_grad():
         for name, x in zip(raw_weight_names(a), a):
             x.copy_(tensors[name].to(x.device))
     load_optimizer(opt_phi, tensors, "phi")
     load_optimizer(opt_a, tensors, "a")
-    with open(os.path.join(ck, "state.json")) as f:
-        return json.load(f)["iteration"]
+    return read_json_object(os.path.join(ck, "state.json"))["iteration"]
+
+
+def read_tensors(path):
+    """A safetensors file of the checkpoint; a missing, truncated or garbled one is one clear error."""
+    try:
+        return load_file(path)
+    except Exception as e:                              # safetensors raises its own error types
+        raise prm.DataError(f"unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): the "
+                            "checkpoint is damaged; rerun without --resume (and with --overwrite)", file=path) from None
 
 
 def raw_weight_names(a):

@@ -270,7 +270,7 @@ class HFPolicy:
     causal LM; several prompts per generate call."""
 
     def __init__(self, path, temperature=0.7, max_new_tokens=512, structured=True, device="auto",
-                 trust_remote_code=False, batch_size=8):
+                 trust_remote_code=False, batch_size=8, top_p=1.0, top_k=0):
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
         prm._quiet_transformers()
         vision = prm.check_backbone(path)
@@ -285,6 +285,7 @@ class HFPolicy:
                 if vision else None
         prm._ensure_chat_template(self.tokenizer, path)
         self.temperature, self.max_new_tokens, self.structured = temperature, max_new_tokens, structured
+        self.top_p, self.top_k = top_p, top_k
         self.parallel, self.batch_size = False, batch_size    # one generate call per batch of prompts
         self.name = f"hf:{os.path.basename(os.path.normpath(path))}"
 
@@ -325,11 +326,17 @@ class HFPolicy:
             kwargs.update(pixel_values=torch.cat([x for x, _ in images]).to(self.device, self.model.dtype),
                           image_grid_thw=torch.cat([g for _, g in images]).to(self.device),
                           mm_token_type_ids=mm.to(self.device))
+        # Every sampling setting is passed, so the model's generation_config.json (Qwen2-VL-2B-Instruct's
+        # says top_k 1, top_p 0.001: greedy) never overrides the flags. Temperature 0 is greedy decoding:
+        # one sequence per prompt, n copies of it.
+        greedy = self.temperature == 0
+        sampling = dict(do_sample=False, num_return_sequences=1) if greedy else dict(
+            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, num_return_sequences=n)
         with torch.no_grad():
-            gen = self.model.generate(**kwargs, do_sample=True, temperature=self.temperature, top_p=1.0,
-                                      max_new_tokens=self.max_new_tokens, num_return_sequences=n)
+            gen = self.model.generate(**kwargs, max_new_tokens=self.max_new_tokens, **sampling)
         texts = self.tokenizer.batch_decode(gen[:, L:], skip_special_tokens=True)
-        return [texts[b * n:(b + 1) * n] for b in range(len(prompts))]
+        k = 1 if greedy else n
+        return [texts[b * k:(b + 1) * k] * (n // k) for b in range(len(prompts))]
 
 
 class OpenAIPolicy:
@@ -338,11 +345,12 @@ class OpenAIPolicy:
     the server continues (vLLM: continue_final_message)."""
 
     def __init__(self, base_url, model_name, api_key_env="OPENAI_API_KEY", temperature=0.7, max_tokens=512,
-                 structured=True, concurrency=8, retries=5, timeout=120, backoff=1.0):
+                 structured=True, concurrency=8, retries=5, timeout=60, backoff=1.0, top_p=1.0, top_k=0):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model_name, self.key = model_name, os.environ.get(api_key_env, "")
         self.temperature, self.max_tokens, self.structured = temperature, max_tokens, structured
         self.concurrency, self.retries, self.timeout, self.backoff = concurrency, retries, timeout, backoff
+        self.top_p, self.top_k = top_p, top_k
         self.parallel, self.batch_size = True, 1    # one HTTP request per prompt, `concurrency` in flight
         self.name = f"openai:{model_name}"
 
@@ -357,6 +365,10 @@ class OpenAIPolicy:
         messages = [{"role": "user", "content": content}]
         body = dict(model=self.model_name, messages=messages, n=n, temperature=self.temperature,
                     max_tokens=self.max_tokens)
+        if self.top_p != 1.0:
+            body["top_p"] = self.top_p
+        if self.top_k:
+            body["top_k"] = self.top_k                          # vLLM and SGLang take it
         if p["prefix"]:
             messages.append({"role": "assistant", "content": p["prefix"]})
             body.update(continue_final_message=True, add_generation_prompt=False)
@@ -373,22 +385,41 @@ class OpenAIPolicy:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     out = json.loads(resp.read())
-                return [c["message"]["content"] for c in sorted(out["choices"], key=lambda c: c.get("index", 0))]
+                return choice_texts(out, body["n"])
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
                 if e.code != 429 and e.code < 500:
                     break
-            except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
-                last = type(e).__name__ + (f": {e.reason}" if hasattr(e, "reason") else "")
+            except (urllib.error.URLError, OSError, ValueError, KeyError) as e:   # socket timeouts are OSErrors
+                last = type(e).__name__ + (f": {e.reason}" if hasattr(e, "reason") else f": {e}" if str(e) else "")
             if attempt < self.retries:
                 time.sleep(self.backoff * 2 ** attempt)
-        raise PolicyError(f"{self.url}: request failed after {self.retries + 1} tries ({last})")
+        hint = " (the base URL of an OpenAI-compatible server usually ends in /v1)" \
+            if last == "HTTP 404" and "/v1" not in self.url else ""
+        raise PolicyError(f"{self.url}: request failed after {self.retries + 1} tries ({last}){hint}; "
+                          "what was written is kept and a rerun resumes")
 
     def sample(self, prompts, n):
         if len(prompts) == 1:
             return [self.request(self.payload(prompts[0], n))]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda p: self.request(self.payload(p, n)), prompts))
+
+
+def choice_texts(out, n):
+    """The n texts of a chat-completions response, in index order. A body that is not such a
+    response, a choice without text, or fewer choices than asked is a ValueError, retried like a
+    network error: a record is never written from fewer samples than asked."""
+    choices = out.get("choices") if isinstance(out, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise ValueError("the response holds no list of choices")
+    choices = sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
+    texts = [c["message"].get("content") if isinstance(c.get("message"), dict) else None for c in choices]
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("a choice without text content")
+    if len(texts) < n:
+        raise ValueError(f"{len(texts)} choices where {n} were asked")
+    return texts[:n]
 
 
 class PolicyError(prm.DataError):
@@ -515,8 +546,10 @@ def check_params(out_path, params):
 def policy_params(args):
     """The flags of the policy that shape every sampled text (shared by gen_cots and mc_label)."""
     model = {"toy": None, "hf": args.model, "openai": args.model_name}[args.policy]
-    return dict(policy=args.policy, model=model, seed=args.seed, temperature=args.temperature,
-                max_tokens=args.max_tokens, structured=not args.no_structure)
+    params = dict(policy=args.policy, model=model, seed=args.seed, temperature=args.temperature,
+                  max_tokens=args.max_tokens, structured=not args.no_structure)
+    params.update({k: v for k, v in (("top_p", args.top_p), ("top_k", args.top_k)) if v != {"top_p": 1.0, "top_k": 0}[k]})
+    return params
 
 
 def add_policy_args(ap):
@@ -532,7 +565,14 @@ def add_policy_args(ap):
                     "across questions and CoTs (>= 1)")
     ap.add_argument("--retries", type=prm.number(int, 0), default=5, help="openai: retries on 429, 5xx and network "
                     "errors (>= 0)")
-    ap.add_argument("--temperature", type=prm.number(float, 0), default=0.7, help="sampling temperature (>= 0)")
+    ap.add_argument("--temperature", type=prm.number(float, 0, 100), default=0.7, help="sampling temperature "
+                    "(0: greedy decoding, every sample the same text)")
+    ap.add_argument("--top-p", type=prm.number(float, 0, 1, above=True), default=1.0, help="nucleus sampling: the "
+                    "smallest set of tokens with this much probability (1: off); passed to the policy explicitly")
+    ap.add_argument("--top-k", type=prm.number(int, 0, 1 << 20), default=0, help="sample among the k likeliest tokens "
+                    "(0: off); passed explicitly, so a model's generation config never overrides it")
+    ap.add_argument("--timeout", type=prm.number(float, 0, 86400, above=True), default=60.0, help="openai: seconds "
+                    "a request may take before it counts as failed and is retried")
     ap.add_argument("--max-tokens", type=prm.number(int, 1), default=512, help="new tokens per sample (>= 1)")
     ap.add_argument("--no-structure", action="store_true", help="free-form prompt (ablation)")
     ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="sampling seed (>= 0)")
@@ -547,27 +587,59 @@ def make_policy(args):
             raise prm.DataError("--policy hf needs --model DIR", field="--model")
         torch.manual_seed(args.seed)
         return HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
-                        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size)
+                        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, top_p=args.top_p,
+                        top_k=args.top_k)
     return OpenAIPolicy(args.base_url, args.model_name, args.api_key_env, args.temperature, args.max_tokens,
-                        not args.no_structure, args.concurrency, args.retries)
+                        not args.no_structure, args.concurrency, args.retries, args.timeout, top_p=args.top_p,
+                        top_k=args.top_k)
 
 
 # --------------------------------------------------------------------------------------------
 # Crash-safe output
 # --------------------------------------------------------------------------------------------
 
-def done_keys(path, key):
-    """Keys of the records already in an output file (a torn last line is cut off first)."""
+def done_records(path, key):
+    """{key: record} of the records already in an output file (a torn last line is cut off first)."""
     prm.drop_torn_tail(path)
     if not os.path.isfile(path):
-        return set()
-    return {key(o) for _, o in prm.iter_jsonl(path)}
+        return {}
+    return {key(o): o for _, o in prm.iter_jsonl(path)}
 
 
-def read_questions(path):
-    questions = prm.read_records(path, "questions")
+def read_questions(path, outside_images=False):
+    """The questions of a questions.jsonl (ours), ids unique; an empty file is an error."""
+    questions = prm.read_records(path, "questions", outside_images=outside_images)
+    if not questions:
+        raise prm.DataError("no questions in the file", file=path)
     prm.check_unique(questions, lambda q: q["id"], "question id")
     return questions
+
+
+def check_output(out_path, inputs):
+    """Refuse an output that is one of the inputs (appending to it would corrupt it), and an output
+    that already holds records but no OUT.params.json (written by something else: its records
+    could not be checked against this run's parameters)."""
+    for path in inputs:
+        if os.path.exists(out_path) and os.path.exists(path) and os.path.samefile(out_path, path):
+            raise prm.DataError("the output is the input file; choose another --out", file=out_path, field="--out")
+    if os.path.isdir(out_path):
+        raise prm.DataError("a directory, where an output file is expected", file=out_path, field="--out")
+    if not os.path.isfile(out_path + ".params.json") and os.path.isfile(out_path) and os.path.getsize(out_path):
+        raise prm.DataError("holds records but no .params.json beside it (not written by this stage, or its "
+                            "parameters were lost); choose another --out", file=out_path, field="--out")
+
+
+def check_keys(done, items, key, what):
+    """Records already in an output must have been made from the same input: the same answer key
+    (and, for labels, the same steps); a changed input stops instead of keeping stale records."""
+    current = {key(x): x for x in items}
+    for k, old in done.items():
+        new = current.get(k)
+        if new is not None and any(old.get(f) != new.get(f) for f in what):
+            changed = next(f for f in what if old.get(f) != new.get(f))
+            raise prm.DataError(f"the output's record for {k!r} was made with another {changed} "
+                                f"({old.get(changed)!r}, now {new.get(changed)!r}): the input changed since; "
+                                "choose another --out", *new.get("_src", (None, None)), changed)
 
 
 def sample_task(q, missing, seed, policy_name):
@@ -583,7 +655,8 @@ def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
     output's stored ones."""
     with prm.output_lock(out_path):
         check_params(out_path, params or {})
-        done = done_keys(out_path, lambda o: (o["id"], o["sample"]))
+        done = done_records(out_path, lambda o: (o["id"], o["sample"]))
+        check_keys({k[0]: o for k, o in done.items()}, questions, lambda q: q["id"], ("answer", "choices"))
         todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
         todo = [(q, missing) for q, missing in todo if missing]
         with open(out_path, "a", encoding="utf-8") as f, \
@@ -603,6 +676,8 @@ def main(argv=None):
     ap.add_argument("--n", type=prm.number(int, 1), default=TOY_N, help="CoTs per question (>= 1)")
     ap.add_argument("--toy", action="store_true", help=f"build the toy world in {TOY_DIR}/ and sample its CoTs")
     ap.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world goes")
+    ap.add_argument("--allow-outside-images", action="store_true", help="read image paths that lead outside the "
+                    "questions file's folder (absolute paths, '../', links)")
     add_policy_args(ap)
     args = ap.parse_args(argv)
     if args.toy or not args.questions:
@@ -613,9 +688,11 @@ def main(argv=None):
                      args.concurrency, policy_params(args))
         print(f"toy world written to {args.toy_dir}/ (questions, images, CoTs for train, meta and test)")
         return 0
-    policy = make_policy(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.questions)), "cots.jsonl")
-    generate(read_questions(args.questions), out, policy, args.n, args.seed, args.concurrency, policy_params(args))
+    check_output(out, [args.questions])
+    questions = read_questions(args.questions, args.allow_outside_images)
+    policy = make_policy(args)
+    generate(questions, out, policy, args.n, args.seed, args.concurrency, policy_params(args))
     print(f"CoTs written to {out}")
     return 0
 

@@ -116,8 +116,8 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cots)),
                                    os.path.basename(args.cots).replace("cots", "labels")
                                    if "cots" in os.path.basename(args.cots) else "labels.jsonl")
-    cots, skips = prm.read_cots(args.cots, "cots", fmt=args.format, domain=args.domain,
-                                 correct_from=args.correct_from)
+    gen_cots.check_output(out, [args.cots])
+    cots, skips = prm.read_cots(args.cots, "cots", **prm.reading(args))
     prm.check_unique(cots, lambda c: (c["id"], c["sample"]), "question id and sample")   # what a rerun skips by
     no_key = next((c for c in cots if not c["answer"].strip()), None)
     if no_key:
@@ -130,7 +130,8 @@ def main(argv=None):
         gen_cots.check_params(out, dict(gen_cots.policy_params(args), rollouts=args.rollouts,
                                         min_rollouts=args.min_rollouts, zero_stop=args.zero_stop,
                                         max_steps=args.max_steps))
-        done = gen_cots.done_keys(out, lambda o: (o["id"], o["sample"]))
+        done = gen_cots.done_records(out, lambda o: (o["id"], o["sample"]))
+        gen_cots.check_keys(done, cots, lambda c: (c["id"], c["sample"]), ("answer", "correct"))
         todo = [c for c in cots if (c["id"], c["sample"]) not in done]
         with open(out, "a", encoding="utf-8") as f, \
                 tqdm(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot",

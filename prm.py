@@ -31,6 +31,7 @@ Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 
 import argparse
 import ast
+import errno
 import hashlib
 import inspect
 import json
@@ -471,11 +472,12 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
     from transformers import AutoModel, AutoTokenizer
     _quiet_transformers()
     vision = check_backbone(path)
+    check_safetensors(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _load_errors(path, "the backbone"):
         backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                    output_loading_info=True, ignore_mismatched_sizes=True,
-                                                   **extra)
+                                                   use_safetensors=True, **extra)
     bad = {"missing": sorted(info["missing_keys"]),
            "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head.")),
            "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
@@ -504,25 +506,55 @@ def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
     if not _is_prm_dir(path):
         raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
                         "a plain backbone is loaded with --model, not as a PRM)", file=path)
-    with open(os.path.join(path, "prm.json")) as f:
-        meta = json.load(f)
-    if meta.get("step_sep", STEP_SEP) != STEP_SEP:
-        raise DataError(f"step separator {meta['step_sep']!r} differs from this code's {STEP_SEP!r}",
-                        file=os.path.join(path, "prm.json"), field="step_sep")
+    meta = _read_prm_json(os.path.join(path, "prm.json"))
     prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
     head_file = os.path.join(path, "prm.safetensors")
     with _load_errors(head_file, "the value head"):
         head = load_file(head_file)
     H = prm.head.in_features
+    extra = sorted(set(head) - {"head.weight", "head.bias"})
+    if extra:
+        raise DataError(f"unknown tensor(s) {', '.join(extra[:3])}: a value head holds head.weight and head.bias",
+                        file=head_file)
     for name, shape in (("head.weight", (1, H)), ("head.bias", (1,))):
         if name not in head or tuple(head[name].shape) != shape:
             got = tuple(head[name].shape) if name in head else "missing"
             raise DataError(f"tensor {name}: expected shape {shape}, found {got}", file=head_file)
+        if not torch.isfinite(head[name]).all():
+            raise DataError(f"tensor {name} holds NaN or infinite values", file=head_file)
     prm.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
     for key in ("final_answer", "max_side", "min_pixels", "max_pixels", "max_length", "aggregation"):
         if key in meta:
             setattr(prm, key, meta[key])
     return prm
+
+
+def _read_prm_json(path):
+    """prm.json, checked field by field: a reading setting this code does not know would score CoTs
+    otherwise than training read them."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"not valid JSON ({e})", file=path) from None
+    if not isinstance(meta, dict):
+        raise DataError("must be a JSON object", file=path)
+    checks = {"format": lambda v: v in (1, PRM_FORMAT), "step_sep": lambda v: v == STEP_SEP,
+              "final_answer": lambda v: v in FINAL_RULES, "aggregation": lambda v: v in AGGREGATIONS,
+              "max_side": lambda v: v is None or (type(v) is int and v >= 0),
+              "min_pixels": lambda v: v is None or (type(v) is int and v >= 1),
+              "max_pixels": lambda v: v is None or (type(v) is int and v >= 1),
+              "max_length": lambda v: type(v) is int and v >= 1}
+    expected = {"format": f"1 or {PRM_FORMAT} (the versions this code reads)", "step_sep": repr(STEP_SEP),
+                "final_answer": " or ".join(FINAL_RULES), "aggregation": ", ".join(AGGREGATIONS),
+                "max_side": "an integer >= 0 or null", "min_pixels": "an integer >= 1 or null",
+                "max_pixels": "an integer >= 1 or null", "max_length": "an integer >= 1"}
+    for key, ok in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise DataError(f"{meta[key]!r}: expected {expected[key]}", file=path, field=key)
+    if "format" not in meta:
+        raise DataError("missing required field", file=path, field="format")
+    return meta
 
 
 def save_prm(prm, path, card=None):
@@ -567,6 +599,16 @@ def check_backbone(path):
         raise DataError(f"model type {model_type!r} is not supported; supported backbones: the Qwen2-VL family "
                         f"({', '.join(VISION_FAMILIES)}) and text-only causal LMs", file=config_file)
     return "vision_config" in config
+
+
+def check_safetensors(path):
+    """Weights are read from safetensors only: a directory whose weights are pickle files
+    (pytorch_model.bin, *.pt) is refused, never loaded (a pickle can run code)."""
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") and n != "prm.safetensors" for n in names):
+        pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+        raise DataError("no safetensors weights" + (f" (found {', '.join(sorted(pickles)[:3])}: pickle files are never "
+                        "loaded; convert them to safetensors where you trust them)" if pickles else ""), file=path)
 
 
 class _load_errors:
@@ -748,7 +790,7 @@ _KINDS = {"questions": ("question", "keyed"), "cots": ("question", "keyed", "ste
           "labels": ("question", "keyed", "steps", "labels"), "test": ("question", "steps")}
 
 
-def check_record(obj, kind, file, line, image_root):
+def check_record(obj, kind, file, line, image_root, outside_images=False):
     """Validate one record of a given kind ('questions', 'cots', 'labels', 'test') in place.
 
     Every format's reader ends here. Adds '_image' (absolute image path or None), '_question' (the
@@ -779,11 +821,14 @@ def check_record(obj, kind, file, line, image_root):
     if image is not None:
         if not isinstance(image, str):
             raise DataError("must be a path or null", file, line, "image")
-        path = image if os.path.isabs(image) else os.path.join(image_root, image)
-        problem = _check_image(os.path.abspath(path))
+        path = os.path.abspath(image if os.path.isabs(image) else os.path.join(image_root, image))
+        if not outside_images and not _inside(path, image_root):
+            raise DataError(f"{image!r} leads outside the image root {image_root} (after links); "
+                            "--allow-outside-images reads it anyway", file, line, "image")
+        problem = _check_image(path)
         if problem:
             raise DataError(problem, file, line, "image")
-        obj["_image"] = os.path.abspath(path)
+        obj["_image"] = path
     else:
         obj["_image"] = None
     if kind != "questions":
@@ -810,16 +855,26 @@ def check_labels(mc, n_steps, file=None, line=None, field="mc"):
             raise DataError(f"label {p!r} is not a number in [0, 1]", file, line, field)
 
 
+def _inside(path, root):
+    """Whether a path, after its links, lies inside the root folder (after its links)."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top
+
+
 @lru_cache(maxsize=4096)
 def _check_image(path):
-    """None if path is a readable image, else what is wrong with it."""
+    """None if path is an image that decodes whole (only such files are read or sent on), else
+    what is wrong with it. An aspect ratio over 200 is refused: the image processor cannot resize it."""
     if not os.path.isfile(path):
         return f"no such image file: {path}"
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()
+            w, h = im.size
     except Exception:
-        return f"not an image: {path}"
+        return f"not an image (it does not decode): {path}"
+    if max(w, h) > 200 * min(w, h):
+        return f"aspect ratio over 200 ({w}x{h}): {path}"
     return None
 
 
@@ -1318,6 +1373,10 @@ def _load_items(path):
         raise DataError(f"invalid UTF-8 (byte {e.start + 1})", file=path) from None
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e.msg} at line {e.lineno})", file=path, line=e.lineno) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply", file=path) from None
+    if not isinstance(data, list):
+        raise DataError("one JSON value that is not a list of records", file=path)
     for i, obj in enumerate(data):
         if not isinstance(obj, dict):
             raise DataError("each record must be an object", path, f"record {i}")
@@ -1387,7 +1446,7 @@ def _group_prefixes(prefixes):
     return cots
 
 
-def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from="stated"):
+def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from="stated", outside_images=False):
     """The one reader: any supported file -> (records, skips) in our record format.
 
     kind: 'questions', 'cots' or 'labels' (what the caller needs: labels need step labels).
@@ -1397,12 +1456,12 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from
     record is validated by `check_record` (images are checked only for kept records) and gets its
     key (`record_key`). Duplicate keys inside the file are a DataError. correct_from: 'stated'
     (final correctness only where the format states it) or 'last-label' (else the last step's
-    label >= 0.5).
+    label >= 0.5). Image paths must lead inside image_root (default: the file's folder) unless
+    outside_images.
     """
-    image_root = image_root or os.path.dirname(os.path.abspath(path))
     container, items = _load_items(path)
     fmt = _resolve_format(fmt, container, items, path)
-    opts = _options(path, domain, correct_from)
+    opts = _options(path, domain, correct_from, image_root, outside_images)
     records, skips, prefixes, seen = [], [], [], set()
     for where, obj in items:
         if fmt == "dreamprm":                                   # prefix records have no key of their own
@@ -1418,7 +1477,7 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from
     records += _group_prefixes(prefixes)
     samples, repeats = {}, {}
     for rec in records:
-        _number(_finish(rec, fmt, kind, image_root), fmt, samples, repeats)
+        _number(_finish(rec, fmt, kind, opts), fmt, samples, repeats)
     check_unique(records, record_key, _key_words(fmt, kind))
     return records, skips
 
@@ -1430,10 +1489,12 @@ def _resolve_format(fmt, container, items, path):
     return fmt
 
 
-def _options(path, domain, correct_from):
-    """What converters need beyond the record: the file's default domain (its name without
-    extension) and the correctness rule."""
-    return {"domain": domain or os.path.splitext(os.path.basename(path))[0], "correct_from": correct_from}
+def _options(path, domain, correct_from, image_root=None, outside_images=False):
+    """What reading a file needs beyond its records: the default domain (the file name without
+    extension), the correctness rule, the image root (default: the file's folder) and whether
+    images may lie outside it."""
+    return {"domain": domain or os.path.splitext(os.path.basename(path))[0], "correct_from": correct_from,
+            "image_root": image_root or os.path.dirname(os.path.abspath(path)), "outside_images": outside_images}
 
 
 def _convert(obj, fmt, path, where, opts):
@@ -1446,14 +1507,14 @@ def _convert(obj, fmt, path, where, opts):
     return rec
 
 
-def _finish(rec, fmt, kind, image_root):
+def _finish(rec, fmt, kind, opts):
     """Validate a converted record (`check_record`) and give it its format and key."""
     if kind == "labels" and "mc" not in rec:
         raise DataError("no step labels: training needs them (a meta or test file?)", *rec["_src"], "mc")
     if kind == "cots" and fmt != "ours" and rec.get("correct") is None:
         raise DataError(f"no final correctness: {fmt} records state none (--correct-from last-label takes the "
                         "last step's label, >= 0.5 correct)", *rec["_src"], "correct")
-    check_record(rec, kind, *rec["_src"], image_root)
+    check_record(rec, kind, *rec["_src"], opts["image_root"], opts["outside_images"])
     rec["_format"] = fmt
     if kind != "questions":
         rec.setdefault("sample", 0)
@@ -1479,7 +1540,8 @@ def _key_words(fmt, kind):
         "question id" if kind == "questions" else "question id and sample"
 
 
-def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None, correct_from="stated"):
+def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None, correct_from="stated",
+                    outside_images=False):
     """Group a CoT file by question without holding its records, for scoring large test sets.
 
     One pass reads every record (validated, keys checked for duplicates) and keeps only where it
@@ -1488,7 +1550,6 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
     lists (json has no streaming reader) and published DreamPRM files (prefixes are grouped across
     the file) are read whole.
     """
-    image_root = image_root or os.path.dirname(os.path.abspath(path))
     container, groups = _container(path), {}
     if container == "lines":
         with open(path, "rb") as f:
@@ -1496,17 +1557,17 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
                           if o is not None), None)
         fmt = _resolve_format(fmt, "lines", [first] if first else [], path)
     if container == "list" or fmt == "dreamprm":
-        records, skips = read_cots(path, kind, image_root, fmt, domain, correct_from)
+        records, skips = read_cots(path, kind, image_root, fmt, domain, correct_from, outside_images)
         for r in records:
             groups.setdefault((r["domain"], r["id"]), []).append(r)
         return list(groups.items()), skips, lambda entries: entries
-    opts = _options(path, domain, correct_from)
+    opts = _options(path, domain, correct_from, image_root, outside_images)
     skips, seen, samples, repeats = [], {}, {}, {}
 
     def read_back(i, offset, sample, key):
         with open(path, "rb") as f:
             f.seek(offset)
-            rec = _finish(_convert(parse_line(f.readline(), path, i), fmt, path, i, opts), fmt, kind, image_root)
+            rec = _finish(_convert(parse_line(f.readline(), path, i), fmt, path, i, opts), fmt, kind, opts)
         rec["sample"], rec["_key"] = sample, key
         return rec
 
@@ -1519,16 +1580,16 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
                 if isinstance(rec, Skip):
                     skips.append(rec)
                 else:
-                    rec = _number(_finish(rec, fmt, kind, image_root), fmt, samples, repeats)
+                    rec = _number(_finish(rec, fmt, kind, opts), fmt, samples, repeats)
                     check_unique([rec], record_key, _key_words(fmt, kind), seen)
                     groups.setdefault((rec["domain"], rec["id"]), []).append((i, offset, rec["sample"], rec["_key"]))
             offset += len(raw)
     return list(groups.items()), skips, lambda entries: [read_back(*e) for e in entries]
 
 
-def read_records(path, kind, image_root=None):
+def read_records(path, kind, image_root=None, outside_images=False):
     """Our JSONL only (the stages' own outputs): validated records, none skipped."""
-    records, skips = read_cots(path, kind, image_root, fmt="ours")
+    records, skips = read_cots(path, kind, image_root, fmt="ours", outside_images=outside_images)
     return records
 
 
@@ -1625,20 +1686,50 @@ def add_format_args(ap):
                     help="a CoT's final correctness: only where the format states it (stated; trl, rlhflow and "
                     "visualprm400k state none, so their CoTs' correctness is unknown), or else from the last "
                     "step's label, >= 0.5 correct (last-label)")
+    ap.add_argument("--allow-outside-images", action="store_true", help="read image paths that lead outside the "
+                    "image root (absolute paths, '../', links); by default a dataset can only name images inside it")
+
+
+def reading(args):
+    """The reading flags of add_format_args (and --image-root where a script has it) as keyword
+    arguments of read_cots and index_questions."""
+    return dict(image_root=getattr(args, "image_root", None), fmt=args.format, domain=args.domain,
+                correct_from=args.correct_from, outside_images=args.allow_outside_images)
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(argv); a DataError becomes one line on stderr and exit code 2."""
+    """Run a script's main(argv). A DataError, or a file that cannot be read or written, becomes one
+    line on stderr and exit code 2; a full disk exit code 1 (outputs are whole up to the last
+    record: free space and rerun); Ctrl-C exit code 130 with how to resume."""
     try:
         return main(argv) or 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was written is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: no space left on the device writing {e.filename or 'an output'}: free space and rerun "
+                  "the same command, which resumes", file=sys.stderr)
+            return 1
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 def pick_device(name):
-    """--device: 'auto' is cuda when a GPU is present, else cpu; anything else is taken as given."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """--device: 'auto' is cuda when a GPU is present, else cpu; anything else is taken as given,
+    checked to exist here."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise DataError(f"unknown device {name!r} (auto, cpu, cuda, cuda:1, ...)", field="--device") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise DataError(f"{name}: no such CUDA device on this machine", field="--device")
+    if device.type not in ("cpu", "cuda", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise DataError(f"{name}: not available here (auto, cpu, cuda)", field="--device")
+    return device
 
 
 # -- Files: atomic writes, JSON Lines, one writer per output -----------------------------------
@@ -1731,6 +1822,8 @@ def parse_line(raw, path, i):
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=path, line=i) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply", file=path, line=i) from None
     if not isinstance(obj, dict):
         raise DataError("each line must be a JSON object", file=path, line=i)
     return obj
@@ -1758,6 +1851,29 @@ class output_lock:
     def __exit__(self, *exc):
         self.f.close()                                           # closing releases the lock
         return False
+
+    def hold(self):
+        """Take the lock outside a with block: it is held until this object is closed or freed, or
+        the process ends."""
+        return self.__enter__()
+
+    def __del__(self):
+        if getattr(self, "f", None) is not None and not self.f.closed:
+            self.f.close()
+
+
+def file_digest(*paths):
+    """SHA-1 over the bytes of files (a folder: its files, by name), to key cached results by content."""
+    h = hashlib.sha1()
+    for path in paths:
+        for name in sorted(os.listdir(path)) if os.path.isdir(path) else [""]:
+            full = os.path.join(path, name) if name else path
+            if os.path.isfile(full):
+                h.update(name.encode() + b"\0")
+                with open(full, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 24), b""):
+                        h.update(chunk)
+    return h.hexdigest()
 
 
 def drop_torn_tail(path):

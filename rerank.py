@@ -173,7 +173,8 @@ def question_metrics(cots, scores_by_prm):
            "oracle": max(correct)}
     for name, scores in scores_by_prm.items():
         s = [float("-inf") if x is None else x for x in scores]
-        out[name] = uniform_choice(correct, [[i] for i, x in enumerate(s) if x == max(s)])
+        picked = any(x is not None for x in scores)          # a PRM that scored no CoT picks none: 0, not a tie
+        out[name] = uniform_choice(correct, [[i] for i, x in enumerate(s) if x == max(s)]) if picked else 0.0
     return out
 
 
@@ -226,10 +227,11 @@ def score_with(name, path, questions, load, args, device):
     rerun continues after the last complete line. Returns (part file, aggregation used)."""
     model = prm.PRM.from_pretrained(path).to(device).eval()
     how = args.aggregate or model.aggregation
-    # The part file is named by everything its lines depend on, so a changed input starts afresh.
-    st = os.stat(args.cots)
-    tag = json.dumps([os.path.abspath(args.cots), st.st_size, st.st_mtime_ns, os.path.abspath(path), how,
-                      args.no_shared_prefix, args.batch_size, args.format, args.domain, args.image_root])
+    # The part file is named by everything its lines depend on, contents included (the test file's
+    # bytes, the PRM's weights and settings), so a changed input or a retrained PRM starts afresh.
+    prm_dir = path if os.path.isfile(os.path.join(path, "prm.json")) else os.path.join(path, "prm")
+    tag = json.dumps([prm.file_digest(args.cots), prm.file_digest(prm_dir), how, args.no_shared_prefix,
+                      args.batch_size, args.format, args.domain, args.image_root, args.correct_from])
     part = os.path.join(args.out, f".scores-{name}-{hashlib.sha1(tag.encode()).hexdigest()[:12]}.jsonl")
     done = len(list(prm.iter_jsonl(part, drop_torn_tail=True))) if os.path.isfile(part) else 0
     prm.drop_torn_tail(part)
@@ -320,19 +322,23 @@ def main(argv=None):
     if len(names) != len(prms) or len(set(names)) != len(names):
         raise prm.DataError(f"{len(prms)} PRMs need as many distinct names, got {names}", field="--names")
     prm.check_writable(args.out)                                # before any scoring, not after
-    questions, skips, load = prm.index_questions(args.cots, "test", args.image_root, args.format, args.domain,
-                                                  args.correct_from)
+    questions, skips, load = prm.index_questions(args.cots, "test", **prm.reading(args))
     if skips:
         print(f"{args.cots}: {prm.skip_report([r for _, e in questions for r in e], skips)}")
     if not questions:
         raise prm.DataError("no CoTs with steps", file=args.cots)
     parts, aggregations = [], {}
-    for name, path in zip(names, prms):
-        part, aggregations[name] = score_with(name, path, questions, load, args, device)
-        parts.append(part)
-    labelled, scores_by_prm, step_counts, unlabelled, long_cots = write_outputs(questions, load, parts, names, args)
+    with prm.output_lock(os.path.join(args.out, "scores.jsonl")):          # one rerank.py per --out
+        for name, path in zip(names, prms):
+            part, aggregations[name] = score_with(name, path, questions, load, args, device)
+            parts.append(part)
+        labelled, scores_by_prm, step_counts, unlabelled, long_cots = write_outputs(questions, load, parts, names,
+                                                                                    args)
     if long_cots:
         print(f"{long_cots} CoTs longer than the PRM's max_length: not scored (null in scores.jsonl)")
+    if long_cots == sum(len(entries) for _, entries in questions):
+        raise prm.DataError("no CoT fits the PRM's max_length (prm.json): nothing was scored, no accuracy to report",
+                            file=args.cots)
     print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)")
     write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts,
                  dict(skipped=len(skips), not_scored_too_long=long_cots, unlabelled_questions=unlabelled))
