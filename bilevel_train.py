@@ -707,12 +707,12 @@ def data_flags(ap):
     g.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
                    help="the final answer line: joins the last step (last-step) or is never encoded (drop), "
                    "for train, meta and test alike (auto: drop for published DreamPRM data, else last-step)")
-    g.add_argument("--max-side", type=prm.number(int, 0), default=prm.MAX_SIDE, help="images shrink until their "
+    g.add_argument("--max-side", type=prm.number(int, 0, 1 << 16), default=prm.MAX_SIDE, help="images shrink until their "
                    "longest side is at most this many pixels, as in the published code (0: never; 512 gives 180 "
                    "image tokens for a 1920x1080 image)")
-    g.add_argument("--min-pixels", type=prm.number(int, 1), default=None, help="image processor's minimum pixels "
+    g.add_argument("--min-pixels", type=prm.number(int, 1, 10 ** 9), default=None, help="image processor's minimum pixels "
                    "(default: the processor's own)")
-    g.add_argument("--max-pixels", type=prm.number(int, 1), default=None, help="image processor's maximum pixels "
+    g.add_argument("--max-pixels", type=prm.number(int, 1, 10 ** 9), default=None, help="image processor's maximum pixels "
                    "(default: the processor's own)")
     g.add_argument("--max-length", type=prm.number(int, 1), default=None, help="longest CoT in tokens; longer "
                    "ones are skipped and counted (default: the backbone's positions)")
@@ -725,34 +725,34 @@ def method_flags(ap):
                    default="domain", help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
                    "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's step "
                    "values to its weight (DreamPRM-1.5); instance: instance-table")
-    g.add_argument("--iterations", type=prm.number(int, 1), default=None, help="outer iterations, each U lower "
+    g.add_argument("--iterations", type=prm.number(int, 1, 10 ** 9), default=None, help="outer iterations, each U lower "
                    f"steps + 1 upper step (>= 1; {preset_help('iterations')})")
-    g.add_argument("--unroll-steps", type=prm.number(int, 1), default=None, help="U: lower steps per upper step "
+    g.add_argument("--unroll-steps", type=prm.number(int, 1, 10 ** 6), default=None, help="U: lower steps per upper step "
                    f"(>= 1; {preset_help('unroll_steps')})")
-    g.add_argument("--train-batch", type=prm.number(int, 1), default=None, help="training CoTs per lower step "
+    g.add_argument("--train-batch", type=prm.number(int, 1, 1 << 20), default=None, help="training CoTs per lower step "
                    f"(>= 1; {preset_help('train_batch')})")
-    g.add_argument("--meta-batch", type=prm.number(int, 1), default=None, help="meta CoTs per upper step "
+    g.add_argument("--meta-batch", type=prm.number(int, 1, 1 << 20), default=None, help="meta CoTs per upper step "
                    f"(>= 1; {preset_help('meta_batch')})")
-    g.add_argument("--lr", type=prm.number(float, 0, above=True), default=None, help="xi, the lower (PRM) "
+    g.add_argument("--lr", type=prm.number(float, 0, 10.0, above=True), default=None, help="xi, the lower (PRM) "
                    f"learning rate (> 0 and finite; {preset_help('lr')})")
-    g.add_argument("--meta-lr", type=prm.number(float, 0, above=True), default=None, help="Adam learning rate "
+    g.add_argument("--meta-lr", type=prm.number(float, 0, 1e3, above=True), default=None, help="Adam learning rate "
                    f"of the raw weights a (> 0; {preset_help('meta_lr')})")
     g.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
-    g.add_argument("--fd-radius", type=prm.number(float, 0, above=True), default=0.01, help="r: finite-difference "
+    g.add_argument("--fd-radius", type=prm.number(float, 0, 1e3, above=True), default=0.01, help="r: finite-difference "
                    "radius, eps = r / ||v|| (> 0)")
     g.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
     g.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
                    f"training before the weights move (>= 0; {preset_help('cold_start')})")
     g.add_argument("--no-aggregation", action="store_true",
                    help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
-    g.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed for the value head and the batch "
+    g.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed for the value head and the batch "
                    "order (>= 0)")
     g = ap.add_argument_group("instance weights (DreamPRM-1.5)")
-    g.add_argument("--weight-max", type=prm.number(float, 1, above=True), default=3.0, help="instance modes: "
+    g.add_argument("--weight-max", type=prm.number(float, 1, 1e6, above=True), default=3.0, help="instance modes: "
                    "weights lie in (0, this) (> 1), 1 at the start")
-    g.add_argument("--instance-batch", type=prm.number(int, 1), default=None, help="instance modes: training CoTs "
+    g.add_argument("--instance-batch", type=prm.number(int, 1, 1 << 20), default=None, help="instance modes: training CoTs "
                    "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
-    g.add_argument("--net-hidden", type=prm.number(int, 1), default=64, help="instance-net: hidden width (>= 1)")
+    g.add_argument("--net-hidden", type=prm.number(int, 1, 1 << 16), default=64, help="instance-net: hidden width (>= 1)")
 
 
 def run_flags(ap):

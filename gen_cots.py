@@ -559,11 +559,11 @@ def add_policy_args(ap):
     ap.add_argument("--base-url", default="http://localhost:8000/v1", help="openai: server base URL")
     ap.add_argument("--model-name", default="default", help="openai: model name on the server")
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
-    ap.add_argument("--concurrency", type=prm.number(int, 1), default=64, help="requests in flight at once, across "
+    ap.add_argument("--concurrency", type=prm.number(int, 1, 4096), default=64, help="requests in flight at once, across "
                     "questions and CoTs (openai; >= 1; 64 keeps one vLLM server busy)")
-    ap.add_argument("--batch-size", type=prm.number(int, 1), default=8, help="hf: prompts per generate call, "
+    ap.add_argument("--batch-size", type=prm.number(int, 1, 1 << 16), default=8, help="hf: prompts per generate call, "
                     "across questions and CoTs (>= 1)")
-    ap.add_argument("--retries", type=prm.number(int, 0), default=5, help="openai: retries on 429, 5xx and network "
+    ap.add_argument("--retries", type=prm.number(int, 0, 100), default=5, help="openai: retries on 429, 5xx and network "
                     "errors (>= 0)")
     ap.add_argument("--temperature", type=prm.number(float, 0, 100), default=0.7, help="sampling temperature "
                     "(0: greedy decoding, every sample the same text)")
@@ -573,9 +573,9 @@ def add_policy_args(ap):
                     "(0: off); passed explicitly, so a model's generation config never overrides it")
     ap.add_argument("--timeout", type=prm.number(float, 0, 86400, above=True), default=60.0, help="openai: seconds "
                     "a request may take before it counts as failed and is retried")
-    ap.add_argument("--max-tokens", type=prm.number(int, 1), default=512, help="new tokens per sample (>= 1)")
+    ap.add_argument("--max-tokens", type=prm.number(int, 1, 1 << 20), default=512, help="new tokens per sample (>= 1)")
     ap.add_argument("--no-structure", action="store_true", help="free-form prompt (ablation)")
-    ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="sampling seed (>= 0)")
+    ap.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="sampling seed (>= 0)")
     ap.add_argument("--trust-remote-code", action="store_true", help="hf: allow model code from the directory")
 
 
@@ -673,7 +673,7 @@ def main(argv=None):
     ap = prm.Parser(__doc__)
     ap.add_argument("--questions", default=None, help="questions.jsonl")
     ap.add_argument("--out", default=None, help="cots.jsonl to append to (default: beside the questions)")
-    ap.add_argument("--n", type=prm.number(int, 1), default=TOY_N, help="CoTs per question (>= 1)")
+    ap.add_argument("--n", type=prm.number(int, 1, 10 ** 5), default=TOY_N, help="CoTs per question (>= 1)")
     ap.add_argument("--toy", action="store_true", help=f"build the toy world in {TOY_DIR}/ and sample its CoTs")
     ap.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world goes")
     ap.add_argument("--allow-outside-images", action="store_true", help="read image paths that lead outside the "

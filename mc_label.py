@@ -97,7 +97,7 @@ def main(argv=None):
     ap = prm.Parser(__doc__)
     ap.add_argument("--cots", default=None, help=f"cots.jsonl (default: the toy world's {gen_cots.TOY_DIR}/train_cots.jsonl)")
     ap.add_argument("--out", default=None, help="labels.jsonl to append to (default: beside the CoTs)")
-    ap.add_argument("--rollouts", type=prm.number(int, 1), default=16, help="K: rollouts per step prefix (>= 1)")
+    ap.add_argument("--rollouts", type=prm.number(int, 1, 10 ** 5), default=16, help="K: rollouts per step prefix (>= 1)")
     ap.add_argument("--min-rollouts", type=prm.number(int, 0), default=0, help="adaptive stopping: stop a prefix after this "
                     "many rollouts if they all agree (0: off; else 1 to K - 1)")
     ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0 "

@@ -297,13 +297,13 @@ def parse_args(argv):
     ap.add_argument("--out", default="runs/rerank", help="output folder")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
     prm.add_format_args(ap)
-    ap.add_argument("--batch-size", type=prm.number(int, 1), default=16, help="CoTs per scoring forward (with "
+    ap.add_argument("--batch-size", type=prm.number(int, 1, 1 << 16), default=16, help="CoTs per scoring forward (with "
                     "--no-shared-prefix; >= 1)")
     ap.add_argument("--no-shared-prefix", action="store_true", help="score in packed batches instead of encoding "
                     "each question's image and text once (same numbers, slower)")
-    ap.add_argument("--subsets", type=prm.number(int, 1), default=20, help="random subsets per N for accuracy "
+    ap.add_argument("--subsets", type=prm.number(int, 1, 10 ** 5), default=20, help="random subsets per N for accuracy "
                     "against N (>= 1)")
-    ap.add_argument("--seed", type=prm.number(int, 0), default=0, help="seed of the subsets (>= 0)")
+    ap.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed of the subsets (>= 0)")
     ap.add_argument("--step-threshold", type=prm.number(float, 0, 1), default=0.5, help="the benchmarks' step-level "
                     "figures flag a step as wrong when its value V is below this (VisualProcessBench, ProcessBench)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
