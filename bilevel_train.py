@@ -769,7 +769,8 @@ def run_flags(ap):
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     g = ap.add_argument_group("the run directory")
-    g.add_argument("--out", default="runs/toy", help="run directory")
+    g.add_argument("--out", default=None, help="run directory (default: runs/toy for the toy demo, runs/synthetic "
+                   "for --synthetic, else runs/NAME-WEIGHTING after the first --train file: never another run's)")
     g.add_argument("--save-every", type=prm.number(int, 1), default=50, help="checkpoint every N outer iterations (>= 1)")
     g.add_argument("--log-every", type=prm.number(int, 1), default=None, help="metrics and weights every N outer "
                    f"iterations (>= 1; {preset_help('log_every')})")
@@ -798,7 +799,17 @@ def parse_args(argv):
         args.domains = parse_domains(args.domains)
     if args.instance_batch is None:
         args.instance_batch = 4 * args.train_batch
+    if args.out is None:
+        args.out = default_out(args)
     return args
+
+
+def default_out(args):
+    """A run directory named after what the run trains on, so that runs never share one."""
+    if not args.train and not args.meta:
+        return "runs/synthetic" if args.synthetic else "runs/toy"
+    name = os.path.splitext(os.path.basename(args.train[0]))[0] if args.train else "run"
+    return f"runs/{name}-{args.weighting}"
 
 
 def baseline_argv(argv, baseline, resume):
@@ -950,7 +961,8 @@ def new_sums():
 
 def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
     """One metrics.jsonl row (losses averaged since the last log, weights, toy AUCs), the weights'
-    history in domain_weights.json, and, in the toy world, a line on screen."""
+    history in domain_weights.json, and a line on screen: the losses, the weights (none for fixed
+    weights) and, in the toy world, the AUCs worth reading."""
     k = sums["n"]
     row = {"iteration": done, "lower/loss": sums["lower"] / (k * args.unroll_steps),
            "lower/weighted_loss": sums["weighted"] / (k * args.unroll_steps),
@@ -958,10 +970,11 @@ def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
            "time/seconds_per_iteration": seconds}
     row.update({f"alpha/{d}": w for d, w in alpha.items()})
     row.update({f"auc/{name}": v for name, v in aucs.items()})
-    shown = shown_aucs(aucs, args.weighting)
-    if shown:
-        tqdm.write(f"iteration {done}: " + ", ".join([f"alpha/{d} {w:.3f}" for d, w in alpha.items()] +
-                                                     [f"auc/{name} {v:.3f}" for name, v in shown.items()]))
+    fixed = args.weighting == "fixed"
+    shown = [f"lower/loss {row['lower/loss']:.4f}"] + ([] if fixed else [f"upper/loss {row['upper/loss']:.4f}"]) + \
+        ([] if fixed else [f"alpha/{d} {w:.3f}" for d, w in alpha.items()]) + \
+        [f"auc/{name} {v:.3f}" for name, v in shown_aucs(aucs, args.weighting).items()]
+    tqdm.write(f"iteration {done}: " + ", ".join(shown))
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         prm.append_jsonl(f, row)
     history.append({"iteration": done, "alpha": alpha})

@@ -393,7 +393,10 @@ class OpenAIPolicy:
             except (urllib.error.URLError, OSError, ValueError, KeyError) as e:   # socket timeouts are OSErrors
                 last = type(e).__name__ + (f": {e.reason}" if hasattr(e, "reason") else f": {e}" if str(e) else "")
             if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
+                wait = self.backoff * 2 ** attempt
+                tqdm.write(f"{self.url}: {last}; attempt {attempt + 1} of {self.retries + 1} failed, next in {wait:.0f} s",
+                           file=sys.stderr)
+                time.sleep(wait)
         hint = " (the base URL of an OpenAI-compatible server usually ends in /v1)" \
             if last == "HTTP 404" and "/v1" not in self.url else ""
         raise PolicyError(f"{self.url}: request failed after {self.retries + 1} tries ({last}){hint}; "
@@ -530,9 +533,10 @@ def _drive_threads(policy, s, concurrency):
 
 def check_params(out_path, params):
     """The parameters that shape an output's records live beside it (OUT.params.json); a rerun with
-    other values would mix two experiments in one file, so it stops with one line naming them."""
+    other values would mix two experiments in one file, so it stops with one line naming them. An
+    output that holds no record yet (a first run that failed) takes the new parameters."""
     path = out_path + ".params.json"
-    if os.path.isfile(path):
+    if os.path.isfile(path) and os.path.isfile(out_path) and os.path.getsize(out_path):
         with open(path) as f:
             stored = json.load(f)
         differ = sorted(k for k in set(stored) | set(params) if stored.get(k) != params.get(k))
@@ -573,10 +577,18 @@ def add_policy_args(ap):
                     "(0: off); passed explicitly, so a model's generation config never overrides it")
     ap.add_argument("--timeout", type=prm.number(float, 0, 86400, above=True), default=60.0, help="openai: seconds "
                     "a request may take before it counts as failed and is retried")
-    ap.add_argument("--max-tokens", type=prm.number(int, 1, 1 << 20), default=512, help="new tokens per sample (>= 1)")
+    ap.add_argument("--max-tokens", type=prm.number(int, 1, 1 << 20), default=None, help="new tokens per sample "
+                    "(default: 512; 64 for --model tiny, whose random text only tests the plumbing)")
     ap.add_argument("--no-structure", action="store_true", help="free-form prompt (ablation)")
     ap.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="sampling seed (>= 0)")
     ap.add_argument("--trust-remote-code", action="store_true", help="hf: allow model code from the directory")
+
+
+def resolve_policy_args(args):
+    """Defaults that depend on other flags: --max-tokens is small for the tiny backbone."""
+    if args.max_tokens is None:
+        args.max_tokens = 64 if args.policy == "hf" and args.model == "tiny" else 512
+    return args
 
 
 def make_policy(args):
@@ -679,8 +691,10 @@ def main(argv=None):
     ap.add_argument("--allow-outside-images", action="store_true", help="read image paths that lead outside the "
                     "questions file's folder (absolute paths, '../', links)")
     add_policy_args(ap)
-    args = ap.parse_args(argv)
-    if args.toy or not args.questions:
+    args = resolve_policy_args(ap.parse_args(argv))
+    if not args.toy and not args.questions:
+        raise prm.DataError("give --questions FILE, or --toy to build and sample the toy world", field="--questions")
+    if args.toy:
         paths = build_toy_world(args.toy_dir, args.seed)
         policy = make_policy(args)
         for name, path in paths.items():

@@ -106,7 +106,7 @@ def main(argv=None):
                     "(>= 1; default: all)")
     prm.add_format_args(ap)
     gen_cots.add_policy_args(ap)
-    args = ap.parse_args(argv)
+    args = gen_cots.resolve_policy_args(ap.parse_args(argv))
     if args.min_rollouts >= args.rollouts:
         ap.error(f"argument --min-rollouts: {args.min_rollouts} must be below --rollouts {args.rollouts} (or 0: off)")
     if args.cots is None:

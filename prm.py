@@ -294,12 +294,16 @@ class PRM(nn.Module):
         self.max_length = backbone.config.get_text_config().max_position_embeddings   # longer CoTs are skipped
         self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
-    def encode(self, record):
-        """Encode a record with 'question', 'steps', optional 'final' and '_image' (a path). The
-        final answer line joins the last step or is left out, by this PRM's `final_answer` rule."""
+    def encode(self, record, image_root=None):
+        """Encode a record as a line of a CoTs file holds it: 'question' (and 'choices'), 'steps',
+        'final', 'image' (a path, relative to image_root, default the current folder, or null), or
+        as the readers return it ('_image' and '_question' already resolved). An image that cannot
+        be used is a DataError, never a silent text-only score. The final answer line joins the
+        last step or is left out, by this PRM's `final_answer` rule."""
+        image = record["_image"] if "_image" in record else record_image(record.get("image"), image_root)
         final = (record.get("final") or "") if self.final_answer == "last-step" else ""
         return encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
-                          record["steps"], final, record.get("_image"), self.image_processor, self.image_cache,
+                          record["steps"], final, image, self.image_processor, self.image_cache,
                           dict(max_side=self.max_side, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
 
     def fits(self, encoded):
@@ -576,11 +580,13 @@ def save_prm(prm, path, card=None):
                     prompt="chat template; user turn: the image, then the question (and 'Options: (A) ...'); "
                            "assistant turn: the steps joined by step_sep, each step's last token is its step end",
                     step_sep=STEP_SEP, final_prefix=FINAL_PREFIX, **prm.settings(),
+                    code=dict(project="DreamPRM reference implementation", commit=code_version()),
                     versions=dict(torch=torch.__version__, transformers=transformers.__version__))
         with open(os.path.join(tmp, "prm.json"), "w") as f:
             json.dump(meta, f, indent=1)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(meta, card or []))
+        readable(tmp)
 
 
 def check_backbone(path):
@@ -641,6 +647,31 @@ def _ensure_chat_template(tokenizer, path):
     raise DataError("the tokenizer has no chat template", file=path)
 
 
+def record_image(image, image_root=None):
+    """A record's image path resolved against image_root (default: the current folder), checked to
+    be an image that decodes; None for a text-only record."""
+    if image is None:
+        return None
+    if not isinstance(image, str):
+        raise DataError("must be a path or null", field="image")
+    path = os.path.abspath(os.path.join(image_root or ".", image))
+    problem = _check_image(path)
+    if problem:
+        raise DataError(problem, field="image")
+    return path
+
+
+def code_version():
+    """The commit of the checkout this code runs from ('unknown' outside a git checkout)."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def model_card(meta, lines):
     """README.md of a PRM directory: what it is, how it was trained (`lines`), how to score with it."""
     return "\n".join([
@@ -653,14 +684,22 @@ def model_card(meta, lines):
         "## Training", "", *lines, "",
         "## Reading a CoT as in training", "",
         f"- steps joined by {meta['step_sep']!r}; final answer line: {meta['final_answer']}",
-        f"- images: longest side at most {meta['max_side']} px, then min/max pixels {meta['min_pixels']} / "
-        f"{meta['max_pixels']} (null: the image processor's own); CoTs over {meta['max_length']} tokens are skipped",
-        "", "## Scoring", "", "```python",
+        f"- images: longest side at most {meta['max_side'] or 'any'} px, then "
+        + ("the image processor's own pixel range" if meta["min_pixels"] is None and meta["max_pixels"] is None else
+           f"min/max pixels {meta['min_pixels'] or 'the processor own'} / {meta['max_pixels'] or 'the processor own'}")
+        + f"; CoTs over {meta['max_length']} tokens are skipped",
+        "", "## Scoring", "",
+        f"The code: `prm.py` of the DreamPRM reference implementation, commit {meta['code']['commit']} (prm.json "
+        f"format {meta['format']}), with torch, transformers, safetensors and pillow installed. Put the folder that "
+        "holds `prm.py` on the Python path; then, from any folder:", "", "```python",
+        "import sys",
+        "sys.path.insert(0, \"CODE_FOLDER\")                     # the folder that holds prm.py",
         "import prm",
         "model = prm.PRM.from_pretrained(\"THIS_DIRECTORY\").eval()",
-        "cot = {\"question\": \"What is 3 + 4?\", \"steps\": [\"Step 1: 3 + 4 = 7.\"], \"final\": \"7\", \"_image\": None}",
-        "values, mask = prm.step_values(model, [model.encode(cot)])     # (1, S) step values",
-        "print(prm.aggregate(values, mask, model.aggregation))           # the CoT's score",
+        "# a line of a CoTs file; \"image\" is a path relative to image_root, or None for a text-only question",
+        "cot = {\"question\": \"What is 3 + 4?\", \"steps\": [\"Step 1: 3 + 4 = 7.\"], \"final\": \"7\", \"image\": None}",
+        "values, mask = prm.step_values(model, [model.encode(cot, image_root=\".\")])   # (1, S) step values",
+        "print(prm.aggregate(values, mask, model.aggregation).item())                # the CoT's score",
         "```", ""])
 
 
@@ -755,6 +794,7 @@ def save_tiny_backbone(path, seed=0, **kwargs):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
+        readable(tmp)
     return path
 
 
@@ -1761,6 +1801,15 @@ class atomic_dir:
         os.replace(self.tmp, self.path)
         shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def readable(folder):
+    """Files of a written directory readable by others (0644 less the umask), as a shared model is."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def recover_dir(path):

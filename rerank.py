@@ -204,8 +204,26 @@ def evaluate(questions, scores_by_prm, n_subsets=20, seed=0):
     return table, curve
 
 
+WEIGHTING_LABELS = {"domain": "DreamPRM", "fixed": "vanilla PRM", "instance-table": "DreamPRM-1.5 table",
+                    "instance-net": "DreamPRM-1.5 net"}
+
+
+def prm_label(path):
+    """A PRM's column name: its training weighting and its folder, "DreamPRM (toy)"; a PRM
+    directory without its run's config.json is named by its folder."""
+    folder = os.path.basename(os.path.normpath(path))
+    config = os.path.join(path, "config.json")
+    try:
+        with open(config) as f:
+            weighting = json.load(f).get("weighting")
+    except (OSError, ValueError, AttributeError):
+        return folder
+    return f"{WEIGHTING_LABELS.get(weighting, weighting)} ({folder})" if weighting else folder
+
+
 def markdown(table, columns):
-    keys = sorted(k for k in table if k != "overall") + ["overall"]
+    domains = sorted(k for k in table if k != "overall")
+    keys = (domains if len(domains) > 1 else []) + ["overall"]          # one domain: its row is the overall
     lines = ["| domain | questions | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for k in keys:
         lines.append(f"| {k} | {table[k]['questions']} | " + " | ".join(f"{100 * table[k][c]:.1f}" for c in columns) + " |")
@@ -313,12 +331,15 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     device = prm.pick_device(args.device)
+    if args.prm is None and args.cots != TOY_TEST:
+        raise prm.DataError("give the PRMs to compare (--prm DIR ...); the default PRMs are the toy demo's, for its "
+                            "test set only", field="--prm")
     prms = args.prm if args.prm is not None else [p for p in TOY_PRMS if os.path.isdir(p)]
     if not os.path.isfile(args.cots):
         raise prm.DataError("no such file (for the toy demo run python bilevel_train.py first)", file=args.cots)
     if not prms:
         raise prm.DataError("no PRM given (--prm DIR ...) and no toy runs found: run python bilevel_train.py first")
-    names = [n.strip() for n in args.names.split(",") if n.strip()] or [os.path.basename(os.path.normpath(p)) for p in prms]
+    names = [n.strip() for n in args.names.split(",") if n.strip()] or [prm_label(p) for p in prms]
     if len(names) != len(prms) or len(set(names)) != len(names):
         raise prm.DataError(f"{len(prms)} PRMs need as many distinct names, got {names}", field="--names")
     prm.check_writable(args.out)                                # before any scoring, not after
@@ -339,7 +360,7 @@ def main(argv=None):
     if long_cots == sum(len(entries) for _, entries in questions):
         raise prm.DataError("no CoT fits the PRM's max_length (prm.json): nothing was scored, no accuracy to report",
                             file=args.cots)
-    print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)")
+
     write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts,
                  dict(skipped=len(skips), not_scored_too_long=long_cots, unlabelled_questions=unlabelled))
     return 0
@@ -354,6 +375,8 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
     if not labelled:
         print("no question has `correct` on every CoT: no accuracy table")
         if not any(judged.values()):
+            print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question "
+                  "and PRM)")
             return
     elif counts["unlabelled_questions"]:
         print(f"{counts['unlabelled_questions']} questions without `correct` on every CoT: left out of the table")
@@ -377,8 +400,9 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
         f.write(md.strip("\n") + "\n")
     if curve:
         plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
+    print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM), "
+          "results.json, results.md" + (", accuracy_vs_n.png" if curve else ""))
     print(md.strip("\n"))
-    print("and results.json, results.md" + (", accuracy_vs_n.png" if curve else ""))
 
 
 if __name__ == "__main__":

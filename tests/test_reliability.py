@@ -333,3 +333,50 @@ def test_huge_flags_are_refused_at_parse_time(script, flags, words, capsys):
         script.main(flags)
     err = capsys.readouterr().err
     assert info.value.code == 2 and words in err, err
+
+
+# -- the new user's path: defaults that cannot mix runs, output that says what happens ---------------
+
+def test_defaults_never_mix_runs(tmp_path, run_data, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bt.parse_args(["--synthetic"]).out == "runs/synthetic" and bt.parse_args([]).out == "runs/toy"
+    args = bt.parse_args(run_data[:4] + ["--weighting", "fixed"])
+    assert args.out == "runs/train-fixed"
+    code, err = run(gen_cots, [], capsys)
+    assert code == 2 and "give --questions FILE, or --toy" in err
+    code, err = run(rerank, ["--cots", run_data[1]], capsys)
+    assert code == 2 and "give the PRMs to compare (--prm DIR ...)" in err
+    code, out = bt.main(run_data), capsys.readouterr().out                  # a real-data run: losses every log
+    assert code == 0 and os.path.isdir("runs/train-domain/prm") and "iteration 2: lower/loss" in out
+    assert "upper/loss" in out and "alpha/ai2d" in out
+
+
+class DownServer(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_first_run_can_be_rerun_with_other_parameters(small_toy, tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DownServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    q, out = questions(small_toy), str(tmp_path / "cots.jsonl")
+    try:
+        code, err = run(gen_cots, ["--questions", q, "--out", out, "--policy", "openai", "--retries", "0",
+                                   "--base-url", f"http://127.0.0.1:{server.server_port}"], capsys)
+    finally:
+        server.shutdown()
+    assert code == 2 and "HTTP 404" in err and "usually ends in /v1" in err, err
+    assert run(gen_cots, ["--questions", q, "--out", out, "--n", "2"], capsys)[0] == 0     # toy now: no record before
+    assert len(open(out).read().splitlines()) == 4
+
+
+def test_retries_say_what_failed(monkeypatch, capsys):
+    policy = gen_cots.OpenAIPolicy("http://127.0.0.1:9/v1", "m", retries=1, backoff=0.0, timeout=1)
+    with pytest.raises(gen_cots.PolicyError):
+        policy.request({"n": 1})
+    err = capsys.readouterr().err
+    assert "attempt 1 of 2 failed, next in 0 s" in err

@@ -3,6 +3,8 @@ PRM directory, strict loading, the supported backbones."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,7 +150,7 @@ def test_length_guard_skips_and_counts(tmp_path, images, backbone_dir, capsys):
     assert rerank.main(["--cots", train, "--prm", out, "--out", str(res)]) == 0
     assert "1 CoTs longer than the PRM's max_length: not scored" in capsys.readouterr().out
     scores = {json.loads(x)["id"]: json.loads(x) for x in open(res / "scores.jsonl")}
-    assert scores["t1"]["prms"]["run"]["score"] is None and scores["t0"]["prms"]["run"]["score"] is not None
+    assert scores["t1"]["prms"]["DreamPRM (run)"]["score"] is None and scores["t0"]["prms"]["DreamPRM (run)"]["score"] is not None
     picks = {json.loads(x)["id"]: json.loads(x) for x in open(res / "picks.jsonl")}
     assert picks["t1"]["sample"] is None and picks["t0"]["sample"] == 0
 
@@ -163,10 +165,16 @@ def test_prm_directory_describes_itself(tmp_path, capsys):
     assert meta["max_side"] == 256 and meta["aggregation"] == "mean_logit" and meta["format"] == prm.PRM_FORMAT
     card = open(os.path.join(out, "prm", "README.md")).read()
     assert "learned domain weights: clean" in card and "training CoTs: 144" in card
+    assert f"commit {meta['code']['commit']}" in card and "None / None" not in card
     code = card[card.index("```python") + 10:card.index("```", card.index("```python") + 10)]
-    assert len(code.strip().splitlines()) == 5
-    exec(code.replace("THIS_DIRECTORY", os.path.join(out, "prm")), {})     # the example runs as written
-    assert "tensor(" in capsys.readouterr().out
+    elsewhere = tmp_path / "elsewhere"                    # the example runs as written, from another folder
+    elsewhere.mkdir()
+    (elsewhere / "example.py").write_text(code.replace("THIS_DIRECTORY", os.path.join(out, "prm")))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "example.py"], cwd=elsewhere, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0 and 0 < float(done.stdout.strip().splitlines()[-1]) < 1, done.stderr
+    assert all(os.stat(os.path.join(out, "prm", n)).st_mode & 0o044 == 0o044 for n in os.listdir(os.path.join(out, "prm")))
     model = prm.PRM.from_pretrained(out)
     assert model.max_side == 256 and model.aggregation == "mean_logit"
 
@@ -249,3 +257,14 @@ def test_hf_policy_on_a_text_only_lm(tmp_path, text_lm_dir):
                           "--max-tokens", "8"]) == 0
     records = [json.loads(x) for x in open(out)]
     assert len(records) == 2 and all(r["policy"].startswith("hf:") for r in records)
+
+
+def test_encode_takes_a_line_of_a_cots_file(tmp_path, images, tiny_prm):
+    """A record as a CoTs file holds it, its image path resolved against an image root, scores as the
+    readers' record does; an image that cannot be used is an error, never a text-only score."""
+    row = dict(labels_row("q", "Q?", os.path.basename(images[0])))
+    (read,), _ = prm.read_cots(write_jsonl(tmp_path / "c.jsonl", [row]), "labels")
+    a, b = tiny_prm.encode(row, image_root=str(tmp_path)), tiny_prm.encode(read)
+    assert torch.equal(a.input_ids, b.input_ids) and a.pixel_values is not None
+    with pytest.raises(prm.DataError, match="no such image file"):
+        tiny_prm.encode(row, image_root=str(tmp_path / "nowhere"))
