@@ -324,6 +324,10 @@ def main(argv=None):
                     help="budget: the 2B memory budget (0) only (any machine); options: (3) only")
     ap.add_argument("--budget", action="store_true", help="the same as --only budget")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device on this machine (the 2B memory budget alone runs anywhere: "
+              "--only budget)", file=sys.stderr)
+        sys.exit(2)
     torch.manual_seed(0)
     only = "budget" if args.budget else args.only
     if only == "budget" or (args.size == "2b" and only is None):
