@@ -56,10 +56,16 @@ TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.p
 TOY_META = "toy/meta_cots.jsonl"
 # Defaults for real data, and the toy preset used when no data is given (a tiny PRM learns in
 # minutes, and larger meta batches keep the hypergradient's noise below its signal).
+TRAINING = dict(lr_schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=0.5, grad_clip=0.0, meta_weight_decay=0.0)
 DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01, unroll_steps=5, log_every=10,
-                cold_start=0, lr=5e-7)
+                cold_start=0, lr=5e-7, **TRAINING)
 TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05, unroll_steps=5, log_every=10,
-                  cold_start=0, lr=1e-4)
+                  cold_start=0, lr=1e-4, **TRAINING)
+# The published recipes' training settings (--recipe): the official DreamPRM code steps the lower lr
+# down by half every 5000 steps and puts weight decay 1e-3 on the domain weights; DreamPRM-1.5 uses a
+# cosine schedule with 5% warm-up and clips gradients at 1.0.
+RECIPES = {"dreamprm": dict(lr_schedule="step", lr_step=5000, lr_gamma=0.5, meta_weight_decay=1e-3),
+           "dreamprm-1.5": dict(lr_schedule="cosine", warmup=0.05, grad_clip=1.0)}
 TINY_MODEL = dict(lr=1e-4)             # the tiny backbone learns at the toy's rate on any data
 # DreamPRM-1.5's recipe for instance weights: one lower step per upper step (unroll 1) and a meta lr
 # that lets a weight move within the few upper steps that reach it. The toy adds a cold start (the
@@ -198,9 +204,10 @@ class TrainBatch:
     n: torch.Tensor         # (B,) labelled steps per CoT
 
 
-def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0):
-    """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached). A non-finite L_tr
-    stops the run (Diverged) before the step, so the last checkpoint stays good."""
+def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0):
+    """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached), its gradient's norm clipped
+    to `clip` first when clip > 0. A non-finite L_tr stops the run (Diverged) before the step, so the
+    last checkpoint stays good."""
     values, mask = forward(model, records, autocast)                     # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)
     alpha_b = cot_weights(detached(a), keys, weighting, (values.float(), p, mask & p_mask), w_max)
@@ -209,6 +216,9 @@ def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0)
         raise Diverged("non-finite lower loss")
     opt_phi.zero_grad(set_to_none=True)
     L_tr.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt_phi.param_groups for p in g["params"] if p.grad is not None],
+                                       clip)
     opt_phi.step()
     opt_phi.zero_grad(set_to_none=True)          # the gradients are spent: free them before the hypergradient
     return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
@@ -269,7 +279,7 @@ def main(argv=None):
         keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
         xi = args.lr
         opt_phi = lower_optimizer(phi, xi, args.weight_decay, compact=args.compact_states, seed=args.seed)
-        opt_a = torch.optim.Adam(a, lr=args.meta_lr)
+        opt_a = torch.optim.Adam(a, lr=args.meta_lr, weight_decay=args.meta_weight_decay)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
                      fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore)
@@ -282,9 +292,10 @@ def main(argv=None):
             t0 = time.perf_counter()
             # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
             for u in range(args.unroll_steps):
+                xi = set_lr(opt_phi, args, it * args.unroll_steps + u)           # the schedule's lr at this step
                 idx = sample(len(train), args.train_batch, args.seed, "train", it, u)
                 batch = lower_step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting,
-                                   autocast, args.weight_max)
+                                   autocast, args.weight_max, args.grad_clip)
                 sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
                 sums["weighted"] += batch.L_tr.item()
             # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
@@ -528,6 +539,9 @@ def read_inputs(args):
         train += recs
         train_skips += skips
     prm.check_unique(train, prm.record_key, "record key (question, image and steps, or id and sample)")
+    if not args.meta:                                          # vanilla training has no upper level
+        train.sort(key=prm.record_key)
+        return train, [], {s.domain for s in train_skips}
     meta, skips = prm.read_cots(args.meta, "cots", **prm.reading(args))
     print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(meta, skips)}" if skips else ""))
     # Sorted by key: the run depends on the set of records, not on the order a concurrent stage wrote them.
@@ -569,8 +583,9 @@ def load_data(args):
         if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)):
             build_toy_world(args.seed)
         args.train, args.meta = [TOY_TRAIN], TOY_META
-    if not args.train or not args.meta:
-        raise prm.DataError("give both --train and --meta (or neither, for the toy demo)")
+    if not args.train or not (args.meta or args.weighting == "fixed"):
+        raise prm.DataError("give both --train and --meta (or neither, for the toy demo; vanilla training, "
+                            "--weighting fixed, needs no --meta)")
     train, meta, skipped_domains = read_inputs(args)
     present = sorted({r["domain"] for r in train} | skipped_domains)
     usable = sorted({r["domain"] for r in train if any(p is not None for p in r["mc"])})
@@ -668,9 +683,9 @@ def sample(n, k, seed, *key):
 # Appendix C. The run configuration: presets and flags
 # ==============================================================================================
 
-def presets(weighting, toy, model):
+def presets(weighting, toy, model, recipe=None):
     """The preset dictionaries that fill a run's unset flags, the first that sets a flag winning."""
-    out = []
+    out = [RECIPES[recipe]] if recipe else []
     if weighting.startswith("instance"):
         out.append(dict(INSTANCE_RECIPE, meta_lr=INSTANCE_META_LR[weighting]))
         out += [TOY_INSTANCE] if toy else []
@@ -743,6 +758,23 @@ def method_flags(ap):
     g.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
     g.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
                    f"training before the weights move (>= 0; {preset_help('cold_start')})")
+    g = ap.add_argument_group("the lower optimizer's schedule (off by default, as in the paper's method)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="a published recipe's settings for "
+                   "the flags below: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in r.items())
+                                                   for k, r in RECIPES.items()))
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "step"], default=None, help="the lower lr over "
+                   "the run's lower steps: constant, cosine (to 0 at the end) or step (x --lr-gamma every --lr-step "
+                   "steps), after --warmup (default: constant)")
+    g.add_argument("--warmup", type=prm.number(float, 0, 0.9), default=None, help="fraction of the lower steps "
+                   "over which the lr rises linearly from 0 (default: 0)")
+    g.add_argument("--lr-step", type=prm.number(int, 1, 10 ** 9), default=None, help="step schedule: lower steps "
+                   "between two decays (default: 5000)")
+    g.add_argument("--lr-gamma", type=prm.number(float, 0, 1, above=True), default=None, help="step schedule: the "
+                   "factor of each decay (default: 0.5)")
+    g.add_argument("--grad-clip", type=prm.number(float, 0, 1e6), default=None, help="clip the lower gradient's "
+                   "norm to this before each step (0: off; default: 0)")
+    g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay (L2, "
+                   "Adam's) on the raw weights a (default: 0)")
     g.add_argument("--no-aggregation", action="store_true",
                    help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
     g.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed for the value head and the batch "
@@ -791,7 +823,7 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     toy = not args.train and not args.meta
     args.weighting = "instance-table" if args.weighting == "instance" else args.weighting
-    for preset in presets(args.weighting, toy, args.model):
+    for preset in presets(args.weighting, toy, args.model, args.recipe):
         for k, v in preset.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
@@ -920,7 +952,7 @@ def setup_run(args, train, meta, domains, device):
     model.max_side, model.min_pixels, model.max_pixels = args.max_side or None, args.min_pixels, args.max_pixels
     model.max_length = args.max_length or model.max_length
     train, long_train = drop_long(model, train, "training")
-    meta, long_meta = drop_long(model, meta, "meta")
+    meta, long_meta = drop_long(model, meta, "meta") if meta else (meta, 0)
     for d in domains:
         if not any(r["domain"] == d for r in train):
             raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
@@ -1114,6 +1146,30 @@ def plot_weights(history, names, path):
 # ==============================================================================================
 # Appendix E. Memory options: frozen vision tower, offloaded restore copy, AdamW variants
 # ==============================================================================================
+
+def lr_factor(t, total, schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=0.5):
+    """The lower lr at lower step t (0-based, of `total`) as a fraction of --lr: a linear rise over the
+    first warmup * total steps, then constant, cosine (to 0 at the last step) or step (x lr_gamma
+    every lr_step steps). A pure function of t, so a resumed run follows the same schedule."""
+    w = int(warmup * total)
+    if t < w:
+        return (t + 1) / w
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (t - w) / max(1, total - w)))
+    if schedule == "step":
+        return lr_gamma ** (t // lr_step)
+    return 1.0
+
+
+def set_lr(opt_phi, args, t):
+    """Put the schedule's lr for lower step t on the lower optimizer; returns it (xi at this step, which
+    the hypergradient uses too)."""
+    lr = args.lr * lr_factor(t, args.iterations * args.unroll_steps, args.lr_schedule, args.warmup, args.lr_step,
+                             args.lr_gamma)
+    for group in opt_phi.param_groups:
+        group["lr"] = lr
+    return lr
+
 
 def restore_copy(phi, offload=False):
     """The exact copy of phi that the hypergradient restores from: beside phi on its device, or

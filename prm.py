@@ -1961,7 +1961,7 @@ def line_plot(path, title, series, x_ticks, y_max, y_label, legend, x_title="", 
     labelled at six points by y_label(value); legend: {name: text} on the right; x_title and
     y_title name the axes (under the x axis, above the y axis).
     """
-    W, H, L, R, T, B = 760, 450, 70, 190, 60, 60
+    W, H, L, R, T, B = 860, 450, 70, 290, 60, 60
     font = ImageFont.load_default(size=13)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)

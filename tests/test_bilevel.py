@@ -1,5 +1,6 @@
 """bilevel_train.py: hypergradient against autograd, weighted loss, direction, resume, bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -523,3 +524,52 @@ def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path
     assert moved > 0.1 and off_by / moved < 0.03
     assert_optimizer_resumes_exactly(backbone_dir, tmp_path,
                                      lambda phi: bt.lower_optimizer(phi, 1e-3, compact=True, seed=5))
+
+
+def test_lr_schedules_by_hand():
+    f = bt.lr_factor
+    assert [f(t, 10) for t in (0, 9)] == [1.0, 1.0]
+    assert [f(t, 10, "constant", warmup=0.2) for t in (0, 1, 2)] == [0.5, 1.0, 1.0]          # 2 warm-up steps
+    assert f(0, 11, "cosine") == 1.0 and abs(f(5, 11, "cosine") - 0.5 * (1 + math.cos(math.pi * 5 / 11))) < 1e-12
+    assert [f(t, 100, "step", lr_step=10, lr_gamma=0.5) for t in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    args = bt.parse_args(["--synthetic", "--recipe", "dreamprm-1.5", "--warmup", "0.1"])
+    assert (args.lr_schedule, args.warmup, args.grad_clip) == ("cosine", 0.1, 1.0)        # a flag beats the recipe
+    args = bt.parse_args(["--synthetic", "--recipe", "dreamprm"])
+    assert (args.lr_schedule, args.lr_step, args.lr_gamma, args.meta_weight_decay) == ("step", 5000, 0.5, 1e-3)
+    assert bt.parse_args(["--synthetic"]).lr_schedule == "constant"
+
+
+def test_gradient_clipping_bounds_the_step(backbone_dir):
+    train, _ = bt.synthetic_data(0, 8, 8)
+    records = train[:8]
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    norms = {}
+    for clip in (0.0, 1e-3):
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step = opt.step
+
+        def recording_step():
+            norms[clip] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                                if p.grad is not None])).item()
+            step()
+        opt.step = recording_step
+        bt.lower_step(model, opt, [torch.zeros(3)], records, keys, "domain", torch.autocast("cpu", enabled=False),
+                      clip=clip)
+    assert norms[0.0] > 1e-3 and abs(norms[1e-3] - 1e-3) < 1e-6
+
+
+def test_schedules_run_resume_and_vanilla_needs_no_meta(tmp_path):
+    from test_formats import labels_row, write_jsonl
+    out = str(tmp_path / "run")
+    base = ["--synthetic", "--out", out, "--iterations", "4", "--unroll-steps", "1", "--save-every", "2",
+            "--recipe", "dreamprm-1.5", "--train-batch", "4", "--meta-batch", "4"]
+    assert bt.main(base) == 0
+    config = json.load(open(f"{out}/config.json"))
+    assert (config["lr_schedule"], config["warmup"], config["grad_clip"]) == ("cosine", 0.05, 1.0)
+    assert bt.cli(base[:-6] + ["--resume", "--iterations", "5", "--recipe", "dreamprm", "--train-batch", "4",
+                               "--meta-batch", "4"]) == 2                 # another schedule: refused on resume
+    train = write_jsonl(tmp_path / "train.jsonl", [labels_row("t1", "Q one?"), labels_row("t2", "Q two?", correct=False)])
+    assert bt.main(["--train", train, "--weighting", "fixed", "--out", str(tmp_path / "vanilla"), "--iterations", "1",
+                    "--unroll-steps", "1", "--train-batch", "2"]) == 0
+    assert os.path.isfile(tmp_path / "vanilla" / "prm" / "prm.safetensors")
