@@ -186,10 +186,13 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
 # 3. One lower step, one upper step
 # ==============================================================================================
 
-def forward(model, records, autocast):
-    """Packed step values of a list of records: (B, S) values, (B, S) mask."""
+def forward(model, records, autocast, shared=False):
+    """Packed step values of a list of records: (B, S) values, (B, S) mask. shared: the CoTs of one
+    question run as one shared-prefix batch, its image and question encoded once (Appendix F); the
+    same values and gradients at less cost."""
+    encoded = [encode(model, r) for r in records]
     with autocast:
-        return prm.step_values(model, [encode(model, r) for r in records])
+        return shared_prefix_forward(model, records, encoded) if shared else prm.step_values(model, encoded)
 
 
 @dataclass
@@ -204,11 +207,11 @@ class TrainBatch:
     n: torch.Tensor         # (B,) labelled steps per CoT
 
 
-def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0):
+def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False):
     """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached), its gradient's norm clipped
     to `clip` first when clip > 0. A non-finite L_tr stops the run (Diverged) before the step, so the
     last checkpoint stays good."""
-    values, mask = forward(model, records, autocast)                     # (B, S)
+    values, mask = forward(model, records, autocast, shared)             # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)
     alpha_b = cot_weights(detached(a), keys, weighting, (values.float(), p, mask & p_mask), w_max)
     L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
@@ -224,34 +227,34 @@ def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0,
     return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
 
 
-def meta_batch_loss(model, m_records, autocast, upper_loss="mse", aggregation=True):
+def meta_batch_loss(model, m_records, autocast, upper_loss="mse", aggregation=True, shared=False):
     """L_meta on a meta batch, with autograd: mean_m (A(V_m) - r_m)^2 (or the ablations of meta_loss)."""
-    values, mask = forward(model, m_records, autocast)                   # (M, S)
+    values, mask = forward(model, m_records, autocast, shared)           # (M, S)
     r = torch.tensor([float(x["correct"]) for x in m_records], device=values.device)   # (M,)
     pm, pm_mask = (None, None) if aggregation else meta_targets(m_records, values.shape[1], values.device)
     return meta_loss(values.float(), mask, r, upper_loss, aggregation, pm, pm_mask)
 
 
-def batch_losses(model, batch, autocast):
+def batch_losses(model, batch, autocast, shared=False):
     """Per-CoT lower losses l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
-    values, mask = forward(model, batch.records, autocast)               # (B, S)
+    values, mask = forward(model, batch.records, autocast, shared)       # (B, S)
     return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]
 
 
-def batch_weights(a, model, batch, autocast, weighting, w_max=3.0):
+def batch_weights(a, model, batch, autocast, weighting, w_max=3.0, shared=False):
     """w_b(a) = cot weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b. The Instance Net reads V at phi."""
-    steps = net_inputs(model, batch, autocast) if weighting == "instance-net" else None
+    steps = net_inputs(model, batch, autocast, shared) if weighting == "instance-net" else None
     return cot_weights(a, batch.keys, weighting, steps, w_max) / batch.n.sum().clamp(min=1)
 
 
 def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="domain", upper_loss="mse",
-               aggregation=True, fd_radius=0.01, w_max=3.0, offload=False):
+               aggregation=True, fd_radius=0.01, w_max=3.0, offload=False, shared=False):
     """a <- Adam step on the finite-difference hypergradient g_a of L_meta, through L_tr on `batch`.
     Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
-    meta_loss_fn = partial(meta_batch_loss, model, m_records, autocast, upper_loss, aggregation)   # L_meta(phi)
-    train_losses_fn = partial(batch_losses, model, batch, autocast)                             # l_b(phi), (B,)
+    meta_loss_fn = partial(meta_batch_loss, model, m_records, autocast, upper_loss, aggregation, shared)  # L_meta
+    train_losses_fn = partial(batch_losses, model, batch, autocast, shared)                     # l_b(phi), (B,)
     weights_fn = partial(batch_weights, model=model, batch=batch, autocast=autocast, weighting=weighting,
-                         w_max=w_max)                                                           # w_b(a), (B,)
+                         w_max=w_max, shared=shared)                                            # w_b(a), (B,)
     g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, fd_radius, offload)
     if not (math.isfinite(L_meta) and all(torch.isfinite(g).all() for g in g_a)):
         raise Diverged("non-finite upper loss or hypergradient")
@@ -282,7 +285,9 @@ def main(argv=None):
         opt_a = torch.optim.Adam(a, lr=args.meta_lr, weight_decay=args.meta_weight_decay)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
-                     fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore)
+                     fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
+                     shared=args.group_by_question)
+        train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
         start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
         bilevel = args.weighting != "fixed"
         sums = new_sums()
@@ -293,14 +298,14 @@ def main(argv=None):
             # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
             for u in range(args.unroll_steps):
                 xi = set_lr(opt_phi, args, it * args.unroll_steps + u)           # the schedule's lr at this step
-                idx = sample(len(train), args.train_batch, args.seed, "train", it, u)
+                idx = draw(len(train), train_q, args.train_batch, args.seed, "train", it, u)   # F: by question
                 batch = lower_step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting,
-                                   autocast, args.weight_max, args.grad_clip)
+                                   autocast, args.weight_max, args.grad_clip, args.group_by_question)
                 sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
                 sums["weighted"] += batch.L_tr.item()
             # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
             if bilevel and it >= args.cold_start:
-                m_records = [meta[i] for i in sample(len(meta), args.meta_batch, args.seed, "meta", it)]
+                m_records = [meta[i] for i in draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it)]
                 if args.weighting.startswith("instance"):            # Appendix A: other CoTs' weights move
                     batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
                 sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
@@ -409,10 +414,10 @@ def normalised_instance_weights(a, keys, mode, steps=None, w_max=3.0):
     return w / w.mean()
 
 
-def net_inputs(model, batch, autocast):
+def net_inputs(model, batch, autocast, shared=False):
     """What the Instance Net reads of a batch: (values, p, labelled-step mask), each (B, S), at phi."""
     with torch.no_grad():
-        values, mask = forward(model, batch.records, autocast)
+        values, mask = forward(model, batch.records, autocast, shared)
     return values.float(), batch.p, mask & batch.p_mask
 
 
@@ -798,6 +803,10 @@ def run_flags(ap):
     g.add_argument("--compact-states", action="store_true", help="keep AdamW's two moments in bf16 with "
                    "stochastic rounding: 4 bytes per parameter less, not exact (see README, the 2B memory plan)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument("--group-by-question", action="store_true", help="shared-prefix training: a batch holds the CoTs "
+                   "of a few questions, and each question's image and text run once for all its CoTs (train, meta "
+                   "and hypergradient forwards); the same loss and gradients per batch, batches drawn by question "
+                   "(README, shared-prefix training)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     g = ap.add_argument_group("the run directory")
@@ -831,6 +840,9 @@ def parse_args(argv):
         args.domains = parse_domains(args.domains)
     if args.instance_batch is None:
         args.instance_batch = 4 * args.train_batch
+    if args.group_by_question and args.grad_checkpointing:
+        raise prm.DataError("shared-prefix training keeps each question's cache, which gradient checkpointing "
+                            "does not allow; choose one", field="--group-by-question")
     if args.out is None:
         args.out = default_out(args)
     return args
@@ -1262,6 +1274,56 @@ def enable_checkpointing(model):
     """Recompute activations in backward (transformers renamed the method in 5.2x; use what exists)."""
     bb = model.backbone
     (getattr(bb, "activation_checkpointing_enable", None) or bb.gradient_checkpointing_enable)()
+
+
+# ==============================================================================================
+# Appendix F. Shared-prefix training: a question's image and question encoded once (--group-by-question)
+# ==============================================================================================
+
+def shared_prefix_forward(model, records, encoded):
+    """Step values of a batch whose CoTs share prompts: the CoTs of each prompt (image and question)
+    run as one prm.shared_prefix_values call, the prompt encoded once with gradients, the
+    continuations attending to its cache, so the backward pass gives the prompt the sum of its
+    CoTs' gradients. (B, S) values and mask in the batch's order, equal to prm.step_values."""
+    groups = {}
+    for b, r in enumerate(records):                  # one prompt: the question's text and its image
+        groups.setdefault(prompt_key(r), []).append(b)
+    rows = [None] * len(encoded)
+    for members in groups.values():
+        values, mask = prm.shared_prefix_values(model, [encoded[b] for b in members])    # (n, S_g)
+        for j, b in enumerate(members):
+            rows[b] = values[j][mask[j]]
+    return prm.pad_rows(rows, 0.0, dtype=rows[0].dtype, device=model.device)             # (B, S), (B, S)
+
+
+def prompt_key(r):
+    """What a record's prompt is made of: the user-turn text and the image file."""
+    return r["_question"] if "_question" in r else prm.question_text(r), r.get("_image")
+
+
+def question_groups(records, grouped=True):
+    """The training (or meta) records' indices by prompt, in first-seen order, for draw(); None when
+    batches are plain random CoTs."""
+    if not grouped:
+        return None
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(prompt_key(r), []).append(i)
+    return list(groups.values())
+
+
+def draw(n, groups, k, seed, *key):
+    """k record indices for a batch, a pure function of (seed, key). Plain (groups None): k CoTs drawn
+    uniformly with replacement. By question: questions drawn uniformly, each bringing all its CoTs,
+    until k CoTs (the last question cut short). A CoT is then drawn with probability proportional to
+    1 / (its question's CoTs): uniform when questions have equally many, and the CoTs of a batch come
+    from k / N questions instead of about k, so a batch sees fewer questions (more correlated)."""
+    if groups is None:
+        return sample(n, k, seed, *key)
+    out, g = [], torch.Generator().manual_seed(zlib.crc32(repr((seed, "questions") + key).encode()))
+    while len(out) < k:
+        out += groups[int(torch.randint(len(groups), (1,), generator=g))][:k - len(out)]
+    return out
 
 
 # ==============================================================================================

@@ -254,6 +254,52 @@ def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, 
                       autocast, offload=offload)
 
 
+def question_records(model, questions, n, args, step_words, image_size, question_words):
+    """Training records of `questions` questions with n CoTs each (an image and a prompt about as
+    long as a CoT), in the form bilevel_train's steps take: encoded CoTs, MC labels, the prompt key."""
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for q in range(questions):
+        for b, c in enumerate(make_cots(model, n, args.steps, step_words, image_size, question_words + q)):
+            records.append({"domain": ["clean", "noisy", "random"][q % 3], "_enc": c, "_image": None,
+                            "_question": f"q{q}", "correct": b % 2 == 0,
+                            "mc": torch.rand(len(c.step_ends), generator=g).round().tolist()})
+    return records
+
+
+def shared_training(model, args, device, autocast, step_words, image_size, question_words):
+    """(4) packed against shared-prefix training (--group-by-question) on batches of 8 CoTs from
+    8 / N questions, and the bi-level outer iteration against U plain steps for both."""
+    print(f"(4) shared-prefix training (--group-by-question), 8 CoTs per batch, U={args.U}")
+    model.train()
+    a = [torch.zeros(3, device=device, requires_grad=True)]
+    opt, opt_a = bt.lower_optimizer([p for p in model.parameters() if p.requires_grad], 1e-7), torch.optim.Adam(a)
+    phi = [p for p in model.parameters() if p.requires_grad]
+    for n in (4, 8):
+        records = question_records(model, 8 // n, n, args, step_words, image_size, question_words)
+        meta = question_records(model, 8 // n, n, args, step_words, image_size, question_words + 50)
+        keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records], device=device)
+        tokens = sum(len(r["_enc"].input_ids) for r in records)
+        times = {}
+        for shared in (False, True):
+            step = lambda: bt.lower_step(model, opt, a, records, keys, "domain", autocast, shared=shared)  # noqa: E731
+
+            def outer():
+                for _ in range(args.U):
+                    last = step()
+                bt.upper_step(model, phi, a, opt_a, last, meta, 1e-7, autocast, shared=shared)
+            times[shared] = (timed(step, args.repeats, device), timed(outer, max(1, args.repeats // 2), device))
+        for shared, name in ((False, "packed"), (True, "shared-prefix")):
+            t, t_outer = times[shared]
+            print(f"    N={n} {name:14s} {len(records) / t:8.1f} CoTs/s {tokens / t:9.0f} tokens/s   "
+                  f"outer iteration / U plain steps = {t_outer / (args.U * t):.2f}x"
+                  + (f"   shared / packed = {times[False][0] / t:.2f}x CoTs/s" if shared else ""))
+    prompt = records[0]["_enc"].prompt_len
+    print(f"    (prompt {prompt} tokens, CoT ~{(tokens - len(records) * prompt) // len(records)} tokens)")
+    for p in model.parameters():
+        p.grad = None
+
+
 # The memory options, each added to the ones above it.
 OPTIONS = [("foreach AdamW, restore on the device", {}),
            ("  + --offload-restore", dict(offload=True)),
@@ -320,8 +366,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="CoTs per training step (train and meta)")
     ap.add_argument("--iterations", type=int, default=3, help="timed outer iterations per option in (3), median reported")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats in (1) and (2), median reported")
-    ap.add_argument("--only", choices=["budget", "options"], default=None,
-                    help="budget: the 2B memory budget (0) only (any machine); options: (3) only")
+    ap.add_argument("--only", choices=["budget", "options", "shared"], default=None,
+                    help="budget: the 2B memory budget (0) only (any machine); options: (3) only; shared: (4) only")
     ap.add_argument("--budget", action="store_true", help="the same as --only budget")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -348,6 +394,9 @@ def main(argv=None):
           f"~{(tokens - args.n * cots[0].prompt_len) // args.n}" + (f" gpu={torch.cuda.get_device_name()}" if device == "cuda" else ""))
     if only == "options":
         memory_options(model.train(), cots, args, device, autocast)
+        return
+    if only == "shared":
+        shared_training(model, args, device, autocast, step_words, image_size, question_words)
         return
 
     model.eval()
@@ -389,6 +438,7 @@ def main(argv=None):
     del opt
     for p in model.parameters():
         p.grad = None
+    shared_training(model, args, device, autocast, step_words, image_size, question_words)
     memory_options(model, cots, args, device, autocast)
 
 

@@ -290,7 +290,7 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
 
 
 @pytest.mark.parametrize("flags", [["--weighting", "instance"], ["--no-aggregation"], ["--upper-loss", "bce"],
-                                   ["--weighting", "fixed"], ["--compact-states"]])
+                                   ["--weighting", "fixed"], ["--compact-states"], ["--group-by-question"]])
 def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
     out = str(tmp_path / "run")
     assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "4", "--unroll-steps", "2",
@@ -573,3 +573,58 @@ def test_schedules_run_resume_and_vanilla_needs_no_meta(tmp_path):
     assert bt.main(["--train", train, "--weighting", "fixed", "--out", str(tmp_path / "vanilla"), "--iterations", "1",
                     "--unroll-steps", "1", "--train-batch", "2"]) == 0
     assert os.path.isfile(tmp_path / "vanilla" / "prm" / "prm.safetensors")
+
+
+def grouped_records(images, with_images=True):
+    """Three questions with 3, 2 and 1 CoTs (two with images), steps of different lengths, labels."""
+    from test_prm import make_steps
+    records = []
+    for q, n in enumerate([3, 2, 1]):
+        for s in range(n):
+            steps = make_steps(1 + (q + s) % 4, s)
+            records.append({"id": f"q{q}", "domain": DOMAINS[q], "question": f"Question {q}?",
+                            "_question": f"Question {q}?", "_image": images[q] if with_images and q < 2 else None,
+                            "steps": steps, "final": str(s), "correct": s % 2 == 0,
+                            "mc": [float((s + i) % 2) for i in range(len(steps))]})
+    return [records[i] for i in (0, 3, 1, 5, 4, 2)]                     # questions interleaved
+
+
+@pytest.mark.parametrize("backbone,with_images", [("vl", True), ("vl", False), ("text", False)])
+def test_shared_prefix_training_equals_packed(request, images, backbone, with_images):
+    """The lower loss and every parameter's gradient, shared-prefix against packed, to 1e-5; and the
+    hypergradient through both, to 1e-5."""
+    path = request.getfixturevalue("backbone_dir" if backbone == "vl" else "text_lm_dir")
+    records = grouped_records(images, with_images)
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    off = torch.autocast("cpu", enabled=False)
+    grads, losses, hyper = {}, {}, {}
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model = prm.PRM.from_backbone(path).train()
+        values, mask = bt.forward(model, records, off, shared)
+        p, p_mask = bt.label_tensors(records, values.shape[1], "cpu")
+        L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([torch.tensor([0.3, -0.2, 0.1])], keys, "domain"))
+        L.backward()
+        losses[shared] = L.item()
+        grads[shared] = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+        model.zero_grad(set_to_none=True)
+        a = [torch.tensor([0.3, -0.2, 0.1], requires_grad=True)]
+        batch = bt.label_batch(records, keys, "cpu")
+        phi = [x for x in model.parameters() if x.requires_grad]
+        g, _ = bt.hypergradient(phi, a, lambda: bt.meta_batch_loss(model, records[:4], off, shared=shared),
+                                lambda: bt.batch_losses(model, batch, off, shared),
+                                lambda a_: bt.batch_weights(a_, model, batch, off, "domain", shared=shared), 1e-3)
+        hyper[shared] = g[0]
+    assert abs(losses[True] - losses[False]) <= 1e-5
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    assert max((grads[True][k] - grads[False][k]).abs().max().item() for k in grads[True]) <= 1e-5
+    assert (hyper[True] - hyper[False]).abs().max().item() <= 1e-5 and hyper[False].abs().max() > 0
+
+
+def test_draw_by_question():
+    groups = [[0, 1, 2], [3, 4], [5], [6, 7, 8]]
+    idx = bt.draw(9, groups, 5, 0, "train", 3, 0)
+    assert len(idx) == 5 and idx == bt.draw(9, groups, 5, 0, "train", 3, 0)           # a pure function of the key
+    cut = [g for g in groups if set(g) & set(idx) and not set(g) <= set(idx)]   # whole questions, but the last
+    assert len(cut) <= 1 and all(idx[-len(set(g) & set(idx)):] == g[:len(set(g) & set(idx))] for g in cut)
+    assert bt.draw(9, None, 5, 0, "train", 3, 0) == bt.sample(9, 5, 0, "train", 3, 0)  # plain batches as before
