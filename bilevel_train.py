@@ -275,21 +275,20 @@ def main(argv=None):
         device = prm.pick_device(args.device)
         torch.manual_seed(args.seed)
         train, meta, domains = load_data(args)
-        model, train, meta, start, n_long, run_lock = setup_run(args, train, meta, domains, device)  # run_lock:
-        # the run directory is this process's until the next run replaces it
+        held_out = load_held_out(args)                                   # --eval, or []
+        model, train, meta, start, n_long, run_lock = setup_run(args, train, meta, domains, device)  # --out: ours
         phi = [p for p in model.parameters() if p.requires_grad]
         a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
         keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
-        xi = args.lr
-        opt_phi = lower_optimizer(phi, xi, args.weight_decay, compact=args.compact_states, seed=args.seed)
+        opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
         opt_a = torch.optim.Adam(a, lr=args.meta_lr, weight_decay=args.meta_weight_decay)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
                      fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
                      shared=args.group_by_question)
         train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
+        step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
         start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
-        bilevel = args.weighting != "fixed"
         sums = new_sums()
         bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel",
                    dynamic_ncols=True)
@@ -299,12 +298,12 @@ def main(argv=None):
             for u in range(args.unroll_steps):
                 xi = set_lr(opt_phi, args, it * args.unroll_steps + u)           # the schedule's lr at this step
                 idx = draw(len(train), train_q, args.train_batch, args.seed, "train", it, u)   # F: by question
-                batch = lower_step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting,
-                                   autocast, args.weight_max, args.grad_clip, args.group_by_question)
+                batch = step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting, autocast,
+                             args.weight_max, args.grad_clip, args.group_by_question)
                 sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
                 sums["weighted"] += batch.L_tr.item()
             # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
-            if bilevel and it >= args.cold_start:
+            if args.weighting != "fixed" and it >= args.cold_start:
                 m_records = [meta[i] for i in draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it)]
                 if args.weighting.startswith("instance"):            # Appendix A: other CoTs' weights move
                     batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
@@ -321,6 +320,8 @@ def main(argv=None):
                 show_weights(bar, alpha, args.weighting)
             elif args.weighting == "domain":                            # cheap: on the bar at every iteration
                 show_weights(bar, weights_per_domain(a, args.weighting, None, train, domains), args.weighting)
+            if held_out and (done % args.eval_every == 0 or done == args.iterations):
+                log_eval(args.out, done, evaluate_held_out(model, held_out, autocast, args.train_batch))
             if done % args.save_every == 0 or done == args.iterations:
                 save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
         bar.close()
@@ -780,6 +781,12 @@ def method_flags(ap):
                    "norm to this before each step (0: off; default: 0)")
     g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay (L2, "
                    "Adam's) on the raw weights a (default: 0)")
+    g.add_argument("--grad-accum", type=prm.number(int, 1, 1024), default=1, help="split each lower batch into this "
+                   "many micro-batches, gradients summed: the same step, less activation memory (not instance-net)")
+    g.add_argument("--eval", default=None, help="a held-out labelled split (CoTs with step labels and correctness, "
+                   "any format): step AUC, step accuracy at 0.5 and best of N on it at every --eval-every iterations")
+    g.add_argument("--eval-every", type=prm.number(int, 1, 10 ** 9), default=None, help="iterations between "
+                   "evaluations on --eval (default: --log-every)")
     g.add_argument("--no-aggregation", action="store_true",
                    help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
     g.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed for the value head and the batch "
@@ -840,6 +847,11 @@ def parse_args(argv):
         args.domains = parse_domains(args.domains)
     if args.instance_batch is None:
         args.instance_batch = 4 * args.train_batch
+    if args.grad_accum > 1 and args.weighting == "instance-net":
+        raise prm.DataError("the Instance Net reads the whole batch's values: no --grad-accum with it",
+                            field="--grad-accum")
+    if args.eval_every is None:
+        args.eval_every = args.log_every
     if args.group_by_question and args.grad_checkpointing:
         raise prm.DataError("shared-prefix training keeps each question's cache, which gradient checkpointing "
                             "does not allow; choose one", field="--group-by-question")
@@ -878,7 +890,8 @@ def baseline_argv(argv, baseline, resume):
 RESUMABLE = ("iterations", "device", "save_every", "log_every", "resume", "overwrite", "no_baseline")
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint")
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint",
+               "eval.jsonl")
 
 
 def prepare_run_dir(args, config):
@@ -985,17 +998,60 @@ def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if start:
         start = load_checkpoint(run_dir, model, a, opt_phi, opt_a)
-        kept = [o for _, o in prm.iter_jsonl(metrics_path, True)] if os.path.isfile(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            for o in kept:
-                if o["iteration"] <= start:
-                    f.write(json.dumps(o) + "\n")
+        for path in (metrics_path, os.path.join(run_dir, "eval.jsonl")):
+            kept = [o for _, o in prm.iter_jsonl(path, True)] if os.path.isfile(path) else []
+            with open(path, "w") as f:
+                for o in kept:
+                    if o["iteration"] <= start:
+                        f.write(json.dumps(o) + "\n")
         print(f"resumed {run_dir} at iteration {start}")
     else:
         open(metrics_path, "w").close()
     history = [{"iteration": o["iteration"], "alpha": {d: o[f"alpha/{d}"] for d in domains}}
                for _, o in prm.iter_jsonl(metrics_path, True)]
     return start, history
+
+
+def load_held_out(args):
+    """The --eval split: labelled CoTs (any format), read like the training data; [] without --eval."""
+    if not args.eval:
+        return []
+    records, skips = prm.read_cots(args.eval, "labels", **prm.reading(args))
+    print(f"{args.eval}: {len(records)} held-out CoTs" + (f"; {prm.skip_report(records, skips)}" if skips else ""))
+    if not records:
+        raise prm.DataError("no usable held-out CoTs", file=args.eval, field="--eval")
+    return sorted(records, key=prm.record_key)
+
+
+def evaluate_held_out(model, records, autocast, batch_size):
+    """On the held-out split: the step AUC (steps labelled >= 0.5 against those below, by V), the step
+    accuracy at 0.5 (V >= 0.5 where the label is >= 0.5), and best of N (each question's pick by A,
+    ties as a uniform choice; questions whose CoTs all carry `correct`). CoTs over max_length are left out."""
+    records = [r for r in records if model.fits(encode(model, r))]
+    pairs, scores = [], []
+    with torch.no_grad():
+        for i in range(0, len(records), batch_size):
+            values, mask = forward(model, records[i:i + batch_size], autocast)          # (b, S)
+            values = values.float()
+            scores += prm.aggregate(values, mask, "mean_logit").tolist()
+            for r, v, m in zip(records[i:i + batch_size], values, mask):
+                pairs += [(x, p) for x, p in zip(v[m].tolist(), r["mc"]) if p is not None]
+    questions = {}
+    for r, A in zip(records, scores):
+        questions.setdefault((r["domain"], r["id"]), []).append((A, r.get("correct")))
+    picks = [sum(c for A, c in q if A == max(A for A, _ in q)) / sum(A == max(A for A, _ in q) for A, _ in q)
+             for q in questions.values() if all(isinstance(c, bool) for _, c in q)]
+    return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
+            "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / max(1, len(pairs)),
+            "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}
+
+
+def log_eval(run_dir, done, figures):
+    """The held-out figures: a line on screen and a row of eval.jsonl."""
+    tqdm.write(f"iteration {done}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in figures.items()))
+    with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+        prm.append_jsonl(f, {"iteration": done, **figures})
 
 
 def new_sums():
@@ -1158,6 +1214,34 @@ def plot_weights(history, names, path):
 # ==============================================================================================
 # Appendix E. Memory options: frozen vision tower, offloaded restore copy, AdamW variants
 # ==============================================================================================
+
+def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False,
+                           accum=2):
+    """lower_step in `accum` micro-batches (--grad-accum), one forward and backward each, gradients
+    summed before one optimizer step: the same step as one batch, with a fraction of its activation
+    memory. Each micro-batch's loss is divided by the whole batch's labelled steps, and the weights
+    are the whole batch's (the Instance Net's need every value first: not with accumulation)."""
+    p, p_mask = label_tensors(records, max(len(r["steps"]) for r in records), model.device)     # (B, S)
+    n = p_mask.sum(-1).float()                                                                   # (B,)
+    alpha_b = cot_weights(detached(a), keys, weighting, None, w_max)                            # (B,)
+    opt_phi.zero_grad(set_to_none=True)
+    L_tr, ls = 0.0, []
+    for chunk in torch.arange(len(records)).chunk(accum):
+        values, mask = forward(model, [records[i] for i in chunk.tolist()], autocast, shared)   # (b, S_k)
+        S = values.shape[1]
+        l, _ = step_losses(values.float(), mask, p[chunk, :S], p_mask[chunk, :S])
+        loss = (alpha_b[chunk] * l).sum() / n.sum().clamp(min=1)
+        if not torch.isfinite(loss):
+            raise Diverged("non-finite lower loss")
+        loss.backward()
+        L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
+    if clip:
+        torch.nn.utils.clip_grad_norm_([q for g in opt_phi.param_groups for q in g["params"] if q.grad is not None],
+                                       clip)
+    opt_phi.step()
+    opt_phi.zero_grad(set_to_none=True)
+    return TrainBatch(records, keys, p, p_mask, L_tr, torch.cat(ls), n)
+
 
 def lr_factor(t, total, schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=0.5):
     """The lower lr at lower step t (0-based, of `total`) as a fraction of --lr: a linear rise over the

@@ -1,4 +1,5 @@
 """bilevel_train.py: hypergradient against autograd, weighted loss, direction, resume, bad input."""
+import functools
 import json
 import math
 import os
@@ -628,3 +629,39 @@ def test_draw_by_question():
     cut = [g for g in groups if set(g) & set(idx) and not set(g) <= set(idx)]   # whole questions, but the last
     assert len(cut) <= 1 and all(idx[-len(set(g) & set(idx)):] == g[:len(set(g) & set(idx))] for g in cut)
     assert bt.draw(9, None, 5, 0, "train", 3, 0) == bt.sample(9, 5, 0, "train", 3, 0)  # plain batches as before
+
+
+@pytest.mark.parametrize("weighting", ["domain", "instance-table"])
+def test_gradient_accumulation_is_one_larger_batch(backbone_dir, images, weighting):
+    """--grad-accum 3: the same loss, per-CoT losses and weights after the step as one batch."""
+    records = grouped_records(images)
+    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records]) if weighting == "domain" else \
+        torch.arange(len(records))
+    a = [torch.tensor([0.3, -0.2, 0.1])] if weighting == "domain" else [torch.linspace(-1, 1, len(records))]
+    off, out = torch.autocast("cpu", enabled=False), {}
+    for accum in (1, 3):
+        torch.manual_seed(0)
+        model = prm.PRM.from_backbone(backbone_dir).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)       # the step is the gradient itself
+        step = bt.lower_step if accum == 1 else functools.partial(bt.accumulated_lower_step, accum=accum)
+        before = [p.detach().clone() for p in model.parameters()]
+        batch = step(model, opt, a, records, keys, weighting, off)
+        out[accum] = (batch.L_tr, batch.l, batch.n, [b - p.detach() for b, p in zip(before, model.parameters())])
+    (L1, l1, n1, g1), (L3, l3, n3, g3) = out[1], out[3]
+    assert abs(L1 - L3) <= 1e-6 and torch.allclose(l1, l3, atol=1e-6) and torch.equal(n1, n3)
+    assert max((x - y).abs().max().item() for x, y in zip(g1, g3)) <= 1e-6
+    assert max(x.abs().max().item() for x in g1) > 1e-3                   # a real step was taken
+
+
+def test_held_out_evaluation_is_logged(tmp_path):
+    from test_formats import labels_row, write_jsonl
+    rows = [labels_row("e1", "Held one?", sample=s, correct=s == 0) for s in range(2)] + \
+        [labels_row("e2", "Held two?", sample=s, correct=s == 1) for s in range(2)]
+    held = write_jsonl(tmp_path / "held.jsonl", rows)
+    out = str(tmp_path / "run")
+    assert bt.main(["--synthetic", "--out", out, "--iterations", "4", "--unroll-steps", "1", "--train-batch", "4",
+                    "--meta-batch", "4", "--eval", held, "--eval-every", "2"]) == 0
+    evals = [json.loads(x) for x in open(f"{out}/eval.jsonl")]
+    assert [e["iteration"] for e in evals] == [2, 4] and evals[0]["eval/questions"] == 2
+    assert all(0 <= e["eval/step_auc"] <= 1 and 0 <= e["eval/step_accuracy"] <= 1 and 0 <= e["eval/best_of_n"] <= 1
+               for e in evals)
