@@ -824,7 +824,7 @@ def run_flags(ap):
                    f"iterations (>= 1; {preset_help('log_every')})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (the "
                    "settings must match the stored config.json, except --iterations upward, --device, "
-                   "--save-every and --log-every)")
+                   "--save-every, --log-every and --eval-every)")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
     g.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
                    "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
@@ -887,7 +887,7 @@ def baseline_argv(argv, baseline, resume):
 
 # Flags that may differ when a run is resumed (--iterations only upward); every other setting in
 # config.json must match, or the resumed run would silently mix two experiments.
-RESUMABLE = ("iterations", "device", "save_every", "log_every", "resume", "overwrite", "no_baseline")
+RESUMABLE = ("iterations", "device", "save_every", "log_every", "eval_every", "resume", "overwrite", "no_baseline")
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint",
