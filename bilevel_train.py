@@ -75,7 +75,7 @@ INSTANCE_RECIPE = dict(unroll_steps=1)
 # Time-scale matching: a table entry moves only when its CoT is drawn (a few dozen times in a toy
 # run), the net's shared parameters at every upper step; on the toy world meta lr 0.1 drove the net
 # to saturated weights within 50 upper steps, 0.003 and 0.01 gave the same ranking.
-INSTANCE_META_LR = {"instance-table": 0.1, "instance-net": 0.01}
+INSTANCE_META_LR = {"instance-table": 0.1, "instance-net": 0.01, "domain-instance": 0.05}
 TOY_INSTANCE = dict(iterations=750, log_every=50, cold_start=100)
 
 
@@ -99,7 +99,9 @@ def cot_weights(a, keys, mode, steps=None, w_max=3.0):
     """
     if mode == "domain":
         return domain_weights(a[0])[keys]
-    if mode.startswith("instance"):
+    if mode == "domain-instance":
+        return domain_instance_weights(a, keys, w_max)
+    if has_instances(mode):
         return normalised_instance_weights(a, keys, mode, steps, w_max)
     return torch.ones(len(keys), dtype=a[0].dtype, device=a[0].device)
 
@@ -305,7 +307,7 @@ def main(argv=None):
             # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
             if args.weighting != "fixed" and it >= args.cold_start:
                 m_records = [meta[i] for i in draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it)]
-                if args.weighting.startswith("instance"):            # Appendix A: other CoTs' weights move
+                if has_instances(args.weighting):            # Appendix A: other CoTs' weights move
                     batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
                 sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
             sums["n"] += 1
@@ -314,7 +316,7 @@ def main(argv=None):
                 w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
                 alpha = weights_per_domain(a, args.weighting, w, train, domains)
                 log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), train), args, history)
-                if args.weighting.startswith("instance"):
+                if has_instances(args.weighting):
                     save_instance_weights(args.out, w, train)
                 sums = new_sums()
                 show_weights(bar, alpha, args.weighting)
@@ -380,21 +382,31 @@ def init_instance_net(hidden, seed, device):
     return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
 
 
+def has_instances(weighting):
+    """Whether a weighting moves one weight per training CoT (DreamPRM-1.5, or domain x instance)."""
+    return weighting in ("instance-table", "instance-net", "domain-instance")
+
+
 def init_raw_weights(weighting, n_domains, n_train, net_hidden, seed, device):
     """The raw weights a, a list of tensors that all start uniform (every weight 1): one entry per
-    domain (domain, fixed), one per training CoT (instance-table), or the Instance Net's theta."""
+    domain (domain, fixed), one per training CoT (instance-table), the Instance Net's theta, or
+    both a domain and a CoT table (domain-instance)."""
     if weighting == "instance-net":
         return init_instance_net(net_hidden, seed, device)
+    if weighting == "domain-instance":
+        return [torch.zeros(n, device=device, requires_grad=True) for n in (n_domains, n_train)]
     n = n_train if weighting == "instance-table" else n_domains
     return [torch.zeros(n, device=device, requires_grad=True)]
 
 
 def weight_keys(weighting, train, domains, device):
-    """(N,) each training CoT's index into a[0]: its domain, or (instance modes) itself."""
-    if weighting.startswith("instance"):
-        return torch.arange(len(train), device=device)
+    """(N,) each training CoT's index into a[0]: its domain, or (instance modes) itself; (N, 2), itself
+    and its domain, for domain-instance."""
     index = {d: k for k, d in enumerate(domains)}
-    return torch.tensor([index[r["domain"]] for r in train], device=device)
+    domain = torch.tensor([index[r["domain"]] for r in train], device=device)
+    if weighting == "domain-instance":
+        return torch.stack([torch.arange(len(train), device=device), domain], 1)
+    return torch.arange(len(train), device=device) if has_instances(weighting) else domain
 
 
 def instance_weights(a, keys, mode, steps=None, w_max=3.0):
@@ -413,6 +425,19 @@ def normalised_instance_weights(a, keys, mode, steps=None, w_max=3.0):
     world: the net drove every weight to 0, the table every weight up). (B,)"""
     w = instance_weights(a, keys, mode, steps, w_max)
     return w / w.mean()
+
+
+def domain_instance_weights(a, keys, w_max=3.0):
+    """Domain x instance weights (--weighting domain-instance): w_b = alpha_d(b) x u_b, with alpha the
+    domain weights of DreamPRM and u_b a CoT's bounded table weight divided by the mean u of the
+    batch's CoTs of its domain, so the domain weight alone sets a domain's share and the instance
+    weights only rank CoTs inside it. a = [a (K,), table (N,)]; keys (B, 2): CoT and domain index. (B,)"""
+    cot, dom = keys[:, 0], keys[:, 1]
+    alpha = domain_weights(a[0])[dom]                                                  # (B,)
+    u = bounded(a[1][cot], w_max)                                                      # (B,)
+    total = torch.zeros_like(a[0]).index_add(0, dom, u)                                # (K,) per domain
+    count = torch.zeros_like(a[0]).index_add(0, dom, torch.ones_like(u))
+    return alpha * u / (total / count.clamp(min=1))[dom]
 
 
 def net_inputs(model, batch, autocast, shared=False):
@@ -450,7 +475,7 @@ def weights_per_domain(a, weighting, w, train, domains):
     if weighting == "domain":
         alpha = domain_weights(a[0].detach())
         return {d: alpha[k].item() for k, d in enumerate(domains)}
-    if weighting.startswith("instance"):
+    if has_instances(weighting):
         of = weight_keys("domain", train, domains, w.device)
         return {d: w[of == k].mean().item() for k, d in enumerate(domains)}
     return {d: 1.0 for d in domains}
@@ -692,7 +717,7 @@ def sample(n, k, seed, *key):
 def presets(weighting, toy, model, recipe=None):
     """The preset dictionaries that fill a run's unset flags, the first that sets a flag winning."""
     out = [RECIPES[recipe]] if recipe else []
-    if weighting.startswith("instance"):
+    if has_instances(weighting):
         out.append(dict(INSTANCE_RECIPE, meta_lr=INSTANCE_META_LR[weighting]))
         out += [TOY_INSTANCE] if toy else []
     out += [TINY_MODEL] if model == "tiny" and not toy else []
@@ -742,10 +767,12 @@ def data_flags(ap):
 def method_flags(ap):
     g = ap.add_argument_group("the bi-level method (defaults from the presets: real data, toy, instance modes)")
     g.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
-    g.add_argument("--weighting", choices=["domain", "fixed", "instance-table", "instance-net", "instance"],
+    g.add_argument("--weighting", choices=["domain", "fixed", "instance-table", "instance-net", "instance",
+                                           "domain-instance"],
                    default="domain", help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
                    "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's step "
-                   "values to its weight (DreamPRM-1.5); instance: instance-table")
+                   "values to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: a domain "
+                   "weight times a table weight normalised within the domain, one hypergradient for both")
     g.add_argument("--iterations", type=prm.number(int, 1, 10 ** 9), default=None, help="outer iterations, each U lower "
                    f"steps + 1 upper step (>= 1; {preset_help('iterations')})")
     g.add_argument("--unroll-steps", type=prm.number(int, 1, 10 ** 6), default=None, help="U: lower steps per upper step "
@@ -1092,12 +1119,12 @@ def shown_aucs(aucs, weighting):
     weights (equal inside a domain, so 0.5 there by construction), all of them for instance weights."""
     if weighting == "fixed":
         return {}
-    return aucs if weighting.startswith("instance") else {k: v for k, v in aucs.items() if k == "overall"}
+    return aucs if has_instances(weighting) else {k: v for k, v in aucs.items() if k == "overall"}
 
 
 def finish_run(args, model, alpha, w, train, meta, domains, history, n_long):
     """The PRM with its model card, the final weights and their plot, and what was learned on screen."""
-    instance = args.weighting.startswith("instance")
+    instance = has_instances(args.weighting)
     learned = ", ".join(f"{d} {x:.3f}" for d, x in sorted(alpha.items(), key=lambda x: -x[1]))
     card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
             f"{args.unroll_steps} lower steps; lower lr {args.lr}, meta lr {args.meta_lr}, precision {args.precision}",

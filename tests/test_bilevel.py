@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ["clean", "noisy", "random"]
 
 
-@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net"])
+@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net", "domain-instance"])
 def test_hypergradient_matches_double_backward(backbone_dir, mode):
     """The finite difference g_a against -xi d/da [grad_phi L_tr(phi, a) . v] by double backward,
     for domain weights, the Instance Table and the Instance Net's parameters."""
@@ -28,7 +28,9 @@ def test_hypergradient_matches_double_backward(backbone_dir, mode):
     model = prm.PRM.from_backbone(backbone_dir, attn_implementation="eager").double()
     phi = list(model.parameters())
     records, m_records = train[::3][:8], meta[:6]
-    keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records]) if mode == "domain" else torch.arange(8)
+    domain_keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
+    keys = {"domain": domain_keys, "domain-instance": torch.stack([torch.arange(8), domain_keys], 1)}.get(
+        mode, torch.arange(8))
     enc, m_enc = [model.encode(r) for r in records], [model.encode(r) for r in m_records]
     r = torch.tensor([float(x["correct"]) for x in m_records], dtype=torch.float64)
     p, p_mask = bt.label_tensors(records, 4, "cpu", torch.float64)
@@ -38,6 +40,9 @@ def test_hypergradient_matches_double_backward(backbone_dir, mode):
         a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
     elif mode == "instance-table":
         a = [torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).requires_grad_()]
+    elif mode == "domain-instance":
+        a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True),
+             torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).requires_grad_()]
     else:
         a = [x.detach().double().normal_(0, 0.5, generator=torch.Generator().manual_seed(i)).requires_grad_()
              for i, x in enumerate(bt.init_instance_net(6, 0, "cpu"))]
@@ -125,7 +130,7 @@ def final_state(out):
         [weights[k] for k in sorted(weights)]
 
 
-@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net"])
+@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net", "domain-instance"])
 def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path, mode):
     args = ["--synthetic", "--model", backbone_dir, "--iterations", "30", "--unroll-steps", "2", "--save-every", "5",
             "--log-every", "5", "--train-batch", "4", "--meta-batch", "4", "--weighting", mode]
@@ -290,7 +295,8 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
     assert any((x != y0).any() for x, y0 in zip(params[False], prm.PRM.from_backbone(backbone_dir).parameters()))
 
 
-@pytest.mark.parametrize("flags", [["--weighting", "instance"], ["--no-aggregation"], ["--upper-loss", "bce"],
+@pytest.mark.parametrize("flags", [["--weighting", "instance"], ["--weighting", "domain-instance"], ["--no-aggregation"],
+                                   ["--upper-loss", "bce"],
                                    ["--weighting", "fixed"], ["--compact-states"], ["--group-by-question"]])
 def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
     out = str(tmp_path / "run")
