@@ -292,8 +292,7 @@ def main(argv=None):
         step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
         start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
         sums = new_sums()
-        bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel",
-                   dynamic_ncols=True)
+        bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
         for it in bar:
             t0 = time.perf_counter()
             # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
@@ -310,6 +309,7 @@ def main(argv=None):
                 if has_instances(args.weighting):            # Appendix A: other CoTs' weights move
                     batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
                 sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
+                sums["upper_n"] += 1
             sums["n"] += 1
             seconds, done = time.perf_counter() - t0, it + 1
             if done % args.log_every == 0 or done == args.iterations:
@@ -1083,7 +1083,7 @@ def log_eval(run_dir, done, figures):
 
 def new_sums():
     """Running sums of the losses between two logs."""
-    return dict(lower=0.0, weighted=0.0, upper=0.0, n=0)
+    return dict(lower=0.0, weighted=0.0, upper=0.0, n=0, upper_n=0)
 
 
 def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
@@ -1093,12 +1093,13 @@ def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
     k = sums["n"]
     row = {"iteration": done, "lower/loss": sums["lower"] / (k * args.unroll_steps),
            "lower/weighted_loss": sums["weighted"] / (k * args.unroll_steps),
-           "upper/loss": sums["upper"] / k if args.weighting != "fixed" else None,
+           "upper/loss": sums["upper"] / sums["upper_n"] if sums["upper_n"] else None,   # none in a cold start
            "time/seconds_per_iteration": seconds}
     row.update({f"alpha/{d}": w for d, w in alpha.items()})
     row.update({f"auc/{name}": v for name, v in aucs.items()})
     fixed = args.weighting == "fixed"
-    shown = [f"lower/loss {row['lower/loss']:.4f}"] + ([] if fixed else [f"upper/loss {row['upper/loss']:.4f}"]) + \
+    shown = [f"lower/loss {row['lower/loss']:.4f}"] + \
+        ([f"upper/loss {row['upper/loss']:.4f}"] if row["upper/loss"] is not None else []) + \
         ([] if fixed else [f"alpha/{d} {w:.3f}" for d, w in alpha.items()]) + \
         [f"auc/{name} {v:.3f}" for name, v in shown_aucs(aucs, args.weighting).items()]
     tqdm.write(f"iteration {done}: " + ", ".join(shown))

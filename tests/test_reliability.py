@@ -16,7 +16,7 @@ import gen_cots
 import mc_label
 import prm
 import rerank
-from test_formats import labels_row, write_jsonl
+from test_formats import labels_row, train_meta, write_jsonl  # noqa: F401 (a fixture)
 
 
 def run(script, args, capsys):
@@ -251,11 +251,8 @@ def test_rerank_with_nothing_scored_reports_no_accuracy(tmp_path, saved_prm, cap
 
 
 @pytest.fixture
-def run_data(tmp_path, images):
-    train = write_jsonl(tmp_path / "train.jsonl", [labels_row("t1", "Q one?", images[0]),
-                                                   labels_row("t2", "Q two?", None, False)])
-    meta = write_jsonl(tmp_path / "meta.jsonl", [labels_row("m1", "Q three?", images[1], True),
-                                                 labels_row("m2", "Q four?", None, False)])
+def run_data(train_meta):  # noqa: F811 (the fixture of test_formats)
+    train, meta = train_meta
     return ["--train", train, "--meta", meta, "--model", "tiny", "--iterations", "2", "--unroll-steps", "1",
             "--train-batch", "2", "--meta-batch", "2", "--save-every", "1"]
 
