@@ -17,7 +17,8 @@ The math (symbols as in the paper; the README's "The math" explains each):
 
 Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
 upper step, (4) the training loop (`main`). Appendices after it: A instance weights (DreamPRM-1.5),
-B data, C the run configuration, D checkpoints and the run directory, E memory options.
+B data, C the run configuration, D checkpoints and the run directory, E optimizer options (gradient
+accumulation, the lr schedule, memory), F shared-prefix training.
 
 Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
     python bilevel_train.py
@@ -1240,7 +1241,7 @@ def plot_weights(history, names, path):
 
 
 # ==============================================================================================
-# Appendix E. Memory options: frozen vision tower, offloaded restore copy, AdamW variants
+# Appendix E. Optimizer options: accumulation, the lr schedule, memory (frozen vision, offloaded restore, AdamW)
 # ==============================================================================================
 
 def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False,

@@ -844,6 +844,12 @@ def check_record(obj, kind, file, line, image_root, outside_images=False):
                 raise DataError(f"wrong type {type(obj[field]).__name__}", file, line, field)
     if obj.get("correct") is not None and not isinstance(obj["correct"], bool):
         raise DataError(f"wrong type {type(obj['correct']).__name__} (true, false or absent)", file, line, "correct")
+    for field, types, what in (("final", str, "a string or null"), ("pred", str, "a string or null"),
+                               ("toy", dict, "an object or absent"), ("policy", str, "a string or null")):
+        if obj.get(field) is not None and not isinstance(obj[field], types):
+            raise DataError(f"wrong type {type(obj[field]).__name__} ({what})", file, line, field)
+    if kind != "questions" and "sample" in obj and (type(obj["sample"]) is not int or obj["sample"] < 0):
+        raise DataError(f"{obj['sample']!r} is not a sample number (an integer >= 0)", file, line, "sample")
     if kind == "test":
         obj.setdefault("domain", "all")
         obj.setdefault("answer", "")

@@ -126,8 +126,16 @@ def cpu_peak(fn):
     """(fn(), peak bytes): the most bytes of CPU tensors allocated during fn and alive at once,
     above what was held when it started; a running sum of the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)     # the profiler's own start/stop lines: not ours
+    os.dup2(null, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
     cpu = torch._C._autograd.DeviceType.CPU
     events = sorted((e for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e.start_ns())

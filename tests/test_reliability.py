@@ -377,3 +377,15 @@ def test_retries_say_what_failed(monkeypatch, capsys):
         policy.request({"n": 1})
     err = capsys.readouterr().err
     assert "attempt 1 of 2 failed, next in 0 s" in err
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("final", 7, "field 'final': wrong type int"), ("final", ["7"], "field 'final': wrong type list"),
+    ("sample", [0], "field 'sample': [0] is not a sample number"), ("sample", -1, "field 'sample': -1 is not"),
+    ("toy", "x", "field 'toy': wrong type str"), ("pred", 3, "field 'pred': wrong type int"),
+])
+def test_fields_of_the_wrong_type_are_one_line(tmp_path, field, value, words):
+    path = write_jsonl(tmp_path / "c.jsonl", [dict(labels_row("a", "Q?"), **{field: value})])
+    with pytest.raises(prm.DataError) as info:
+        prm.read_cots(path, "labels")
+    assert words in str(info.value) and "c.jsonl:1" in str(info.value)
