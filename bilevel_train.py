@@ -284,7 +284,7 @@ def main(argv=None):
         a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
         keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
         opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
-        opt_a = torch.optim.Adam(a, lr=args.meta_lr, weight_decay=args.meta_weight_decay)
+        opt_a = upper_optimizer(a, args.meta_optimizer, args.meta_lr, args.meta_weight_decay)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
                      fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
@@ -784,7 +784,7 @@ def method_flags(ap):
                    f"(>= 1; {preset_help('meta_batch')})")
     g.add_argument("--lr", type=prm.number(float, 0, 10.0, above=True), default=None, help="xi, the lower (PRM) "
                    f"learning rate (> 0 and finite; {preset_help('lr')})")
-    g.add_argument("--meta-lr", type=prm.number(float, 0, 1e3, above=True), default=None, help="Adam learning rate "
+    g.add_argument("--meta-lr", type=prm.number(float, 0, 1e6, above=True), default=None, help="learning rate "
                    f"of the raw weights a (> 0; {preset_help('meta_lr')})")
     g.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
     g.add_argument("--fd-radius", type=prm.number(float, 0, 1e3, above=True), default=0.01, help="r: finite-difference "
@@ -792,6 +792,19 @@ def method_flags(ap):
     g.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
     g.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
                    f"training before the weights move (>= 0; {preset_help('cold_start')})")
+    g.add_argument("--no-aggregation", action="store_true",
+                   help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
+    g.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed for the value head and the batch "
+                   "order (>= 0)")
+    g = ap.add_argument_group("instance weights (DreamPRM-1.5)")
+    g.add_argument("--weight-max", type=prm.number(float, 1, 1e6, above=True), default=3.0, help="instance modes: "
+                   "weights lie in (0, this) (> 1), 1 at the start")
+    g.add_argument("--instance-batch", type=prm.number(int, 1, 1 << 20), default=None, help="instance modes: training CoTs "
+                   "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
+    g.add_argument("--net-hidden", type=prm.number(int, 1, 1 << 16), default=64, help="instance-net: hidden width (>= 1)")
+
+
+def schedule_flags(ap):
     g = ap.add_argument_group("the lower optimizer's schedule (off by default, as in the paper's method)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="a published recipe's settings for "
                    "the flags below: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in r.items())
@@ -809,22 +822,15 @@ def method_flags(ap):
                    "norm to this before each step (0: off; default: 0)")
     g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay (L2, "
                    "Adam's) on the raw weights a (default: 0)")
+    g.add_argument("--meta-optimizer", choices=["adam", "sgd"], default="adam", help="optimizer of the raw weights "
+                   "a: Adam, or plain SGD, whose steps keep the size of each hypergradient (give its --meta-lr: "
+                   "table hypergradients are ~1e-5 to 1e-4 on the toy, README)")
     g.add_argument("--grad-accum", type=prm.number(int, 1, 1024), default=1, help="split each lower batch into this "
                    "many micro-batches, gradients summed: the same step, less activation memory (not instance-net)")
     g.add_argument("--eval", default=None, help="a held-out labelled split (CoTs with step labels and correctness, "
                    "any format): step AUC, step accuracy at 0.5 and best of N on it at every --eval-every iterations")
     g.add_argument("--eval-every", type=prm.number(int, 1, 10 ** 9), default=None, help="iterations between "
                    "evaluations on --eval (default: --log-every)")
-    g.add_argument("--no-aggregation", action="store_true",
-                   help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
-    g.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed for the value head and the batch "
-                   "order (>= 0)")
-    g = ap.add_argument_group("instance weights (DreamPRM-1.5)")
-    g.add_argument("--weight-max", type=prm.number(float, 1, 1e6, above=True), default=3.0, help="instance modes: "
-                   "weights lie in (0, this) (> 1), 1 at the start")
-    g.add_argument("--instance-batch", type=prm.number(int, 1, 1 << 20), default=None, help="instance modes: training CoTs "
-                   "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
-    g.add_argument("--net-hidden", type=prm.number(int, 1, 1 << 16), default=64, help="instance-net: hidden width (>= 1)")
 
 
 def run_flags(ap):
@@ -863,6 +869,7 @@ def parse_args(argv):
     ap = prm.Parser(__doc__)
     data_flags(ap)
     method_flags(ap)
+    schedule_flags(ap)
     run_flags(ap)
     args = ap.parse_args(argv)
     toy = not args.train and not args.meta
@@ -1243,6 +1250,16 @@ def plot_weights(history, names, path):
 # ==============================================================================================
 # Appendix E. Optimizer options: accumulation, the lr schedule, memory (frozen vision, offloaded restore, AdamW)
 # ==============================================================================================
+
+def upper_optimizer(a, name="adam", lr=0.01, weight_decay=0.0):
+    """The optimizer of the raw weights a: Adam (the paper's), or plain SGD (--meta-optimizer sgd),
+    whose step keeps the size of each entry's hypergradient: Adam moves a table entry by about its
+    lr whenever it is drawn, whatever the size of its hypergradient, so an entry records the sign of
+    its last few draws rather than how strongly the meta set asked for it."""
+    if name == "sgd":
+        return torch.optim.SGD(a, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
+
 
 def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False,
                            accum=2):

@@ -671,3 +671,23 @@ def test_held_out_evaluation_is_logged(tmp_path):
     assert [e["iteration"] for e in evals] == [2, 4] and evals[0]["eval/questions"] == 2
     assert all(0 <= e["eval/step_auc"] <= 1 and 0 <= e["eval/step_accuracy"] <= 1 and 0 <= e["eval/best_of_n"] <= 1
                for e in evals)
+
+
+def test_sgd_on_the_raw_weights_keeps_hypergradient_sizes(tmp_path):
+    """--meta-optimizer sgd: each entry moves by lr x its hypergradient (Adam moves every drawn entry
+    by about lr); a run with it writes its outputs and resumes."""
+    a = [torch.zeros(3, requires_grad=True)]
+    opt = bt.upper_optimizer(a, "sgd", lr=1000.0)
+    a[0].grad = torch.tensor([1e-5, -4e-5, 0.0])
+    opt.step()
+    assert torch.allclose(a[0].detach(), torch.tensor([-0.01, 0.04, 0.0]))
+    adam = [torch.zeros(3, requires_grad=True)]
+    opt = bt.upper_optimizer(adam, "adam", lr=0.1)
+    adam[0].grad = torch.tensor([1e-5, -4e-5, 0.0])
+    opt.step()
+    assert torch.allclose(adam[0].detach(), torch.tensor([-0.1, 0.1, 0.0]), atol=1e-3)      # sizes lost
+    out = str(tmp_path / "run")
+    base = ["--synthetic", "--weighting", "instance-table", "--meta-optimizer", "sgd", "--meta-lr", "3000", "--out", out,
+            "--iterations", "3", "--train-batch", "4", "--meta-batch", "4", "--save-every", "2"]
+    assert bt.main(base) == 0
+    assert bt.main(base[:-6] + ["--iterations", "4", "--train-batch", "4", "--meta-batch", "4", "--resume"]) == 0
