@@ -51,6 +51,7 @@ from tqdm import tqdm
 import gen_cots
 import mc_label
 import prm
+import rerank
 
 
 TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.py --toy, mc_label.py)
@@ -222,12 +223,18 @@ def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0,
         raise Diverged("non-finite lower loss")
     opt_phi.zero_grad(set_to_none=True)
     L_tr.backward()
+    optimizer_step(opt_phi, clip)
+    return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
+
+
+def optimizer_step(opt_phi, clip=0.0):
+    """The step on the gradients in phi: clipped to norm `clip` first when clip > 0, then freed (they
+    are spent, and the hypergradient needs the memory)."""
     if clip:
         torch.nn.utils.clip_grad_norm_([p for g in opt_phi.param_groups for p in g["params"] if p.grad is not None],
                                        clip)
     opt_phi.step()
-    opt_phi.zero_grad(set_to_none=True)          # the gradients are spent: free them before the hypergradient
-    return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
+    opt_phi.zero_grad(set_to_none=True)
 
 
 def meta_batch_loss(model, m_records, autocast, upper_loss="mse", aggregation=True, shared=False):
@@ -925,6 +932,7 @@ def baseline_argv(argv, baseline, resume):
 RESUMABLE = ("iterations", "device", "save_every", "log_every", "eval_every", "resume", "overwrite", "no_baseline")
 
 
+RUN_DAMAGED = "the run directory is damaged or incomplete"
 RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_weights.png", "prm", "checkpoint",
                "eval.jsonl")
 
@@ -942,13 +950,13 @@ def prepare_run_dir(args, config):
     if args.resume:
         if not os.path.isfile(state):
             raise prm.DataError("no checkpoint to resume from", file=out)
-        stored = read_json_object(os.path.join(out, "config.json"))
+        stored = prm.read_json_object(os.path.join(out, "config.json"), RUN_DAMAGED)
         new = json.loads(json.dumps(config))                   # tuples and lists compare alike
         differ = sorted(k for k in set(stored) & set(new) if k not in RESUMABLE and stored[k] != new[k])
         if differ:
             raise prm.DataError("--resume with other settings than the stored run: "
                                 + ", ".join(f"{k} {stored[k]!r} -> {new[k]!r}" for k in differ), file=out)
-        at = read_json_object(state).get("iteration")
+        at = prm.read_json_object(state, RUN_DAMAGED).get("iteration")
         if type(at) is not int or at < 0:
             raise prm.DataError("no iteration number: the checkpoint is damaged", file=state, field="iteration")
         if args.iterations < at:
@@ -969,20 +977,6 @@ def clear_run_dir(out, present):
     for n in present:
         path = os.path.join(out, n)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def read_json_object(path):
-    """A JSON object from one of the run's own files; missing or damaged is one clear error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise prm.DataError("missing: the run directory is incomplete", file=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise prm.DataError(f"damaged ({e})", file=path) from None
-    if not isinstance(obj, dict):
-        raise prm.DataError("damaged (not a JSON object)", file=path)
-    return obj
 
 
 def data_digest(records):
@@ -1074,8 +1068,10 @@ def evaluate_held_out(model, records, autocast, batch_size):
     questions = {}
     for r, A in zip(records, scores):
         questions.setdefault((r["domain"], r["id"]), []).append((A, r.get("correct")))
-    picks = [sum(c for A, c in q if A == max(A for A, _ in q)) / sum(A == max(A for A, _ in q) for A, _ in q)
-             for q in questions.values() if all(isinstance(c, bool) for _, c in q)]
+    picks = []
+    for q in (q for q in questions.values() if all(isinstance(c, bool) for _, c in q)):
+        best = max(A for A, _ in q)
+        picks.append(rerank.uniform_choice([float(c) for _, c in q], [[i] for i, (A, _) in enumerate(q) if A == best]))
     return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
             "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / max(1, len(pairs)),
             "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}
@@ -1211,7 +1207,7 @@ def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
             x.copy_(tensors[name].to(x.device))
     load_optimizer(opt_phi, tensors, "phi")
     load_optimizer(opt_a, tensors, "a")
-    return read_json_object(os.path.join(ck, "state.json"))["iteration"]
+    return prm.read_json_object(os.path.join(ck, "state.json"), RUN_DAMAGED)["iteration"]
 
 
 def read_tensors(path):
@@ -1281,11 +1277,7 @@ def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast
             raise Diverged("non-finite lower loss")
         loss.backward()
         L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
-    if clip:
-        torch.nn.utils.clip_grad_norm_([q for g in opt_phi.param_groups for q in g["params"] if q.grad is not None],
-                                       clip)
-    opt_phi.step()
-    opt_phi.zero_grad(set_to_none=True)
+    optimizer_step(opt_phi, clip)
     return TrainBatch(records, keys, p, p_mask, L_tr, torch.cat(ls), n)
 
 
@@ -1415,11 +1407,8 @@ def shared_prefix_forward(model, records, encoded):
     run as one prm.shared_prefix_values call, the prompt encoded once with gradients, the
     continuations attending to its cache, so the backward pass gives the prompt the sum of its
     CoTs' gradients. (B, S) values and mask in the batch's order, equal to prm.step_values."""
-    groups = {}
-    for b, r in enumerate(records):                  # one prompt: the question's text and its image
-        groups.setdefault(prompt_key(r), []).append(b)
     rows = [None] * len(encoded)
-    for members in groups.values():
+    for members in question_groups(records):         # one prompt: the question's text and its image
         values, mask = prm.shared_prefix_values(model, [encoded[b] for b in members])    # (n, S_g)
         for j, b in enumerate(members):
             rows[b] = values[j][mask[j]]

@@ -536,7 +536,7 @@ def check_params(out_path, params):
     other values would mix two experiments in one file, so it stops with one line naming them. An
     output that holds no record yet (a first run that failed) takes the new parameters."""
     path = out_path + ".params.json"
-    if os.path.isfile(path) and os.path.isfile(out_path) and os.path.getsize(out_path):
+    if os.path.isfile(path) and holds_records(out_path):
         with open(path) as f:
             stored = json.load(f)
         differ = sorted(k for k in set(stored) | set(params) if stored.get(k) != params.get(k))
@@ -552,7 +552,10 @@ def policy_params(args):
     model = {"toy": None, "hf": args.model, "openai": args.model_name}[args.policy]
     params = dict(policy=args.policy, model=model, seed=args.seed, temperature=args.temperature,
                   max_tokens=args.max_tokens, structured=not args.no_structure)
-    params.update({k: v for k, v in (("top_p", args.top_p), ("top_k", args.top_k)) if v != {"top_p": 1.0, "top_k": 0}[k]})
+    if args.top_p != 1.0:                         # only when set: outputs written before these flags still match
+        params["top_p"] = args.top_p
+    if args.top_k:
+        params["top_k"] = args.top_k
     return params
 
 
@@ -636,19 +639,25 @@ def check_output(out_path, inputs):
             raise prm.DataError("the output is the input file; choose another --out", file=out_path, field="--out")
     if os.path.isdir(out_path):
         raise prm.DataError("a directory, where an output file is expected", file=out_path, field="--out")
-    if not os.path.isfile(out_path + ".params.json") and os.path.isfile(out_path) and os.path.getsize(out_path):
+    if not os.path.isfile(out_path + ".params.json") and holds_records(out_path):
         raise prm.DataError("holds records but no .params.json beside it (not written by this stage, or its "
                             "parameters were lost); choose another --out", file=out_path, field="--out")
 
 
+def holds_records(path):
+    """Whether an output file exists with something in it."""
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
 def check_keys(done, items, key, what):
-    """Records already in an output must have been made from the same input: the same answer key
-    (and, for labels, the same steps); a changed input stops instead of keeping stale records."""
+    """Records already in an output must have been made from the same input: the same value of each
+    field in `what` (the answer key; for labels also the correctness); a changed input stops
+    instead of keeping stale records."""
     current = {key(x): x for x in items}
     for k, old in done.items():
         new = current.get(k)
-        if new is not None and any(old.get(f) != new.get(f) for f in what):
-            changed = next(f for f in what if old.get(f) != new.get(f))
+        changed = next((f for f in what if old.get(f) != new.get(f)), None) if new is not None else None
+        if changed:
             raise prm.DataError(f"the output's record for {k!r} was made with another {changed} "
                                 f"({old.get(changed)!r}, now {new.get(changed)!r}): the input changed since; "
                                 "choose another --out", *new.get("_src", (None, None)), changed)

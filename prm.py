@@ -501,12 +501,19 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
     return backbone, tokenizer, image_processor
 
 
-def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
-    """PRM.from_pretrained: the backbone, then the value head and the reading settings of prm.json."""
+def prm_directory(path):
+    """The PRM directory a path names: itself, or the prm/ inside a bilevel_train.py run directory
+    (a replacement cut short by a crash recovered first)."""
     recover_dir(path)
     recover_dir(os.path.join(path, "prm"))
     if not _is_prm_dir(path) and _is_prm_dir(os.path.join(path, "prm")):
-        path = os.path.join(path, "prm")                     # a bilevel_train.py run directory
+        return os.path.join(path, "prm")
+    return path
+
+
+def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
+    """PRM.from_pretrained: the backbone, then the value head and the reading settings of prm.json."""
+    path = prm_directory(path)
     if not _is_prm_dir(path):
         raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
                         "a plain backbone is loaded with --model, not as a PRM)", file=path)
@@ -536,13 +543,7 @@ def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
 def _read_prm_json(path):
     """prm.json, checked field by field: a reading setting this code does not know would score CoTs
     otherwise than training read them."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise DataError(f"not valid JSON ({e})", file=path) from None
-    if not isinstance(meta, dict):
-        raise DataError("must be a JSON object", file=path)
+    meta = read_json_object(path)
     checks = {"format": lambda v: v in (1, PRM_FORMAT), "step_sep": lambda v: v == STEP_SEP,
               "final_answer": lambda v: v in FINAL_RULES, "aggregation": lambda v: v in AGGREGATIONS,
               "max_side": lambda v: v is None or (type(v) is int and v >= 0),
@@ -1067,7 +1068,7 @@ def _cot(question, steps, mc, correct, image=None, answer="", domain="", policy=
     """Our record from a converter's parts; pred by extract_answer, id from the question if none."""
     return dict(id=str(qid) if qid is not None else _short_id(question, image), domain=domain, question=question,
                 answer=str(answer), image=image, steps=steps, final=final,
-                pred=extract_answer(final and FINAL_PREFIX + final or (steps[-1] if steps else "")),
+                pred=extract_answer(FINAL_PREFIX + final if final else steps[-1] if steps else ""),
                 correct=correct, mc=mc, policy=policy, _given_id=qid is not None)
 
 
@@ -1824,6 +1825,22 @@ def recover_dir(path):
     if not os.path.exists(path) and os.path.isdir(path + ".old"):
         os.replace(path + ".old", path)
     return path
+
+
+def read_json_object(path, hint=""):
+    """A JSON object from a file this code wrote (prm.json, a run's config and state); missing, not
+    JSON or not an object is one DataError, with `hint` (what that means for the caller) after it."""
+    tail = f": {hint}" if hint else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise DataError("missing" + tail, file=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"not valid JSON ({e}){tail}", file=path) from None
+    if not isinstance(obj, dict):
+        raise DataError("must be a JSON object" + tail, file=path)
+    return obj
 
 
 def write_json_atomic(path, obj):

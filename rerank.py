@@ -205,7 +205,7 @@ def evaluate(questions, scores_by_prm, n_subsets=20, seed=0):
 
 
 WEIGHTING_LABELS = {"domain": "DreamPRM", "fixed": "vanilla PRM", "instance-table": "DreamPRM-1.5 table",
-                    "instance-net": "DreamPRM-1.5 net"}
+                    "instance-net": "DreamPRM-1.5 net", "domain-instance": "domain x instance"}
 
 
 def prm_label(path):
@@ -240,15 +240,14 @@ def plot_curve(curve, path):
                   y_title="accuracy")
 
 
-def score_with(name, path, questions, load, args, device):
+def score_with(name, path, questions, load, args, device, cots_digest):
     """Score every question with one PRM into a part file, one line per question, resumable: a
     rerun continues after the last complete line. Returns (part file, aggregation used)."""
     model = prm.PRM.from_pretrained(path).to(device).eval()
     how = args.aggregate or model.aggregation
     # The part file is named by everything its lines depend on, contents included (the test file's
     # bytes, the PRM's weights and settings), so a changed input or a retrained PRM starts afresh.
-    prm_dir = path if os.path.isfile(os.path.join(path, "prm.json")) else os.path.join(path, "prm")
-    tag = json.dumps([prm.file_digest(args.cots), prm.file_digest(prm_dir), how, args.no_shared_prefix,
+    tag = json.dumps([cots_digest, prm.file_digest(prm.prm_directory(path)), how, args.no_shared_prefix,
                       args.batch_size, args.format, args.domain, args.image_root, args.correct_from])
     part = os.path.join(args.out, f".scores-{name}-{hashlib.sha1(tag.encode()).hexdigest()[:12]}.jsonl")
     done = len(list(prm.iter_jsonl(part, drop_torn_tail=True))) if os.path.isfile(part) else 0
@@ -348,10 +347,10 @@ def main(argv=None):
         print(f"{args.cots}: {prm.skip_report([r for _, e in questions for r in e], skips)}")
     if not questions:
         raise prm.DataError("no CoTs with steps", file=args.cots)
-    parts, aggregations = [], {}
+    parts, aggregations, cots_digest = [], {}, prm.file_digest(args.cots)
     with prm.output_lock(os.path.join(args.out, "scores.jsonl")):          # one rerank.py per --out
         for name, path in zip(names, prms):
-            part, aggregations[name] = score_with(name, path, questions, load, args, device)
+            part, aggregations[name] = score_with(name, path, questions, load, args, device, cots_digest)
             parts.append(part)
         labelled, scores_by_prm, step_counts, unlabelled, long_cots = write_outputs(questions, load, parts, names,
                                                                                     args)
@@ -372,11 +371,11 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
     step-level figures where steps are judged right or wrong."""
     steps = {n: step_report(None, None, counts=step_counts[n]) for n in names}
     judged = {n: benchmark_report(step_counts[n], args.step_threshold) for n in names}
+    written = f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)"
     if not labelled:
         print("no question has `correct` on every CoT: no accuracy table")
         if not any(judged.values()):
-            print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question "
-                  "and PRM)")
+            print(written)
             return
     elif counts["unlabelled_questions"]:
         print(f"{counts['unlabelled_questions']} questions without `correct` on every CoT: left out of the table")
@@ -400,8 +399,7 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
         f.write(md.strip("\n") + "\n")
     if curve:
         plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
-    print(f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM), "
-          "results.json, results.md" + (", accuracy_vs_n.png" if curve else ""))
+    print(written + ", results.json, results.md" + (", accuracy_vs_n.png" if curve else ""))
     print(md.strip("\n"))
 
 

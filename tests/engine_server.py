@@ -23,6 +23,16 @@ def answer(body, i):
     return "\n".join(x.format(s=s) for x in STEPS) + f"\nFinal answer: {s}"
 
 
+
+def send_json(handler, obj, code=200):
+    """Answer an HTTP request with a JSON body (the stand-in servers of the tests share it)."""
+    data = json.dumps(obj).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
 class StandIn:
     """`with StandIn(latency) as server:` server.url, server.requests, server.peak."""
 
@@ -43,23 +53,14 @@ class StandIn:
                 time.sleep(outer.latency)
                 choices = [{"index": i, "message": {"role": "assistant", "content": answer(body, i)}}
                            for i in range(body.get("n", 1))]
-                data = json.dumps({"choices": choices}).encode()
                 with outer.lock:
                     outer.in_flight -= 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, {"choices": choices})
 
             def do_GET(self):                 # /stats: the counts; /reset: zero them
                 if self.path.endswith("/reset"):
                     outer.reset()
-                data = json.dumps({"requests": outer.requests, "peak": outer.peak}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, {"requests": outer.requests, "peak": outer.peak})
 
             def log_message(self, *args):
                 pass

@@ -13,6 +13,7 @@ import gen_cots
 import mc_label
 import prm
 from conftest import kill_after_lines
+from engine_server import send_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,12 +88,7 @@ class ChatServer(BaseHTTPRequestHandler):
         choices = [{"index": i, "message": {"role": "assistant",
                                             "content": f"Step 1: look.\nStep 2: add.\nFinal answer: {7 + i % 2}"}}
                    for i in range(body["n"])]
-        data = json.dumps({"choices": choices}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"choices": choices})
 
     def log_message(self, *args):
         pass

@@ -39,6 +39,14 @@ from test_formats import labels_row, write_jsonl
     (mc_label, ["--max-steps", "0"], "argument --max-steps: 0 must be >= 1"),
     (mc_label, ["--min-rollouts", "-1"], "argument --min-rollouts: -1 must be >= 0"),
     (mc_label, ["--min-rollouts", "16"], "argument --min-rollouts: 16 must be below --rollouts 16"),
+    (bt, ["--lr", "1e30"], "argument --lr: 1e30 must be <= 10.0"),
+    (bt, ["--seed", "99999999999999999999"], "must be <= 2147483647"),
+    (bt, ["--train-batch", "99999999999"], "must be <= 1048576"),
+    (bt, ["--net-hidden", "10000000"], "must be <= 65536"),
+    (bt, ["--min-pixels", "99999999999"], "must be <= 1000000000"),
+    (gen_cots, ["--n", "10000000"], "must be <= 100000"),
+    (gen_cots, ["--top-p", "0"], "argument --top-p: 0 must be > 0"),
+    (gen_cots, ["--timeout", "0"], "argument --timeout: 0 must be > 0"),
 ])
 def test_numeric_flags_are_checked_at_parse_time(script, flags, words, capsys):
     with pytest.raises(SystemExit) as info:
