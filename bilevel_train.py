@@ -291,7 +291,7 @@ def main(argv=None):
         a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
         keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
         opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
-        opt_a = upper_optimizer(a, args.meta_optimizer, args.meta_lr, args.meta_weight_decay)
+        opt_a = upper_optimizer(a, args.meta_optimizer, args.meta_lr, args.meta_weight_decay, rms_groups(args, train, domains))
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
                      fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
@@ -829,9 +829,11 @@ def schedule_flags(ap):
                    "norm to this before each step (0: off; default: 0)")
     g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay (L2, "
                    "Adam's) on the raw weights a (default: 0)")
-    g.add_argument("--meta-optimizer", choices=["adam", "sgd"], default="adam", help="optimizer of the raw weights "
-                   "a: Adam, or plain SGD, whose steps keep the size of each hypergradient (give its --meta-lr: "
-                   "table hypergradients are ~1e-5 to 1e-4 on the toy, README)")
+    g.add_argument("--meta-optimizer", choices=["adam", "sgd", "domain-rms"], default="adam", help="optimizer of the "
+                   "raw weights a: Adam; plain SGD, whose steps keep the size of each hypergradient (give its "
+                   "--meta-lr: table hypergradients are ~1e-5 to 1e-4 on the toy, README); or domain-rms, steps "
+                   "divided by an RMS shared by a domain's table entries (sizes kept inside a domain, same lr "
+                   "scale as Adam)")
     g.add_argument("--grad-accum", type=prm.number(int, 1, 1024), default=1, help="split each lower batch into this "
                    "many micro-batches, gradients summed: the same step, less activation memory (not instance-net)")
     g.add_argument("--eval", default=None, help="a held-out labelled split (CoTs with step labels and correctness, "
@@ -1247,14 +1249,65 @@ def plot_weights(history, names, path):
 # Appendix E. Optimizer options: accumulation, the lr schedule, memory (frozen vision, offloaded restore, AdamW)
 # ==============================================================================================
 
-def upper_optimizer(a, name="adam", lr=0.01, weight_decay=0.0):
-    """The optimizer of the raw weights a: Adam (the paper's), or plain SGD (--meta-optimizer sgd),
-    whose step keeps the size of each entry's hypergradient: Adam moves a table entry by about its
-    lr whenever it is drawn, whatever the size of its hypergradient, so an entry records the sign of
-    its last few draws rather than how strongly the meta set asked for it."""
+def upper_optimizer(a, name="adam", lr=0.01, weight_decay=0.0, groups=None):
+    """The optimizer of the raw weights a: Adam (the paper's), plain SGD (--meta-optimizer sgd), whose
+    step keeps the size of each entry's hypergradient, or SharedRMS (domain-rms), which keeps sizes
+    inside a domain only. Adam moves a table entry by about its lr whenever it is drawn, whatever
+    the size of its hypergradient, so an entry records the sign of its last few draws rather than
+    how strongly the meta set asked for it. groups: for domain-rms, one (numel,) domain index per
+    tensor of a, or None (each entry its own group)."""
     if name == "sgd":
         return torch.optim.SGD(a, lr=lr, weight_decay=weight_decay)
+    if name == "domain-rms":
+        return SharedRMS(a, groups or [None] * len(a), lr=lr, weight_decay=weight_decay)
     return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
+
+
+def rms_groups(args, train, domains):
+    """The groups SharedRMS normalises over, one per tensor of a: a table entry's group is its CoT's
+    domain (instance-table, the table of domain-instance); a domain weight or a net parameter is its
+    own group (None)."""
+    domain = weight_keys("domain", train, domains, "cpu")                      # (N,)
+    return {"instance-table": [domain], "domain-instance": [None, domain]}.get(args.weighting)
+
+
+class SharedRMS(torch.optim.Optimizer):
+    """--meta-optimizer domain-rms: a <- a - lr g / sqrt(v_hat), with v an average of g^2 (Adam's beta2
+    and bias correction, no momentum) shared by the entries of one group. With a table's groups
+    its domains, a drawn entry moves in proportion to its hypergradient against its domain's
+    typical one: sizes count inside a domain (Adam throws them away), while a domain's own scale
+    is taken out (in domain-instance every table hypergradient carries the factor alpha_d, which
+    under plain SGD would freeze the entries of a down-weighted domain). Only entries with a
+    non-zero gradient (those drawn) move and enter their group's v; weight decay is decoupled.
+    State per tensor: v (G,) and n (G,), the updates each group has had (checkpointed like Adam's)."""
+
+    def __init__(self, params, groups, lr=0.01, beta2=0.999, eps=1e-12, weight_decay=0.0):
+        params = list(params)
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay))
+        self.group_of = [torch.arange(p.numel(), device=p.device) if g is None else g.to(p.device)
+                         for p, g in zip(params, groups)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        hp = self.param_groups[0]
+        for p, gid in zip(hp["params"], self.group_of):
+            if p.grad is None:
+                continue
+            g = p.grad.reshape(-1)                                          # (numel,)
+            state = self.state[p]
+            if not state:
+                G = int(gid.max()) + 1
+                state["v"], state["n"] = torch.zeros(G, device=p.device), torch.zeros(G, device=p.device)
+            v, n, drawn = state["v"], state["n"], g != 0
+            sq = torch.zeros_like(v).index_add_(0, gid[drawn], g[drawn].float() ** 2)            # (G,)
+            count = torch.zeros_like(n).index_add_(0, gid[drawn], torch.ones_like(sq[gid[drawn]]))
+            seen = count > 0
+            v[seen] = hp["beta2"] * v[seen] + (1 - hp["beta2"]) * sq[seen] / count[seen]
+            n[seen] += 1
+            v_hat = v / (1 - hp["beta2"] ** n).clamp(min=hp["eps"])                               # (G,)
+            p.add_((g / (v_hat[gid].sqrt() + hp["eps"])).view_as(p).to(p.dtype), alpha=-hp["lr"])
+            if hp["weight_decay"]:
+                p.mul_(1 - hp["lr"] * hp["weight_decay"])
 
 
 def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False,

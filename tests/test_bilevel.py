@@ -673,6 +673,35 @@ def test_held_out_evaluation_is_logged(tmp_path):
                for e in evals)
 
 
+def test_domain_rms_keeps_sizes_inside_a_domain_and_takes_out_its_scale(tmp_path):
+    """--meta-optimizer domain-rms: inside a domain, drawn entries move in proportion to their
+    hypergradients; a domain whose hypergradients are all 100x smaller moves the same; undrawn
+    entries stay; the first step of a one-entry group is lr (as Adam's); a domain-instance run with
+    it resumes to the same weights as one run straight through."""
+    a = [torch.zeros(2, requires_grad=True), torch.zeros(6, requires_grad=True)]
+    domain = torch.tensor([0, 0, 0, 1, 1, 1])
+    opt = bt.upper_optimizer(a, "domain-rms", lr=0.1, groups=[None, domain])
+    a[0].grad = torch.tensor([3e-4, -1e-7])
+    a[1].grad = torch.tensor([1e-4, 2e-4, 0.0, 1e-6, 2e-6, 0.0])
+    opt.step()
+    x, t = a[0].detach(), a[1].detach()
+    assert torch.allclose(x, torch.tensor([-0.1, 0.1]), atol=1e-6)              # its own group: lr, sign
+    assert t[2] == 0 and t[5] == 0                                            # not drawn: not moved
+    assert torch.allclose(t[1] / t[0], torch.tensor(2.0)) and torch.allclose(t[:2], t[3:5], rtol=1e-5)
+    rms = (torch.tensor([1e-4, 2e-4]) ** 2).mean().sqrt()
+    assert torch.allclose(t[:2], -0.1 * torch.tensor([1e-4, 2e-4]) / rms, rtol=1e-5)
+    runs = {}
+    for name, legs in (("straight", [4]), ("resumed", [2, 4])):
+        out = str(tmp_path / name)
+        for i, n in enumerate(legs):
+            assert bt.main(["--synthetic", "--weighting", "domain-instance", "--meta-optimizer", "domain-rms",
+                            "--out", out, "--iterations", str(n), "--train-batch", "4", "--meta-batch", "4",
+                            "--save-every", "2", "--cold-start", "0", "--log-every", "2"] + (["--resume"] if i else [])) == 0
+        runs[name] = load_file(f"{out}/checkpoint/state.safetensors")
+    assert runs["straight"].keys() == runs["resumed"].keys() and "a.1.v" in runs["straight"]
+    assert all(torch.equal(runs["straight"][k], runs["resumed"][k]) for k in runs["straight"])
+
+
 def test_sgd_on_the_raw_weights_keeps_hypergradient_sizes(tmp_path):
     """--meta-optimizer sgd: each entry moves by lr x its hypergradient (Adam moves every drawn entry
     by about lr); a run with it writes its outputs and resumes."""
