@@ -1,6 +1,7 @@
 """Benchmark: speed and memory ratios measured side by side in one run (not collected by pytest).
 
     python tests/bench.py                                  # tiny backbone on CPU
+    python tests/bench.py --size small --only shared       # (4) on a 20 M backbone, compute-bound on CPU
     python tests/bench.py --size 2b --device cuda          # Qwen2-VL-2B architecture, random weights
     python tests/bench.py --budget                         # (0) only: the 2B memory budget, any machine
 
@@ -15,7 +16,9 @@ Prints, for the chosen size and device:
  (3) for each memory option, added one by one: the peak memory of bi-level outer iterations (U
      lower steps + the finite-difference hypergradient) on image CoTs, and seconds per outer
      iteration against U plain lower steps (CUDA: torch.cuda.max_memory_allocated; CPU: the weights
-     plus the profiler's peak of the tensors the iterations allocate).
+     plus the profiler's peak of the tensors the iterations allocate);
+ (4) packed against shared-prefix training at N = 4 and 8 CoTs per question, CoTs and tokens per
+     second, and the bi-level outer iteration against U plain steps for both, timed in turns.
 On CUDA, training uses bf16 autocast on fp32 master weights (what --precision bf16 does), so no
 update is rounded away. Needs only torch and transformers; no weights are downloaded.
 """
@@ -25,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,6 +45,11 @@ QWEN2VL_2B = dict(
     vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2),
 )
+
+
+# The locally built backbones: tiny (the tests' own; overheads dominate its times) and small (about
+# 20 M parameters, where a CPU's time goes to the arithmetic, as at 2B on a GPU).
+SMALL = {"tiny": {}, "small": dict(hidden_size=512, layers=4, heads=8)}
 
 
 def sync(device):
@@ -61,6 +70,24 @@ def timed(fn, repeats, device):
     return sorted(times)[len(times) // 2]
 
 
+def interleaved(fns, repeats, device):
+    """Median wall time of each of fns, timed in turns (one call of each per round, the order
+    reversed every other round, after one warm-up call each): drift on a noisy machine then falls
+    on all of them alike, so their ratios are read side by side."""
+    for fn in fns:
+        fn()
+    sync(device)
+    times = [[] for _ in fns]
+    for r in range(repeats):
+        order = list(range(len(fns)))[::1 if r % 2 == 0 else -1]
+        for i in order:
+            t = time.perf_counter()
+            fns[i]()
+            sync(device)
+            times[i].append(time.perf_counter() - t)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def peak(fn, device):
     """(result, peak bytes allocated during fn) on CUDA; (result, None) on CPU."""
     if device != "cuda":
@@ -75,9 +102,9 @@ def peak(fn, device):
 def build(size, device):
     """A PRM of the given size on device, fp32 weights. Returns (model, image size)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    if size == "tiny":
+    if size in SMALL:
         tmp = tempfile.mkdtemp()
-        return prm.PRM.from_backbone(prm.save_tiny_backbone(os.path.join(tmp, "tiny"))).to(device), 112
+        return prm.PRM.from_backbone(prm.save_tiny_backbone(os.path.join(tmp, size), **SMALL[size])).to(device), 112
     from transformers import Qwen2VLConfig, Qwen2VLModel
     tokenizer = prm._tiny_tokenizer()       # token ids < 600 fit any vocabulary; text length is what matters
     tid = tokenizer.convert_tokens_to_ids
@@ -288,15 +315,17 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
         meta = question_records(model, 8 // n, n, args, step_words, image_size, question_words + 50)
         keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records], device=device)
         tokens = sum(len(r["_enc"].input_ids) for r in records)
-        times = {}
-        for shared in (False, True):
-            step = lambda: bt.lower_step(model, opt, a, records, keys, "domain", autocast, shared=shared)  # noqa: E731
+        def step(shared):
+            return bt.lower_step(model, opt, a, records, keys, "domain", autocast, shared=shared)
 
-            def outer():
-                for _ in range(args.U):
-                    last = step()
-                bt.upper_step(model, phi, a, opt_a, last, meta, 1e-7, autocast, shared=shared)
-            times[shared] = (timed(step, args.repeats, device), timed(outer, max(1, args.repeats // 2), device))
+        def outer(shared):
+            for _ in range(args.U):
+                last = step(shared)
+            bt.upper_step(model, phi, a, opt_a, last, meta, 1e-7, autocast, shared=shared)
+        # packed and shared-prefix, a plain step and an outer iteration each, timed in turns
+        t = interleaved([partial(step, False), partial(step, True), partial(outer, False), partial(outer, True)],
+                        args.repeats, device)
+        times = {False: (t[0], t[2]), True: (t[1], t[3])}
         for shared, name in ((False, "packed"), (True, "shared-prefix")):
             t, t_outer = times[shared]
             print(f"    N={n} {name:14s} {len(records) / t:8.1f} CoTs/s {tokens / t:9.0f} tokens/s   "
@@ -362,7 +391,8 @@ def memory_options(model, cots, args, device, autocast):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
-    ap.add_argument("--size", choices=["tiny", "2b"], default="tiny", help="tiny backbone, or the Qwen2-VL-2B architecture")
+    ap.add_argument("--size", choices=["tiny", "small", "2b"], default="tiny",
+                    help="tiny backbone, a small one (hidden 512, 4 layers), or the Qwen2-VL-2B architecture")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--n", type=int, default=8, help="CoTs per question")
     ap.add_argument("--steps", type=int, default=5, help="steps per CoT")
@@ -389,8 +419,8 @@ def main(argv=None):
         if only == "budget":
             return
     device = args.device
-    step_words = args.step_words or (12 if args.size == "tiny" else 46)
-    question_words = args.question_words or (45 if args.size == "tiny" else 68)
+    step_words = args.step_words or (12 if args.size in SMALL else 46)
+    question_words = args.question_words or (45 if args.size in SMALL else 68)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     model, image_size = build(args.size, device)
     n_params = sum(p.numel() for p in model.parameters())
