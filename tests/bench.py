@@ -1,7 +1,7 @@
 """Benchmark: speed and memory ratios measured side by side in one run (not collected by pytest).
 
     python tests/bench.py                                  # tiny backbone on CPU
-    python tests/bench.py --size small --only shared       # (4) on a 20 M backbone, compute-bound on CPU
+    python tests/bench.py --size small --only shared       # (4) on a 10 M backbone, compute-bound on CPU
     python tests/bench.py --size 2b --device cuda          # Qwen2-VL-2B architecture, random weights
     python tests/bench.py --budget                         # (0) only: the 2B memory budget, any machine
 
@@ -47,8 +47,8 @@ QWEN2VL_2B = dict(
 )
 
 
-# The locally built backbones: tiny (the tests' own; overheads dominate its times) and small (about
-# 20 M parameters, where a CPU's time goes to the arithmetic, as at 2B on a GPU).
+# The locally built backbones: tiny (the tests' own; overheads dominate its times) and small (9.8 M
+# parameters, where a CPU's time goes to the arithmetic, as at 2B on a GPU).
 SMALL = {"tiny": {}, "small": dict(hidden_size=512, layers=4, heads=8)}
 
 
@@ -315,6 +315,7 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
         meta = question_records(model, 8 // n, n, args, step_words, image_size, question_words + 50)
         keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records], device=device)
         tokens = sum(len(r["_enc"].input_ids) for r in records)
+
         def step(shared):
             return bt.lower_step(model, opt, a, records, keys, "domain", autocast, shared=shared)
 
