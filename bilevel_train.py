@@ -17,8 +17,8 @@ The math (symbols as in the paper; the README's "The math" explains each):
 
 Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
 upper step, (4) the training loop (`main`). Appendices after it: A instance weights (DreamPRM-1.5),
-B data, C the run configuration, D checkpoints and the run directory, E optimizer options (gradient
-accumulation, the lr schedule, memory), F shared-prefix training.
+B data, C the run configuration, D checkpoints and the run directory, E optimizer options (the raw
+weights' optimizers, gradient accumulation, the lr schedule, memory), F shared-prefix training.
 
 Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
     python bilevel_train.py
@@ -1246,7 +1246,7 @@ def plot_weights(history, names, path):
 
 
 # ==============================================================================================
-# Appendix E. Optimizer options: accumulation, the lr schedule, memory (frozen vision, offloaded restore, AdamW)
+# Appendix E. Optimizer options: the raw weights' (Adam, SGD, domain-rms), accumulation, the lr schedule, memory
 # ==============================================================================================
 
 def upper_optimizer(a, name="adam", lr=0.01, weight_decay=0.0, groups=None):
