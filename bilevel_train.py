@@ -827,8 +827,8 @@ def schedule_flags(ap):
                    "factor of each decay (default: 0.5)")
     g.add_argument("--grad-clip", type=prm.number(float, 0, 1e6), default=None, help="clip the lower gradient's "
                    "norm to this before each step (0: off; default: 0)")
-    g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay (L2, "
-                   "Adam's) on the raw weights a (default: 0)")
+    g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay on the raw "
+                   "weights a: L2 in the gradient for adam and sgd, decoupled for domain-rms (default: 0)")
     g.add_argument("--meta-optimizer", choices=["adam", "sgd", "domain-rms"], default="adam", help="optimizer of the "
                    "raw weights a: Adam; plain SGD, whose steps keep the size of each hypergradient (give its "
                    "--meta-lr: table hypergradients are ~1e-5 to 1e-4 on the toy, README); or domain-rms, steps "
@@ -1032,9 +1032,7 @@ def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
         for path in (metrics_path, os.path.join(run_dir, "eval.jsonl")):
             kept = [o for _, o in prm.iter_jsonl(path, True)] if os.path.isfile(path) else []
             with open(path, "w") as f:
-                for o in kept:
-                    if o["iteration"] <= start:
-                        f.write(json.dumps(o) + "\n")
+                prm.append_jsonl(f, *[o for o in kept if o["iteration"] <= start])
         print(f"resumed {run_dir} at iteration {start}")
     else:
         open(metrics_path, "w").close()
@@ -1266,7 +1264,9 @@ def upper_optimizer(a, name="adam", lr=0.01, weight_decay=0.0, groups=None):
 def rms_groups(args, train, domains):
     """The groups SharedRMS normalises over, one per tensor of a: a table entry's group is its CoT's
     domain (instance-table, the table of domain-instance); a domain weight or a net parameter is its
-    own group (None)."""
+    own group (None). None for the other optimizers, which need no groups."""
+    if args.meta_optimizer != "domain-rms":
+        return None
     domain = weight_keys("domain", train, domains, "cpu")                      # (N,)
     return {"instance-table": [domain], "domain-instance": [None, domain]}.get(args.weighting)
 
@@ -1300,7 +1300,7 @@ class SharedRMS(torch.optim.Optimizer):
                 state["v"], state["n"] = torch.zeros(G, device=p.device), torch.zeros(G, device=p.device)
             v, n, drawn = state["v"], state["n"], g != 0
             sq = torch.zeros_like(v).index_add_(0, gid[drawn], g[drawn].float() ** 2)            # (G,)
-            count = torch.zeros_like(n).index_add_(0, gid[drawn], torch.ones_like(sq[gid[drawn]]))
+            count = torch.bincount(gid[drawn], minlength=len(v)).to(v.dtype)                     # (G,)
             seen = count > 0
             v[seen] = hp["beta2"] * v[seen] + (1 - hp["beta2"]) * sq[seen] / count[seen]
             n[seen] += 1

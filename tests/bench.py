@@ -49,7 +49,7 @@ QWEN2VL_2B = dict(
 
 # The locally built backbones: tiny (the tests' own; overheads dominate its times) and small (9.8 M
 # parameters, where a CPU's time goes to the arithmetic, as at 2B on a GPU).
-SMALL = {"tiny": {}, "small": dict(hidden_size=512, layers=4, heads=8)}
+LOCAL_SIZES = {"tiny": {}, "small": dict(hidden_size=512, layers=4, heads=8)}
 
 
 def sync(device):
@@ -102,9 +102,9 @@ def peak(fn, device):
 def build(size, device):
     """A PRM of the given size on device, fp32 weights. Returns (model, image size)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    if size in SMALL:
+    if size in LOCAL_SIZES:
         tmp = tempfile.mkdtemp()
-        return prm.PRM.from_backbone(prm.save_tiny_backbone(os.path.join(tmp, size), **SMALL[size])).to(device), 112
+        return prm.PRM.from_backbone(prm.save_tiny_backbone(os.path.join(tmp, size), **LOCAL_SIZES[size])).to(device), 112
     from transformers import Qwen2VLConfig, Qwen2VLModel
     tokenizer = prm._tiny_tokenizer()       # token ids < 600 fit any vocabulary; text length is what matters
     tid = tokenizer.convert_tokens_to_ids
@@ -420,8 +420,8 @@ def main(argv=None):
         if only == "budget":
             return
     device = args.device
-    step_words = args.step_words or (12 if args.size in SMALL else 46)
-    question_words = args.question_words or (45 if args.size in SMALL else 68)
+    step_words = args.step_words or (12 if args.size in LOCAL_SIZES else 46)
+    question_words = args.question_words or (45 if args.size in LOCAL_SIZES else 68)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     model, image_size = build(args.size, device)
     n_params = sum(p.numel() for p in model.parameters())
