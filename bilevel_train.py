@@ -40,6 +40,7 @@ import shutil
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -282,62 +283,63 @@ def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="
 def main(argv=None):
     """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
-        device = prm.pick_device(args.device)
-        torch.manual_seed(args.seed)
-        train, meta, domains = load_data(args)
-        held_out = load_held_out(args)                                   # --eval, or []
-        model, train, meta, start, n_long, run_lock = setup_run(args, train, meta, domains, device)  # --out: ours
-        phi = [p for p in model.parameters() if p.requires_grad]
-        a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
-        keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
-        opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
-        opt_a = upper_optimizer(a, args.meta_optimizer, args.meta_lr, args.meta_weight_decay, rms_groups(args, train, domains))
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-        upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
-                     fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
-                     shared=args.group_by_question)
-        train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
-        step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
-        start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
-        sums = new_sums()
-        bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
-        for it in bar:
-            t0 = time.perf_counter()
-            # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
-            for u in range(args.unroll_steps):
-                xi = set_lr(opt_phi, args, it * args.unroll_steps + u)           # the schedule's lr at this step
-                idx = draw(len(train), train_q, args.train_batch, args.seed, "train", it, u)   # F: by question
-                batch = step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting, autocast,
-                             args.weight_max, args.grad_clip, args.group_by_question)
-                sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
-                sums["weighted"] += batch.L_tr.item()
-            # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
-            if args.weighting != "fixed" and it >= args.cold_start:
-                m_records = [meta[i] for i in draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it)]
-                if has_instances(args.weighting):            # Appendix A: other CoTs' weights move
-                    batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
-                sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
-                sums["upper_n"] += 1
-            sums["n"] += 1
-            seconds, done = time.perf_counter() - t0, it + 1
-            if done % args.log_every == 0 or done == args.iterations:
-                w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
-                alpha = weights_per_domain(a, args.weighting, w, train, domains)
-                log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), train), args, history)
-                if has_instances(args.weighting):
-                    save_instance_weights(args.out, w, train)
-                sums = new_sums()
-                show_weights(bar, alpha, args.weighting)
-            elif args.weighting == "domain":                            # cheap: on the bar at every iteration
-                show_weights(bar, weights_per_domain(a, args.weighting, None, train, domains), args.weighting)
-            if held_out and (done % args.eval_every == 0 or done == args.iterations):
-                log_eval(args.out, done, evaluate_held_out(model, held_out, autocast, args.train_batch))
-            if done % args.save_every == 0 or done == args.iterations:
-                save_checkpoint(args.out, model, a, opt_phi, opt_a, done)
-        bar.close()
-        w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
-        finish_run(args, model, weights_per_domain(a, args.weighting, w, train, domains), w, train, meta,
-                   domains, history, n_long)
+        with claim_run_dir(args.out) as run_lock:                       # held until the run ends
+            device = prm.pick_device(args.device)
+            torch.manual_seed(args.seed)
+            train, meta, domains = load_data(args)
+            held_out = load_held_out(args)                                   # --eval, or []
+            model, train, meta, start, n_long = setup_run(args, train, meta, domains, device)
+            phi = [p for p in model.parameters() if p.requires_grad]
+            a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
+            keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
+            opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
+            opt_a = upper_optimizer(a, args.meta_optimizer, args.meta_lr, args.meta_weight_decay, rms_groups(args, train, domains))
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+            upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
+                         fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
+                         shared=args.group_by_question)
+            train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
+            step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
+            start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
+            sums = new_sums()
+            bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
+            for it in bar:
+                t0 = time.perf_counter()
+                # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
+                for u in range(args.unroll_steps):
+                    xi = set_lr(opt_phi, args, it * args.unroll_steps + u)           # the schedule's lr at this step
+                    idx = draw(len(train), train_q, args.train_batch, args.seed, "train", it, u)   # F: by question
+                    batch = step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting, autocast,
+                                 args.weight_max, args.grad_clip, args.group_by_question)
+                    sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
+                    sums["weighted"] += batch.L_tr.item()
+                # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
+                if args.weighting != "fixed" and it >= args.cold_start:
+                    m_records = [meta[i] for i in draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it)]
+                    if has_instances(args.weighting):            # Appendix A: other CoTs' weights move
+                        batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
+                    sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
+                    sums["upper_n"] += 1
+                sums["n"] += 1
+                seconds, done = time.perf_counter() - t0, it + 1
+                if done % args.log_every == 0 or done == args.iterations:
+                    w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
+                    alpha = weights_per_domain(a, args.weighting, w, train, domains)
+                    log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), train), args, history)
+                    if has_instances(args.weighting):
+                        save_instance_weights(args.out, w, train)
+                    sums = new_sums()
+                    show_weights(bar, alpha, args.weighting)
+                elif args.weighting == "domain":                            # cheap: on the bar at every iteration
+                    show_weights(bar, weights_per_domain(a, args.weighting, None, train, domains), args.weighting)
+                if held_out and (done % args.eval_every == 0 or done == args.iterations):
+                    log_eval(args.out, done, evaluate_held_out(model, held_out, autocast, args.train_batch))
+                if done % args.save_every == 0 or done == args.iterations:
+                    save_checkpoint(args.out, model, a, opt_phi, opt_a, done, run_lock)
+            bar.close()
+            w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
+            finish_run(args, model, weights_per_domain(a, args.weighting, w, train, domains), w, train, meta,
+                       domains, history, n_long, run_lock)
     return 0
 
 
@@ -574,7 +576,7 @@ def read_inputs(args):
     for path in args.train:
         recs, skips = prm.read_cots(path, "labels", **prm.reading(args))
         print(f"{path}: {len(recs)} training CoTs" + (f" ({recs[0]['_format']} format)" if recs else "")
-              + (f"; {prm.skip_report(recs, skips)}" if skips else ""))
+              + (f"; {prm.skip_report(skips, [r['id'] for r in recs])}" if skips else ""))
         train += recs
         train_skips += skips
     prm.check_unique(train, prm.record_key, "record key (question, image and steps, or id and sample)")
@@ -582,12 +584,12 @@ def read_inputs(args):
         train.sort(key=prm.record_key)
         return train, [], {s.domain for s in train_skips}
     meta, skips = prm.read_cots(args.meta, "cots", **prm.reading(args))
-    print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(meta, skips)}" if skips else ""))
+    print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(skips, [r['id'] for r in meta])}" if skips else ""))
     # Sorted by key: the run depends on the set of records, not on the order a concurrent stage wrote them.
     train.sort(key=prm.record_key)
     meta.sort(key=prm.record_key)
     if not meta:
-        raise prm.DataError("no usable meta records: " + (prm.skip_report(meta, skips) or "the file is empty"),
+        raise prm.DataError("no usable meta records: " + (prm.skip_report(skips, [r["id"] for r in meta]) or "the file is empty"),
                             file=args.meta)
     return train, meta, {s.domain for s in train_skips}
 
@@ -939,14 +941,38 @@ RUN_OUTPUTS = ("metrics.jsonl", "config.json", "domain_weights.json", "domain_we
                "eval.jsonl")
 
 
-def prepare_run_dir(args, config):
-    """Check --out before any model loads: writable, not held by a live run (the returned lock holds
-    it for this run until the process ends); --resume only onto a readable checkpoint whose stored
-    config matches (data digests included); no silent overwrite of another run. Returns (the
-    checkpoint's iteration or 0, the outputs --overwrite is to replace, the lock)."""
-    out = args.out
+@contextmanager
+def claim_run_dir(out):
+    """`with claim_run_dir(out) as run_lock:` the run directory's lock, taken first, before anything
+    in it is read, removed or written, and held for the whole run: --out must be writable and held
+    by no live run (one line and exit 2 if it is). A folder made here for a run that stops before
+    writing anything is removed again."""
+    new = not os.path.exists(out)
     prm.check_writable(out)
     lock = prm.output_lock(os.path.join(out, "run")).hold()
+    try:
+        yield lock
+    except BaseException:
+        if new and os.listdir(out) == ["run.lock"]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        lock.close()
+
+
+def check_still_ours(run_lock):
+    """Before writing outputs or reporting success: the run directory is still the one this run
+    locked (not removed and remade under it by another process)."""
+    if not run_lock.owned():
+        raise prm.DataError("the run directory was removed or replaced while this run trained: its files are not "
+                            "this run's; nothing more is written", file=os.path.dirname(run_lock.path))
+
+
+def prepare_run_dir(args, config):
+    """Check --out (locked by claim_run_dir) before any model loads: --resume only onto a readable
+    checkpoint whose stored config matches (data digests included); no silent overwrite of another
+    run. Returns (the checkpoint's iteration or 0, the outputs --overwrite is to replace)."""
+    out = args.out
     prm.recover_dir(os.path.join(out, "checkpoint"))
     state = os.path.join(out, "checkpoint", "state.json")
     if args.resume:
@@ -964,14 +990,14 @@ def prepare_run_dir(args, config):
         if args.iterations < at:
             raise prm.DataError(f"the checkpoint is at iteration {at}; --iterations {args.iterations} is below it",
                                 file=out, field="--iterations")
-        return at, [], lock
+        return at, []
     present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
     if present and not args.overwrite:
         what = "a checkpoint: pass --resume to continue it" if "checkpoint" in present else \
             f"another run's outputs ({', '.join(present)})"
         raise prm.DataError(f"the run directory holds {what}, --overwrite to replace them, or choose another --out",
                             file=out)
-    return 0, present, lock
+    return 0, present
 
 
 def clear_run_dir(out, present):
@@ -995,14 +1021,14 @@ def setup_run(args, train, meta, domains, device):
     """Everything before the first step: the final-answer rule, the run directory (checked before any
     model loads), config.json, the PRM on its backbone with this run's reading settings, the CoTs
     that fit --max-length, and the memory options. Returns (model, train, meta, start iteration,
-    (training, meta) CoTs skipped as too long, the run directory's lock: held while it lives)."""
+    (training, meta) CoTs skipped as too long)."""
     final_answer = final_answer_rule(args, train)
     print(f"{len(train)} training CoTs in {len(domains)} domains: "
           + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
     model_dir = prm.resolve_model(args.model)
     config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
                   model_dir=model_dir, train_digest=data_digest(train), meta_digest=data_digest(meta))
-    start, old_outputs, lock = prepare_run_dir(args, config)
+    start, old_outputs = prepare_run_dir(args, config)
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
     model.final_answer = final_answer
     model.max_side, model.min_pixels, model.max_pixels = args.max_side or None, args.min_pixels, args.max_pixels
@@ -1019,7 +1045,7 @@ def setup_run(args, train, meta, domains, device):
         freeze_vision(model)
     if args.grad_checkpointing:
         enable_checkpointing(model)
-    return model, train, meta, start, (long_train, long_meta), lock
+    return model, train, meta, start, (long_train, long_meta)
 
 
 def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
@@ -1046,7 +1072,7 @@ def load_held_out(args):
     if not args.eval:
         return []
     records, skips = prm.read_cots(args.eval, "labels", **prm.reading(args))
-    print(f"{args.eval}: {len(records)} held-out CoTs" + (f"; {prm.skip_report(records, skips)}" if skips else ""))
+    print(f"{args.eval}: {len(records)} held-out CoTs" + (f"; {prm.skip_report(skips, [r['id'] for r in records])}" if skips else ""))
     if not records:
         raise prm.DataError("no usable held-out CoTs", file=args.eval, field="--eval")
     return sorted(records, key=prm.record_key)
@@ -1127,8 +1153,10 @@ def shown_aucs(aucs, weighting):
     return aucs if has_instances(weighting) else {k: v for k, v in aucs.items() if k == "overall"}
 
 
-def finish_run(args, model, alpha, w, train, meta, domains, history, n_long):
-    """The PRM with its model card, the final weights and their plot, and what was learned on screen."""
+def finish_run(args, model, alpha, w, train, meta, domains, history, n_long, run_lock):
+    """The PRM with its model card, the final weights and their plot, and what was learned on screen
+    (each written only while the run directory is still this run's)."""
+    check_still_ours(run_lock)
     instance = has_instances(args.weighting)
     learned = ", ".join(f"{d} {x:.3f}" for d, x in sorted(alpha.items(), key=lambda x: -x[1]))
     card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
@@ -1140,6 +1168,7 @@ def finish_run(args, model, alpha, w, train, meta, domains, history, n_long):
     model.save_pretrained(os.path.join(args.out, "prm"), card)
     write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
+    check_still_ours(run_lock)
     if args.weighting != "fixed":
         toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
         what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
@@ -1178,7 +1207,8 @@ def trainable_state(model):
     return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration):
+def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration, run_lock):
+    check_still_ours(run_lock)
     with prm.atomic_dir(os.path.join(run_dir, "checkpoint")) as tmp:
         prm.save_tensors_atomic(os.path.join(tmp, "model.safetensors"), trainable_state(model))
         tensors = {name: x.detach() for name, x in zip(raw_weight_names(a), a)}
@@ -1508,7 +1538,7 @@ class Diverged(RuntimeError):
 
 def cli(argv=None):
     try:
-        return prm.run_cli(main, argv)
+        return prm.run_cli(main, argv, "rerun the same command with --resume")
     except Diverged as e:
         print(f"error: {e}; stopped, the last good checkpoint is kept (resume with --resume after "
               f"lowering --lr)", file=sys.stderr)

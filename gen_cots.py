@@ -19,6 +19,7 @@ Real data:
 
 import base64
 import difflib
+import http.client
 import json
 import mimetypes
 import os
@@ -26,8 +27,7 @@ import random
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import zlib
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -382,16 +382,15 @@ class OpenAIPolicy:
         last = None
         for attempt in range(self.retries + 1):
             try:
-                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    out = json.loads(resp.read())
-                return choice_texts(out, body["n"])
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code != 429 and e.code < 500:
+                status, reply = post(self.url, data, headers, self.timeout)
+                if status == 200:
+                    return choice_texts(json.loads(reply), body["n"])
+                last = f"HTTP {status}"
+                if status != 429 and status < 500:
                     break
-            except (urllib.error.URLError, OSError, ValueError, KeyError) as e:   # socket timeouts are OSErrors
-                last = type(e).__name__ + (f": {e.reason}" if hasattr(e, "reason") else f": {e}" if str(e) else "")
+            # Socket errors and timeouts are OSErrors; a reply cut off mid-body is an HTTPException.
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
+                last = type(e).__name__ + (f": {e}" if str(e) else "")
             if attempt < self.retries:
                 wait = self.backoff * 2 ** attempt
                 tqdm.write(f"{self.url}: {last}; attempt {attempt + 1} of {self.retries + 1} failed, next in {wait:.0f} s",
@@ -407,6 +406,42 @@ class OpenAIPolicy:
             return [self.request(self.payload(prompts[0], n))]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda p: self.request(self.payload(p, n)), prompts))
+
+
+def post(url, data, headers, timeout):
+    """POST `data` to url; returns (HTTP status, reply body). `timeout` (seconds) bounds the whole
+    exchange, connecting, sending and reading together: each socket operation gets what is left of
+    it, so a server that trickles its reply cannot hold a request past the deadline."""
+    deadline = time.monotonic() + timeout
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"not an http(s) URL: {url}")
+    conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(
+        u.hostname, u.port, timeout=timeout)
+
+    def left():
+        t = deadline - time.monotonic()
+        if t <= 0:
+            raise TimeoutError
+        return t
+    try:
+        conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=data, headers=headers)
+        sock = conn.sock                                    # kept: the reply reads from it after getresponse
+        sock.settimeout(left())
+        resp = conn.getresponse()
+        chunks = []
+        while True:
+            sock.settimeout(left())
+            chunk = resp.read1(1 << 16)                     # returns what one socket read brought
+            if not chunk:
+                if resp.length:                             # the connection closed before the promised length
+                    raise http.client.IncompleteRead(b"".join(chunks), resp.length)
+                return resp.status, b"".join(chunks)
+            chunks.append(chunk)
+    except TimeoutError:                                    # a socket read that ran out of time, or left()
+        raise TimeoutError(f"no complete reply within --timeout {timeout:g} s") from None
+    finally:
+        conn.close()
 
 
 def choice_texts(out, n):
@@ -622,8 +657,11 @@ def done_records(path, key):
 
 
 def read_questions(path, outside_images=False):
-    """The questions of a questions.jsonl (ours), ids unique; an empty file is an error."""
-    questions = prm.read_records(path, "questions", outside_images=outside_images)
+    """The questions of a questions.jsonl (ours), ids unique; records without steps are skipped (a
+    line saying so), and a file with no question left is an error."""
+    questions, skips = prm.read_cots(path, "questions", fmt="ours", outside_images=outside_images)
+    if skips:
+        print(f"{path}: {prm.skip_report(skips, [q['id'] for q in questions])}")
     if not questions:
         raise prm.DataError("no questions in the file", file=path)
     prm.check_unique(questions, lambda q: q["id"], "question id")

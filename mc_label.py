@@ -124,7 +124,7 @@ def main(argv=None):
         raise prm.DataError("no answer key: Monte Carlo rollouts are scored against it", *no_key["_src"], "answer")
     policy = gen_cots.make_policy(args)
     if skips:
-        print(f"{args.cots}: {prm.skip_report(cots, skips)}; not labelled")
+        print(f"{args.cots}: {prm.skip_report(skips, [c['id'] for c in cots])}; not labelled")
     t0, n_rollouts = time.perf_counter(), 0
     with prm.output_lock(out):
         gen_cots.check_params(out, dict(gen_cots.policy_params(args), rollouts=args.rollouts,

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -514,6 +515,12 @@ def prm_directory(path):
 def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
     """PRM.from_pretrained: the backbone, then the value head and the reading settings of prm.json."""
     path = prm_directory(path)
+    if not _is_prm_dir(path) and any(os.path.exists(os.path.join(path, n)) for n in ("config.json", "checkpoint")) \
+            and os.path.isfile(os.path.join(path, "run.lock")):
+        how = "--resume to finish it" if os.path.isdir(os.path.join(path, "checkpoint")) else \
+            "--overwrite to start it again (it stopped before its first checkpoint)"
+        raise DataError(f"a bilevel_train.py run that has not finished (no prm/ yet): rerun its command with {how} "
+                        "(its flags are in config.json; the toy demo's is python bilevel_train.py)", file=path)
     if not _is_prm_dir(path):
         raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
                         "a plain backbone is loaded with --model, not as a PRM)", file=path)
@@ -791,11 +798,22 @@ def save_tiny_backbone(path, seed=0, **kwargs):
         return path
     model, tokenizer, image_processor = tiny_backbone(seed, **kwargs)
     _quiet_transformers()
-    with atomic_dir(path) as tmp:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # A folder of this process's own, renamed into place: two runs that start at once each write
+    # their own copy, and the second rename finds the first's (the same bytes) and is dropped.
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path.rstrip("/")) + ".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    os.chmod(tmp, 0o755)
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         readable(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -1004,6 +1022,11 @@ class Skip:
     reason: str
     question: str
     domain: str = ""
+
+
+class Skips(list):
+    """The Skips of one file, and `read`: how many source records (lines, or list entries) it held."""
+    read = 0
 
 
 def _need(obj, field, types, file, where):
@@ -1219,7 +1242,9 @@ def _from_mathshepherd(obj, file, where, opts):
     """Math-Shepherd {input: the question and steps, each step followed by 'ки'; label: the same
     text with '+' or '-' in place of each tag; task}. '+' -> 1.0, '-' -> 0.0 (its MC labels, hard
     estimate). The question is the text before 'Step 1'; the last step gives the answer ('The
-    answer is: ...'), and its label is that answer's correctness."""
+    answer is: ...'), and its label is that answer's correctness. A record without a 'Step 1'
+    marker, or with a tag before it (a label inside the question), cannot be split faithfully: it
+    is skipped with its reason."""
     text, marked = _need(obj, "input", str, file, where), _need(obj, "label", str, file, where)
     pieces = text.split(MATH_SHEPHERD_TAG)
     mc, at = [], 0
@@ -1232,7 +1257,10 @@ def _from_mathshepherd(obj, file, where, opts):
         at += 1
     first = _FIRST_STEP_RE.search(pieces[0])
     if first is None and mc:
-        raise DataError("no 'Step 1' marker: the question cannot be told from the first step", file, where, "input")
+        where_marker = next((k for k, p in enumerate(pieces) if _FIRST_STEP_RE.search(p)), None)
+        why = "a step tag inside the question (before 'Step 1')" if where_marker else \
+            "no 'Step 1' marker (the question cannot be told from the first step)"
+        return Skip(why, _short_id(text), obj.get("task") or opts["domain"])
     question = pieces[0][:first.start()].strip() if first else text.strip()
     steps = [pieces[0][first.start():].strip()] + [p.strip() for p in pieces[1:-1]] if mc else []
     rec = _cot(question, steps, mc, mc[-1] == 1.0 if mc else None, domain=obj.get("task") or opts["domain"])
@@ -1242,7 +1270,8 @@ def _from_mathshepherd(obj, file, where, opts):
 def _from_processbench(obj, file, where, opts):
     """ProcessBench {id, generator, problem, steps, final_answer_correct, label}: label is the index
     of the first wrong step, or -1 when every step is right. Steps before it -> 1.0, that step ->
-    0.0, later steps unlabelled (no one judged them); correct = final_answer_correct."""
+    0.0, later steps unlabelled (no one judged them); correct = final_answer_correct. The domain is
+    the record's subset (gsm8k, math, olympiadbench, omnimath: _processbench_subset), else the file's."""
     problem = _need(obj, "problem", str, file, where)
     steps = _strip_steps(_need(obj, "steps", list, file, where), file, where, "steps")
     first_wrong = _need(obj, "label", int, file, where)
@@ -1252,10 +1281,20 @@ def _from_processbench(obj, file, where, opts):
     mc = [1.0] * n + ([0.0] + [None] * (len(steps) - n - 1) if first_wrong >= 0 else [])
     correct = _strict_bool(_need(obj, "final_answer_correct", (bool, str), file, where), file, where,
                            "final_answer_correct")
-    rec = _cot(problem, steps, mc, correct, domain=opts["domain"], policy=str(obj.get("generator", "")),
-               qid=obj.get("id"))
+    rec = _cot(problem, steps, mc, correct, domain=_processbench_subset(obj) or opts["domain"],
+               policy=str(obj.get("generator", "")), qid=obj.get("id"))
     rec["_first_wrong"] = first_wrong
     return _skip_or(rec, None)
+
+
+def _processbench_subset(obj):
+    """The ProcessBench subset a record names: a 'subset' or 'split' field, else the prefix of its
+    own id ('gsm8k-0' -> 'gsm8k'); None when neither says (the file then names it)."""
+    for field in ("subset", "split"):
+        if isinstance(obj.get(field), str) and obj[field].strip():
+            return obj[field].strip()
+    m = re.fullmatch(r"([A-Za-z][\w.]*)-\d+", str(obj.get("id", "")))
+    return m.group(1) if m else None
 
 
 def _turns(conversations, file, where):
@@ -1330,14 +1369,18 @@ def _from_dreamprm15(obj, file, where, opts):
 def _from_visualprm400k(obj, file, where, opts):
     """VisualPRM400K. v1.1 (raw): {image, question, answer, response, steps_with_score: [{step,
     score}]}, each score the step's MC value. v1.0: {image, conversations}, the question and first
-    step in one turn, each step answered '+' or '-'. No final correctness is stated (--correct-from)."""
+    step in one turn, each step answered '+' or '-' (its release wrote '+' wherever the MC score is
+    above 0). Both read as one quantity: 1.0 where the step's MC score is above 0, else 0.0; the
+    '<image>' placeholder never enters the question. No final correctness is stated (--correct-from)."""
     image, several = _one_image(obj.get("image"), file, where, "image")
     if "steps_with_score" in obj:
         scored = _need(obj, "steps_with_score", list, file, where)
         steps = _strip_steps([s.get("step") if isinstance(s, dict) else s for s in scored], file, where,
                              "steps_with_score")
-        mc = [_label(s.get("score"), file, where, "steps_with_score") for s in scored]
+        # v1.0 is v1.1 post-processed ('+' wherever the MC score is above 0): the same quantity from both.
+        mc = [float(_label(s.get("score"), file, where, "steps_with_score") > 0) for s in scored]
         question, answer = _need(obj, "question", str, file, where), obj.get("answer", "")
+        question = re.sub(r"<image>", "", question).strip()       # the placeholder is not question text
     else:
         question, steps, mc = _conversation(_need(obj, "conversations", (list, str), file, where), file, where)
         answer = obj.get("answer", "")
@@ -1509,7 +1552,8 @@ def read_cots(path, kind, image_root=None, fmt="auto", domain=None, correct_from
     container, items = _load_items(path)
     fmt = _resolve_format(fmt, container, items, path)
     opts = _options(path, domain, correct_from, image_root, outside_images)
-    records, skips, prefixes, seen = [], [], [], set()
+    records, skips, prefixes, seen = [], Skips(), [], set()
+    skips.read = len(items)
     for where, obj in items:
         if fmt == "dreamprm":                                   # prefix records have no key of their own
             raw = json.dumps(obj, sort_keys=True)
@@ -1609,7 +1653,7 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
             groups.setdefault((r["domain"], r["id"]), []).append(r)
         return list(groups.items()), skips, lambda entries: entries
     opts = _options(path, domain, correct_from, image_root, outside_images)
-    skips, seen, samples, repeats = [], {}, {}, {}
+    skips, seen, samples, repeats = Skips(), {}, {}, {}
 
     def read_back(i, offset, sample, key):
         with open(path, "rb") as f:
@@ -1623,6 +1667,7 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
         for i, raw in enumerate(f, 1):
             obj = parse_line(raw, path, i)
             if obj is not None:
+                skips.read += 1
                 rec = _convert(obj, fmt, path, i, opts)
                 if isinstance(rec, Skip):
                     skips.append(rec)
@@ -1640,15 +1685,20 @@ def read_records(path, kind, image_root=None, outside_images=False):
     return records
 
 
-def skip_report(records, skips):
-    """'N of M records skipped (why: count, ...); Q of P questions have no CoT left', or ''."""
+def skip_report(skips, questions):
+    """'N of M source records skipped (why: count, ...); Q of P questions have no CoT left', or ''.
+
+    skips: the Skips of one file (a reader's second result); questions: the ids of the questions
+    that kept a CoT. A source record is a line of JSON Lines or an entry of a JSON list (a published
+    DreamPRM step prefix counts as one)."""
     if not skips:
         return ""
     reasons = Counter(s.reason for s in skips)
-    kept = {r["id"] for r in records}
+    kept = set(questions)
     lost = {s.question for s in skips} - kept
     total = len(kept | {s.question for s in skips})
-    return (f"{len(skips)} of {len(records) + len(skips)} records skipped ("
+    read = max(getattr(skips, "read", 0), len(skips))
+    return (f"{len(skips)} of {read} source records skipped ("
             + ", ".join(f"{why}: {n}" for why, n in reasons.most_common()) + f"); {len(lost)} of {total} "
             f"questions have no CoT left")
 
@@ -1715,7 +1765,7 @@ def check_writable(folder):
     """Create `folder` if needed and prove it takes a file, before any long work starts."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")      # one per process: two may probe at once
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -1744,10 +1794,11 @@ def reading(args):
                 correct_from=args.correct_from, outside_images=args.allow_outside_images)
 
 
-def run_cli(main, argv=None):
+def run_cli(main, argv=None, resume_hint="rerun the same command, which resumes"):
     """Run a script's main(argv). A DataError, or a file that cannot be read or written, becomes one
     line on stderr and exit code 2; a full disk exit code 1 (outputs are whole up to the last
-    record: free space and rerun); Ctrl-C exit code 130 with how to resume."""
+    record, a checkpoint or PRM being written is left as it was: free space and `resume_hint`);
+    Ctrl-C exit code 130 with how to resume."""
     try:
         return main(argv) or 0
     except DataError as e:
@@ -1756,13 +1807,23 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: no space left on the device writing {e.filename or 'an output'}: free space and rerun "
-                  "the same command, which resumes", file=sys.stderr)
-            return 1
-        print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if not no_space(e):
+            if isinstance(e, OSError):
+                print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+                return 2
+            raise
+        print(f"error: no space left on the device writing {getattr(e, 'filename', None) or 'an output'}: free "
+              f"space and {resume_hint}", file=sys.stderr)
+        return 1
+
+
+def no_space(e):
+    """Whether an error is a full disk or quota: an OSError, or the error of a library that reports
+    the operating system's (safetensors: '... No space left on device (os error 28)')."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e)
 
 
 def pick_device(name):
@@ -1856,7 +1917,12 @@ def write_json_atomic(path, obj):
 def save_tensors_atomic(path, tensors, metadata=None):
     """safetensors file written to path.tmp, then renamed over path."""
     tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    except Exception as e:                                      # safetensors reports a full disk as its own error
+        if no_space(e) and not isinstance(e, OSError):
+            raise OSError(errno.ENOSPC, "No space left on device", path) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -1924,10 +1990,21 @@ class output_lock:
         self.f.close()                                           # closing releases the lock
         return False
 
+    def owned(self):
+        """Whether the lock file at the path is still the one this object locked: a folder removed
+        and remade under a live run (by hand, or by another tool) must not pass as this run's."""
+        try:
+            return not self.f.closed and os.fstat(self.f.fileno()).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
+
     def hold(self):
         """Take the lock outside a with block: it is held until this object is closed or freed, or
         the process ends."""
         return self.__enter__()
+
+    def close(self):
+        self.f.close()
 
     def __del__(self):
         if getattr(self, "f", None) is not None and not self.f.closed:

@@ -98,13 +98,23 @@ def first_error(xs, threshold):
     return next((i for i, x in enumerate(xs) if x < threshold), -1)
 
 
-def add_step_counts(counts, records, values, threshold=0.25, judged_threshold=0.5):
-    """Add one question's CoTs to the step report's sums (records with MC labels and a score), and
-    to the benchmark figures' sums for CoTs whose steps are judged right or wrong (a format other
-    than ours, every label 0 or 1; see benchmark_report)."""
+# What a file's step labels are, for the step report's title: people judged each step, or Monte
+# Carlo rollouts estimated it.
+HUMAN_LABELS = ("processbench", "prm800k", "visualprocessbench")
+MC_LABELS = ("ours", "dreamprm", "mathshepherd", "visualprm400k")
+
+
+def add_step_counts(counts, judged, records, values, threshold=0.25, judged_threshold=0.5):
+    """Add one question's CoTs to the step report's sums (`counts`: records with step labels and a
+    score) and to the benchmark figures' sums (`judged`: {subset: Counter}, for CoTs whose steps are
+    judged right or wrong: a format other than ours, every label 0 or 1; see benchmark_report)."""
     for r, v in zip(records, values):
-        mc = r.get("mc")
-        if not mc or v is None:
+        mc, fmt = r.get("mc"), r.get("_format", "ours")
+        if not mc:
+            continue
+        if fmt != "ours" and all(p in (0.0, 1.0) for p in mc if p is not None):
+            add_judged_counts(judged.setdefault(r["domain"], Counter()), v, mc, judged_threshold)
+        if v is None:
             continue
         pairs = [(x, p) for x, p in zip(v, mc) if p is not None]
         counts["se"] += sum((x - p) ** 2 for x, p in pairs)
@@ -112,41 +122,63 @@ def add_step_counts(counts, records, values, threshold=0.25, judged_threshold=0.
         labelled = [p if p is not None else 1.0 for p in mc]
         counts["hits"] += first_error(v, threshold) == first_error(labelled, threshold)
         counts["cots"] += 1
-        if r.get("_format", "ours") != "ours" and all(p in (0.0, 1.0) for _, p in pairs):
-            add_judged_counts(counts, v, mc, judged_threshold)
+        counts["labels/" + ("human" if fmt in HUMAN_LABELS else "mc" if fmt in MC_LABELS else "file")] += 1
     return counts
 
 
 def add_judged_counts(counts, v, mc, threshold):
-    """Sums for benchmark_report: the step confusion counts (true right/wrong x flagged or not; a
-    step is flagged wrong when V < threshold) and the first-error hits on erroneous and correct CoTs."""
-    for x, p in zip(v, mc):
-        if p is not None:
-            counts[("right" if p == 1.0 else "wrong") + ("_flagged" if x < threshold else "_passed")] += 1
+    """Sums for benchmark_report of one judged CoT (v: its step values, None when it was too long to
+    score). The step confusion counts, VisualProcessBench's way: true right/wrong x flagged (V <
+    threshold) or not. The first-error hit, ProcessBench's way: its evaluation flags a step wrong
+    when argmax([P(wrong), P(right)]) is the first class, so a tie (V == threshold) is flagged; the
+    prediction is the first flagged step among the labelled ones (neutral and unjudged steps add
+    nothing), a hit when it equals the first wrong step (-1 for none). An unscored CoT counts in
+    every denominator, as a miss."""
     label = next((i for i, p in enumerate(mc) if p == 0.0), -1)        # the first wrong step, -1 for none
     kind = "erroneous" if label >= 0 else "correct"
     counts[kind] += 1
-    counts[kind + "_hits"] += first_error(v, threshold) == label
+    if v is None:
+        counts["unscored"] += 1
+        for p in mc:
+            if p is not None:
+                counts["right_flagged" if p == 1.0 else "wrong_passed"] += 1
+        return
+    for x, p in zip(v, mc):
+        if p is not None:
+            counts[("right" if p == 1.0 else "wrong") + ("_flagged" if x < threshold else "_passed")] += 1
+    predicted = next((i for i, (x, p) in enumerate(zip(v, mc)) if p is not None and x <= threshold), -1)
+    counts[kind + "_hits"] += predicted == label
 
 
-def benchmark_report(counts, threshold=0.5):
-    """Step-level figures as the benchmarks publish them, over the judged CoTs (None if there are none).
-    VisualProcessBench (Wang et al., 2025, arXiv 2503.10291): the F1 of telling right from wrong
-    steps, for each class and their macro mean, neutral steps left out. ProcessBench (Zheng et al.,
-    2024, arXiv 2412.06559): the accuracy of the first wrong step found exactly on erroneous CoTs,
-    of no step flagged on correct CoTs, and their harmonic mean. A step is flagged when V < threshold."""
-    if not counts["erroneous"] + counts["correct"]:
-        return None
-    rf, rp, wf, wp = (counts[k] for k in ("right_flagged", "right_passed", "wrong_flagged", "wrong_passed"))
-    f1_right = 2 * rp / max(1, 2 * rp + wp + rf)
-    f1_wrong = 2 * wf / max(1, 2 * wf + rf + wp)
+def processbench_f1(counts):
+    """ProcessBench (Zheng et al., 2024, arXiv 2412.06559, section 3): accuracy of the first wrong
+    step found exactly on erroneous CoTs, of none flagged on correct CoTs, and their harmonic mean;
+    None where a class is empty or both accuracies are 0 (its evaluation code gives nan there)."""
     err = counts["erroneous_hits"] / counts["erroneous"] if counts["erroneous"] else None
     ok = counts["correct_hits"] / counts["correct"] if counts["correct"] else None
-    hm = 2 * err * ok / (err + ok) if err is not None and ok is not None and err + ok > 0 else (
-        0.0 if err is not None and ok is not None else None)
+    f1 = 2 * err * ok / (err + ok) if err is not None and ok is not None and err + ok > 0 else None
+    return {"erroneous_accuracy": err, "correct_accuracy": ok, "f1": f1, "erroneous": counts["erroneous"],
+            "correct": counts["correct"], "unscored": counts["unscored"]}
+
+
+def benchmark_report(judged, threshold=0.5):
+    """Step-level figures as the benchmarks publish them, over the judged CoTs (None if there are none).
+    judged: {subset: Counter} (add_step_counts). VisualProcessBench (Wang et al., 2025, arXiv
+    2503.10291): the F1 of telling right from wrong steps, for each class and their macro mean,
+    neutral steps left out, over all steps. ProcessBench: its F1 per subset (processbench_f1), and
+    the benchmark's overall figure, the plain mean of the subsets' F1s (None if one is undefined)."""
+    total = sum(judged.values(), Counter())
+    if not total["erroneous"] + total["correct"]:
+        return None
+    rf, rp, wf, wp = (total[k] for k in ("right_flagged", "right_passed", "wrong_flagged", "wrong_passed"))
+    f1_right = 2 * rp / max(1, 2 * rp + wp + rf)
+    f1_wrong = 2 * wf / max(1, 2 * wf + rf + wp)
+    subsets = {name: processbench_f1(c) for name, c in sorted(judged.items())}
+    f1s = [x["f1"] for x in subsets.values()]
     return {"threshold": threshold, "f1_right": f1_right, "f1_wrong": f1_wrong, "macro_f1": (f1_right + f1_wrong) / 2,
-            "steps": rf + rp + wf + wp, "erroneous_accuracy": err, "correct_accuracy": ok, "processbench_f1": hm,
-            "erroneous": counts["erroneous"], "correct": counts["correct"]}
+            "steps": rf + rp + wf + wp, "subsets": subsets,
+            "processbench_f1": None if None in f1s else sum(f1s) / len(f1s),
+            "erroneous": total["erroneous"], "correct": total["correct"], "unscored": total["unscored"]}
 
 
 def step_report(records, values, threshold=0.25, counts=None):
@@ -155,7 +187,7 @@ def step_report(records, values, threshold=0.25, counts=None):
     first whose value falls below `threshold`, by the same rule for the MC labels and for the PRM
     (-1 when there is none, e.g. a correct CoT: both -1 is a hit). `counts`: sums already added
     question by question (add_step_counts)."""
-    counts = counts if counts is not None else add_step_counts(Counter(), records, values, threshold)
+    counts = counts if counts is not None else add_step_counts(Counter(), {}, records, values, threshold)
     if not counts["cots"]:
         return None
     return {"step_mse": counts["se"] / max(1, counts["steps"]), "first_error_accuracy": counts["hits"] / counts["cots"],
@@ -266,7 +298,7 @@ def write_outputs(questions, load, parts, names, args):
     """Merge the PRMs' part files, question by question, into scores.jsonl and picks.jsonl; collect
     what the evaluation needs (questions whose CoTs all have `correct`) and the step report's sums."""
     labelled, scores_by_prm = [], {n: [] for n in names}
-    step_counts = {n: Counter() for n in names}
+    step_counts, judged = {n: Counter() for n in names}, {n: {} for n in names}
     unlabelled = long_cots = 0
     files = [open(p, encoding="utf-8") for p in parts]
     scores_tmp, picks_tmp = (os.path.join(args.out, f"{n}.jsonl.tmp") for n in ("scores", "picks"))
@@ -287,7 +319,7 @@ def write_outputs(questions, load, parts, names, args):
                                      "sample": pick["sample"] if pick else None,
                                      "pred": pick.get("pred", pick.get("final", "")) if pick else None,
                                      "score": row["scores"][best] if pick else None}, ensure_ascii=False) + "\n")
-                add_step_counts(step_counts[n], records, row["values"], judged_threshold=args.step_threshold)
+                add_step_counts(step_counts[n], judged[n], records, row["values"], judged_threshold=args.step_threshold)
             if all(isinstance(r.get("correct"), bool) for r in records):
                 labelled.append((domain, [{"correct": r["correct"], "pred": r.get("pred", r.get("final", ""))}
                                           for r in records]))
@@ -301,7 +333,7 @@ def write_outputs(questions, load, parts, names, args):
     os.replace(picks_tmp, os.path.join(args.out, "picks.jsonl"))
     for p in parts:
         os.remove(p)
-    return labelled, scores_by_prm, step_counts, unlabelled, long_cots
+    return labelled, scores_by_prm, step_counts, judged, unlabelled, long_cots
 
 
 def parse_args(argv):
@@ -344,7 +376,7 @@ def main(argv=None):
     prm.check_writable(args.out)                                # before any scoring, not after
     questions, skips, load = prm.index_questions(args.cots, "test", **prm.reading(args))
     if skips:
-        print(f"{args.cots}: {prm.skip_report([r for _, e in questions for r in e], skips)}")
+        print(f"{args.cots}: {prm.skip_report(skips, [qid for (_, qid), _ in questions])}")
     if not questions:
         raise prm.DataError("no CoTs with steps", file=args.cots)
     parts, aggregations, cots_digest = [], {}, prm.file_digest(args.cots)
@@ -352,25 +384,25 @@ def main(argv=None):
         for name, path in zip(names, prms):
             part, aggregations[name] = score_with(name, path, questions, load, args, device, cots_digest)
             parts.append(part)
-        labelled, scores_by_prm, step_counts, unlabelled, long_cots = write_outputs(questions, load, parts, names,
-                                                                                    args)
+        labelled, scores_by_prm, step_counts, judged, unlabelled, long_cots = write_outputs(questions, load, parts,
+                                                                                            names, args)
     if long_cots:
         print(f"{long_cots} CoTs longer than the PRM's max_length: not scored (null in scores.jsonl)")
     if long_cots == sum(len(entries) for _, entries in questions):
         raise prm.DataError("no CoT fits the PRM's max_length (prm.json): nothing was scored, no accuracy to report",
                             file=args.cots)
 
-    write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts,
+    write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts, judged,
                  dict(skipped=len(skips), not_scored_too_long=long_cots, unlabelled_questions=unlabelled))
     return 0
 
 
-def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts, counts):
+def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts, judged, counts):
     """results.json, results.md and accuracy_vs_n.png: best of N against the baselines (questions
-    whose CoTs all carry `correct`), the step report against MC labels, and the benchmarks'
-    step-level figures where steps are judged right or wrong."""
+    whose CoTs all carry `correct`), the step report against the file's step labels, and the
+    benchmarks' step-level figures where steps are judged right or wrong."""
     steps = {n: step_report(None, None, counts=step_counts[n]) for n in names}
-    judged = {n: benchmark_report(step_counts[n], args.step_threshold) for n in names}
+    judged = {n: benchmark_report(judged[n], args.step_threshold) for n in names}
     written = f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)"
     if not labelled:
         print("no question has `correct` on every CoT: no accuracy table")
@@ -382,16 +414,11 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
     table, curve = evaluate(labelled, scores_by_prm, args.subsets, args.seed) if labelled else ({}, {})
     md = markdown(table, ["pass@1", "majority"] + names + ["oracle"]) if labelled else ""
     if labelled and any(steps.values()):
-        md += "\n\nStep level, against the MC labels:\n\n| PRM | step MSE | first wrong step found |\n|---|---:|---:|\n"
-        md += "\n".join(f"| {n} | {s['step_mse']:.4f} | {100 * s['first_error_accuracy']:.1f}% |"
-                        for n, s in steps.items() if s)
+        md += f"\n\nStep level, against {labels_title(step_counts)}:\n\n| PRM | step MSE | first wrong step found |\n"
+        md += "|---|---:|---:|\n" + "\n".join(f"| {n} | {s['step_mse']:.4f} | {100 * s['first_error_accuracy']:.1f}% |"
+                                           for n, s in steps.items() if s)
     if any(judged.values()):
-        pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
-        md += (f"\n\nStep level as the benchmarks report it (a step is flagged wrong when V < {args.step_threshold}):"
-               "\n\n| PRM | judged steps | macro F1 (VisualProcessBench) | erroneous CoTs: first error found | "
-               "correct CoTs: none flagged | F1 (ProcessBench) |\n|---|---:|---:|---:|---:|---:|\n")
-        md += "\n".join(f"| {n} | {b['steps']} | {pct(b['macro_f1'])} | {pct(b['erroneous_accuracy'])} | "
-                        f"{pct(b['correct_accuracy'])} | {pct(b['processbench_f1'])} |" for n, b in judged.items() if b)
+        md += "\n\n" + benchmark_markdown(judged, args.step_threshold)
     prm.write_json_atomic(os.path.join(args.out, "results.json"),
                           {"table": table, "accuracy_vs_n": curve, "step_level": steps, "benchmark_step_level": judged,
                            "aggregate": aggregations, "prms": dict(zip(names, prms)), "cots": args.cots, **counts})
@@ -401,6 +428,32 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
         plot_curve(curve, os.path.join(args.out, "accuracy_vs_n.png"))
     print(written + ", results.json, results.md" + (", accuracy_vs_n.png" if curve else ""))
     print(md.strip("\n"))
+
+
+def labels_title(step_counts):
+    """What the step report compares with, named by what the labels are."""
+    kinds = {k for c in step_counts.values() for k in c if k.startswith("labels/")}
+    return {frozenset({"labels/human"}): "the human step labels", frozenset({"labels/mc"}): "the MC labels"}.get(
+        frozenset(kinds), "the file's step labels")
+
+
+def benchmark_markdown(judged, threshold):
+    """The benchmark figures' tables: VisualProcessBench's macro F1 per PRM, then ProcessBench's
+    accuracies and F1 per subset and their mean, the benchmark's own overall figure. '-' marks a
+    figure that is undefined (no CoT of a class, or both accuracies 0)."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = [f"Step level as the benchmarks report it (VisualProcessBench: a step is flagged wrong when V < {threshold}; "
+             f"ProcessBench: when V <= {threshold}, its tie rule; an unscored CoT counts as a miss):", "",
+             "| PRM | judged steps | macro F1 (VisualProcessBench) | ProcessBench F1, mean of subsets (official) |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {b['steps']} | {pct(b['macro_f1'])} | {pct(b['processbench_f1'])} |" for n, b in judged.items() if b]
+    lines += ["", "ProcessBench per subset:", "",
+              "| PRM | subset | erroneous CoTs | first error found | correct CoTs | none flagged | F1 | unscored |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {name} | {x['erroneous']} | {pct(x['erroneous_accuracy'])} | {x['correct']} | "
+              f"{pct(x['correct_accuracy'])} | {pct(x['f1'])} | {x['unscored']} |"
+              for n, b in judged.items() if b for name, x in b["subsets"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         words = "domain 'm3cot' has no usable records"
     elif case == "meta_unusable":
         args[3] = write_labels(tmp_path / "meta0.jsonl", [("meta", [], 0)])
-        words = "no usable meta records: 1 of 1 records skipped (no steps: 1)"
+        words = "no usable meta records: 1 of 1 source records skipped (no steps: 1)"
     else:
         (tmp_path / "train.jsonl").write_text(
             (tmp_path / "train.jsonl").read_text().replace("[1.0, 0.5]", "[1.0, NaN]"))
@@ -397,7 +397,7 @@ def assert_optimizer_resumes_exactly(backbone_dir, tmp_path, make_optimizer):
         else:
             for _ in range(2):
                 bt.lower_step(model, opt, a, records, keys, "domain", off)
-            bt.save_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a, 2)
+            bt.save_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a, 2, prm.output_lock(str(tmp_path / "run")).hold())
         bt.lower_step(model, opt, a, records, keys, "domain", off)
         runs.append([p.detach().clone() for p in phi])
     assert all(torch.equal(x, y) for x, y in zip(*runs))

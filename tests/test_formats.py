@@ -119,8 +119,8 @@ def test_dreamprm_traps(tmp_path, images):
     records, skips = read(write_json(tmp_path / "train.json", train))
     assert len(records) == 1 and records[0]["mc"] == [1.0, 0.5, 0.0] and records[0]["steps"][0] == heads[0]
     assert sorted(s.reason for s in skips) == ["no steps", "several images"]
-    assert prm.skip_report(records, skips) == \
-        "2 of 3 records skipped (no steps: 1, several images: 1); 2 of 3 questions have no CoT left"
+    assert prm.skip_report(skips, [r["id"] for r in records]) == \
+        "2 of 5 source records skipped (no steps: 1, several images: 1); 2 of 3 questions have no CoT left"
     meta = [{"id": 1, "true_false": False, "input": "Question: Q\n\nStep 1: a\nFinal answer: C\nFinal answer: B",
              "image_path": None}]
     (m,), _ = read(write_json(tmp_path / "meta.json", meta), "cots")
@@ -363,7 +363,7 @@ def test_visualprm400k_both_layouts(tmp_path, images):
             "steps_with_score": [{"step": s, "score": x} for s, x in zip(STEPS, [1.0, 0.625, 0.0])],
             "num_mc_sequences": 16}]
     (a,), _ = read(write_jsonl(tmp_path / "ai2d.jsonl", v11))
-    assert a["_format"] == "visualprm400k" and a["mc"] == [1.0, 0.625, 0.0] and a["correct"] is None
+    assert a["_format"] == "visualprm400k" and a["mc"] == [1.0, 1.0, 0.0] and a["correct"] is None   # score > 0
     assert a["domain"] == "ai2d" and a["_image"] == images[0]
     turns = [{"from": "system", "value": SYSTEM},
              {"from": "human", "value": f"<image>\n### Question:\n{QUESTION}\n\n### Solution Process:\n{STEPS[0]}"},
@@ -440,3 +440,118 @@ def test_text_formats_encode_identically(tmp_path, tiny_prm):
     for fmt, es in encoded.items():
         for e, e0 in zip(es, encoded["trl"]):
             assert torch.equal(e.input_ids, e0.input_ids) and torch.equal(e.step_ends, e0.step_ends), fmt
+
+
+# -- benchmark numbers as the benchmarks compute them ----------------------------------------------
+
+def judged_report(rows, threshold=0.5):
+    """benchmark_report over (format, subset, mc, values) rows, as rerank.py sums them."""
+    from collections import Counter
+    judged = {}
+    for fmt, subset, mc, v in rows:
+        rerank.add_step_counts(Counter(), judged, [{"_format": fmt, "domain": subset, "mc": mc}], [v],
+                               judged_threshold=threshold)
+    return rerank.benchmark_report(judged, threshold)
+
+
+def official_processbench(subsets):
+    """ProcessBench's evaluation (code/run_eval.py of the ProcessBench repository, and the paper,
+    arXiv 2412.06559, section 4.1): per subset acc1 = mean match on erroneous samples, acc2 = on
+    correct ones, f1 = 2 acc1 acc2 / (acc1 + acc2); the overall figure is the mean over subsets."""
+    f1s = []
+    for matches_err, matches_ok in subsets:
+        acc1, acc2 = sum(matches_err) / len(matches_err), sum(matches_ok) / len(matches_ok)
+        f1s.append(2 * acc1 * acc2 / (acc1 + acc2))
+    return f1s, sum(f1s) / len(f1s)
+
+
+def test_processbench_f1_is_the_mean_of_the_subsets_f1s():
+    """ProcessBench reports F1 per subset and their plain mean (the paper's 'Avg.'), not the F1 of
+    all records pooled. Two subsets of unequal size and difficulty."""
+    hit_err, miss_err = ([0.9, 0.1], [1.0, 0.0]), ([0.9, 0.9], [1.0, 0.0])
+    hit_ok, miss_ok = ([0.9, 0.9], [1.0, 1.0]), ([0.9, 0.1], [1.0, 1.0])
+    gsm = [hit_err, hit_err, miss_err, hit_ok, miss_ok]             # acc1 2/3, acc2 1/2
+    math_ = [miss_err, miss_err, hit_err, hit_err, hit_ok, hit_ok, hit_ok, miss_ok, miss_ok, miss_ok]   # 2/4, 3/6
+    rows = [("processbench", "gsm8k", mc, v) for v, mc in gsm] + [("processbench", "math", mc, v) for v, mc in math_]
+    b = judged_report(rows)
+    f1s, mean = official_processbench([([1, 1, 0], [1, 0]), ([0, 0, 1, 1], [1, 1, 1, 0, 0, 0])])
+    assert abs(b["subsets"]["gsm8k"]["f1"] - f1s[0]) < 1e-12 and abs(b["subsets"]["math"]["f1"] - f1s[1]) < 1e-12
+    assert abs(b["processbench_f1"] - mean) < 1e-12
+    pooled = 2 * (4 / 7) * (4 / 8) / (4 / 7 + 4 / 8)
+    assert abs(b["processbench_f1"] - pooled) > 1e-3                 # the pooled figure differs
+
+
+def test_processbench_subset_is_read_from_the_record(tmp_path):
+    """The record's subset names the row: a subset field, else its own id ('gsm8k-0'), else the file."""
+    rows = [{"id": f"{name}-{k}", "generator": "g", "problem": f"{name} {k}?", "steps": STEPS, "label": -1,
+             "final_answer_correct": True} for name in ("gsm8k", "math") for k in range(2)]
+    rows.append(dict(rows[0], id="x", problem="other?"))
+    rows.append(dict(rows[0], id="y", problem="named?", subset="omnimath"))
+    records, _ = read(write_json(tmp_path / "processbench.json", rows), "cots")
+    assert [r["domain"] for r in records] == ["gsm8k", "gsm8k", "math", "math", "processbench", "omnimath"]
+
+
+def test_processbench_tie_unscored_neutral_and_undefined():
+    """ProcessBench's code flags a step when argmax([P(wrong), P(right)]) is the first class: a tie at
+    the threshold is flagged. Its denominators count every sample, so an unscored CoT is a miss. With
+    both accuracies 0 its F1 is nan: reported as undefined. A neutral step (PRM800K rating 0, label
+    None) adds nothing: flagging it is no miss."""
+    tie = judged_report([("processbench", "s", [1.0, 0.0], [0.9, 0.5]), ("processbench", "s", [1.0, 1.0], [0.9, 0.6])])
+    assert tie["subsets"]["s"]["erroneous_accuracy"] == 1.0 and tie["subsets"]["s"]["correct_accuracy"] == 1.0
+    long = judged_report([("processbench", "s", [1.0, 0.0], [0.9, 0.1]), ("processbench", "s", [1.0, 0.0], None),
+                          ("processbench", "s", [1.0, 1.0], [0.9, 0.9])])
+    assert long["subsets"]["s"]["erroneous_accuracy"] == 0.5 and long["unscored"] == 1 and long["erroneous"] == 2
+    zero = judged_report([("processbench", "s", [1.0, 0.0], [0.9, 0.9]), ("processbench", "s", [1.0, 1.0], [0.1, 0.9])])
+    assert zero["subsets"]["s"]["f1"] is None and zero["processbench_f1"] is None
+    assert "| - |" in rerank.benchmark_markdown({"p": zero}, 0.5)
+    neutral = judged_report([("prm800k", "p", [None, 1.0, 0.0], [0.1, 0.9, 0.1]),
+                             ("prm800k", "p", [1.0, None, 1.0], [0.9, 0.2, 0.9])])
+    assert neutral["subsets"]["p"]["erroneous_accuracy"] == 1.0 and neutral["subsets"]["p"]["correct_accuracy"] == 1.0
+
+
+def test_math_shepherd_odd_records_are_skipped_not_fatal(tmp_path):
+    """Math-Shepherd holds records with no 'Step 1' marker and records with a step tag inside the
+    question (TRL's own Math-Shepherd converter special-cases both): each is skipped with its reason,
+    the file read on."""
+    tag = prm.MATH_SHEPHERD_TAG
+    steps = ["Step 1: Read 3 and 4.", "Step 2: The answer is: 7"]
+    good = QUESTION + " " + " ".join(s + " " + tag for s in steps)
+    no_marker = "How much? First, 3 + 4 = 7. " + tag + " The answer is: 7 " + tag
+    tag_in_question = f"Half of it {tag} is what? Step 1: 2. {tag} Step 2: The answer is: 2 {tag}"
+    rows = [{"input": x, "label": x.replace(tag, "+"), "task": "GSM8K"} for x in (good, no_marker, tag_in_question)]
+    records, skips = read(write_jsonl(tmp_path / "math-shepherd.jsonl", rows))
+    assert len(records) == 1 and records[0]["steps"] == steps
+    assert sorted(s.reason for s in skips) == ["a step tag inside the question (before 'Step 1')",
+                                               "no 'Step 1' marker (the question cannot be told from the first step)"]
+
+
+def test_visualprm400k_versions_read_as_one_quantity(tmp_path, images):
+    """VisualPRM400K v1.0 is v1.1 post-processed: '+' wherever the MC score is above 0, and '<image>'
+    taken out of the question. Both versions of one CoT read the same: question and labels."""
+    scores = [1.0, 0.125, 0.0]
+    v11 = [{"image": images[0], "question": "<image>\n" + QUESTION, "answer": "7", "response": "\n\n".join(STEPS),
+            "steps_with_score": [{"step": s, "score": x} for s, x in zip(STEPS, scores)]}]
+    turns = [{"from": "human", "value": f"<image>\n### Question:\n{QUESTION}\n\n### Solution Process:\n{STEPS[0]}"},
+             {"from": "gpt", "value": "+"}]
+    for s, x in zip(STEPS[1:], scores[1:]):
+        turns += [{"from": "human", "value": s}, {"from": "gpt", "value": "+" if x > 0 else "-"}]
+    (a,), _ = read(write_jsonl(tmp_path / "v11.jsonl", v11))
+    (b,), _ = read(write_jsonl(tmp_path / "v10.jsonl", [{"image": images[0], "conversations": turns}]))
+    assert a["question"] == b["question"] == QUESTION and a["steps"] == b["steps"] == STEPS
+    assert a["mc"] == b["mc"] == [1.0, 1.0, 0.0]
+
+
+def test_rerank_reports_processbench_per_subset_and_names_human_labels(tmp_path, backbone_dir, capsys):
+    rows = [{"id": f"{name}-{k}", "generator": "g", "problem": f"{name} {k}?", "steps": STEPS,
+             "final_answer_correct": k % 2 == 0, "label": -1 if k % 2 == 0 else 1} for name in ("gsm8k", "math")
+            for k in range(2)]
+    path = write_json(tmp_path / "pb.json", rows)
+    model_dir = str(tmp_path / "prm")
+    prm.PRM.from_backbone(backbone_dir).save_pretrained(model_dir)
+    assert rerank.main(["--cots", path, "--prm", model_dir, "--names", "p", "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "against the human step labels" in md and "MC labels" not in md
+    assert "| p | gsm8k | 1 |" in md and "| p | math | 1 |" in md and "mean of subsets (official)" in md
+    b = json.load(open(tmp_path / "out" / "results.json"))["benchmark_step_level"]["p"]
+    f1s = [b["subsets"][s]["f1"] for s in ("gsm8k", "math")]
+    assert b["processbench_f1"] == (None if None in f1s else sum(f1s) / 2)

@@ -84,7 +84,7 @@ def test_rerank_on_published_meta(tmp_path, images, backbone_dir, capsys):
     assert results["skipped"] == 1
     assert results["table"]["overall"]["questions"] == 2
     assert (out / "accuracy_vs_n.png").stat().st_size > 0 and "| overall | 2 |" in (out / "results.md").read_text()
-    assert "1 of 3 records skipped (no steps: 1); 0 of 2 questions have no CoT left" in capsys.readouterr().out
+    assert "1 of 3 source records skipped (no steps: 1); 0 of 2 questions have no CoT left" in capsys.readouterr().out
 
 
 def test_step_report_by_hand():
@@ -119,18 +119,23 @@ def test_benchmark_step_figures_by_hand():
     """ProcessBench- and VisualProcessBench-style figures from two judged CoTs, against hand counts;
     CoTs in our format (MC fractions) are not judged."""
     from collections import Counter
-    records = [{"_format": "processbench", "mc": [1.0, 0.0, None]}, {"_format": "processbench", "mc": [1.0, 1.0, 1.0]},
-               {"_format": "ours", "mc": [1.0, 0.0]}]
+    records = [{"_format": "processbench", "domain": "gsm8k", "mc": [1.0, 0.0, None]},
+               {"_format": "processbench", "domain": "gsm8k", "mc": [1.0, 1.0, 1.0]},
+               {"_format": "ours", "domain": "d", "mc": [1.0, 0.0]}]
     values = [[0.9, 0.2, 0.1], [0.9, 0.8, 0.3], [0.1, 0.1]]
-    counts = rerank.add_step_counts(Counter(), records, values, judged_threshold=0.5)
-    b = rerank.benchmark_report(counts, 0.5)
+    judged = {}
+    rerank.add_step_counts(Counter(), judged, records, values, judged_threshold=0.5)
+    b = rerank.benchmark_report(judged, 0.5)
     # steps: right passed 3 (0.9, 0.9, 0.8), right flagged 1 (0.3), wrong flagged 1 (0.2), wrong passed 0
     assert abs(b["f1_right"] - 6 / 7) < 1e-12 and abs(b["f1_wrong"] - 2 / 3) < 1e-12
     assert abs(b["macro_f1"] - (6 / 7 + 2 / 3) / 2) < 1e-12 and b["steps"] == 5
     # the erroneous CoT's first error (step 1) is found; the correct CoT has a step flagged
-    assert b["erroneous_accuracy"] == 1.0 and b["correct_accuracy"] == 0.0 and b["processbench_f1"] == 0.0
-    assert (b["erroneous"], b["correct"]) == (1, 1)
-    assert rerank.benchmark_report(rerank.add_step_counts(Counter(), records[2:], values[2:])) is None
+    g = b["subsets"]["gsm8k"]
+    assert g["erroneous_accuracy"] == 1.0 and g["correct_accuracy"] == 0.0 and g["f1"] == 0.0
+    assert (b["erroneous"], b["correct"]) == (1, 1) and b["processbench_f1"] == 0.0
+    none = {}
+    rerank.add_step_counts(Counter(), none, records[2:], values[2:])
+    assert rerank.benchmark_report(none) is None
 
 
 def test_rerank_reports_benchmark_figures_on_processbench(tmp_path, backbone_dir, capsys):
@@ -147,4 +152,4 @@ def test_rerank_reports_benchmark_figures_on_processbench(tmp_path, backbone_dir
     results = json.load(open(out / "results.json"))
     b = results["benchmark_step_level"]["p"]
     assert (b["erroneous"], b["correct"]) == (2, 2) and b["threshold"] == 0.5 and 0 <= b["macro_f1"] <= 1
-    assert "F1 (ProcessBench)" in (out / "results.md").read_text()
+    assert "ProcessBench F1, mean of subsets (official)" in (out / "results.md").read_text()
