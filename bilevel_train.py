@@ -49,10 +49,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-import gen_cots
-import mc_label
 import prm
-import rerank
 
 
 TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.py --toy, mc_label.py)
@@ -293,7 +290,7 @@ def main(argv=None):
             a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
             keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
             opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
-            opt_a = upper_optimizer(a, args.meta_optimizer, args.meta_lr, args.meta_weight_decay, rms_groups(args, train, domains))
+            opt_a = upper_optimizer(a, args.meta_lr, args.meta_weight_decay)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
             upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
                          fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
@@ -561,11 +558,22 @@ def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
 
 
 def build_toy_world(seed):
-    """gen_cots.py --toy, then MC labels for the training CoTs and (for rerank.py's step report) the test CoTs."""
+    """gen_cots.py --toy, then MC labels for the training CoTs and (for rerank.py's step report) the
+    test CoTs: the two earlier stages, run here for the demo (imported here, not above, so training
+    depends on no other stage)."""
+    import gen_cots
+    import mc_label
     print(f"building the toy world (seed {seed}): gen_cots.py --toy, then mc_label.py")
     gen_cots.main(["--toy", "--seed", str(seed)])
     for name in ("train", "test"):
         mc_label.main(["--cots", os.path.join(gen_cots.TOY_DIR, f"{name}_cots.jsonl"), "--seed", str(seed)])
+
+
+def toy_quality(args, domains):
+    """{domain: true quality} when the run trains on the toy world's data, else None."""
+    import gen_cots
+    toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in domains)
+    return {d: gen_cots.TOY_DOMAINS[d]["quality"] for d in domains} if toy else None
 
 
 def read_inputs(args):
@@ -830,12 +838,7 @@ def schedule_flags(ap):
     g.add_argument("--grad-clip", type=prm.number(float, 0, 1e6), default=None, help="clip the lower gradient's "
                    "norm to this before each step (0: off; default: 0)")
     g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay on the raw "
-                   "weights a: L2 in the gradient for adam and sgd, decoupled for domain-rms (default: 0)")
-    g.add_argument("--meta-optimizer", choices=["adam", "sgd", "domain-rms"], default="adam", help="optimizer of the "
-                   "raw weights a: Adam; plain SGD, whose steps keep the size of each hypergradient (give its "
-                   "--meta-lr: table hypergradients are ~1e-5 to 1e-4 on the toy, README); or domain-rms, steps "
-                   "divided by an RMS shared by a domain's table entries (sizes kept inside a domain, same lr "
-                   "scale as Adam)")
+                   "weights a (Adam's, L2 in the gradient; default: 0)")
     g.add_argument("--grad-accum", type=prm.number(int, 1, 1024), default=1, help="split each lower batch into this "
                    "many micro-batches, gradients summed: the same step, less activation memory (not instance-net)")
     g.add_argument("--eval", default=None, help="a held-out labelled split (CoTs with step labels and correctness, "
@@ -1097,7 +1100,7 @@ def evaluate_held_out(model, records, autocast, batch_size):
     picks = []
     for q in (q for q in questions.values() if all(isinstance(c, bool) for _, c in q)):
         best = max(A for A, _ in q)
-        picks.append(rerank.uniform_choice([float(c) for _, c in q], [[i] for i, (A, _) in enumerate(q) if A == best]))
+        picks.append(prm.uniform_choice([float(c) for _, c in q], [[i] for i, (A, _) in enumerate(q) if A == best]))
     return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
             "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / max(1, len(pairs)),
             "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}
@@ -1170,11 +1173,11 @@ def finish_run(args, model, alpha, w, train, meta, domains, history, n_long, run
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
     check_still_ours(run_lock)
     if args.weighting != "fixed":
-        toy = args.train == [TOY_TRAIN] and all(d in gen_cots.TOY_DOMAINS for d in alpha)
+        quality = toy_quality(args, alpha)
         what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
-        print(what + (" next to each toy domain's true quality (3 best):" if toy else ":"))
+        print(what + (" next to each toy domain's true quality (3 best):" if quality else ":"))
         for d, x in sorted(alpha.items(), key=lambda x: -x[1]):
-            print(f"  {d:24s} {x:.3f}" + (f"   quality {gen_cots.TOY_DOMAINS[d]['quality']}" if toy else ""))
+            print(f"  {d:24s} {x:.3f}" + (f"   quality {quality[d]}" if quality else ""))
         aucs = shown_aucs(key_auc(w.tolist(), train), args.weighting)
         if aucs:
             print("AUC of the weights, clean-key against corrupted-key CoTs: "
@@ -1274,70 +1277,12 @@ def plot_weights(history, names, path):
 
 
 # ==============================================================================================
-# Appendix E. Optimizer options: the raw weights' (Adam, SGD, domain-rms), accumulation, the lr schedule, memory
+# Appendix E. Optimizer options: the raw weights' Adam, accumulation, the lr schedule, memory
 # ==============================================================================================
 
-def upper_optimizer(a, name="adam", lr=0.01, weight_decay=0.0, groups=None):
-    """The optimizer of the raw weights a: Adam (the paper's), plain SGD (--meta-optimizer sgd), whose
-    step keeps the size of each entry's hypergradient, or SharedRMS (domain-rms), which keeps sizes
-    inside a domain only. Adam moves a table entry by about its lr whenever it is drawn, whatever
-    the size of its hypergradient, so an entry records the sign of its last few draws rather than
-    how strongly the meta set asked for it. groups: for domain-rms, one (numel,) domain index per
-    tensor of a, or None (each entry its own group)."""
-    if name == "sgd":
-        return torch.optim.SGD(a, lr=lr, weight_decay=weight_decay)
-    if name == "domain-rms":
-        return SharedRMS(a, groups or [None] * len(a), lr=lr, weight_decay=weight_decay)
+def upper_optimizer(a, lr=0.01, weight_decay=0.0):
+    """The optimizer of the raw weights a: Adam, as the paper's (weight decay as L2 in the gradient)."""
     return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
-
-
-def rms_groups(args, train, domains):
-    """The groups SharedRMS normalises over, one per tensor of a: a table entry's group is its CoT's
-    domain (instance-table, the table of domain-instance); a domain weight or a net parameter is its
-    own group (None). None for the other optimizers, which need no groups."""
-    if args.meta_optimizer != "domain-rms":
-        return None
-    domain = weight_keys("domain", train, domains, "cpu")                      # (N,)
-    return {"instance-table": [domain], "domain-instance": [None, domain]}.get(args.weighting)
-
-
-class SharedRMS(torch.optim.Optimizer):
-    """--meta-optimizer domain-rms: a <- a - lr g / sqrt(v_hat), with v an average of g^2 (Adam's beta2
-    and bias correction, no momentum) shared by the entries of one group. With a table's groups
-    its domains, a drawn entry moves in proportion to its hypergradient against its domain's
-    typical one: sizes count inside a domain (Adam throws them away), while a domain's own scale
-    is taken out (in domain-instance every table hypergradient carries the factor alpha_d, which
-    under plain SGD would freeze the entries of a down-weighted domain). Only entries with a
-    non-zero gradient (those drawn) move and enter their group's v; weight decay is decoupled.
-    State per tensor: v (G,) and n (G,), the updates each group has had (checkpointed like Adam's)."""
-
-    def __init__(self, params, groups, lr=0.01, beta2=0.999, eps=1e-12, weight_decay=0.0):
-        params = list(params)
-        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay))
-        self.group_of = [torch.arange(p.numel(), device=p.device) if g is None else g.to(p.device)
-                         for p, g in zip(params, groups)]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        hp = self.param_groups[0]
-        for p, gid in zip(hp["params"], self.group_of):
-            if p.grad is None:
-                continue
-            g = p.grad.reshape(-1)                                          # (numel,)
-            state = self.state[p]
-            if not state:
-                G = int(gid.max()) + 1
-                state["v"], state["n"] = torch.zeros(G, device=p.device), torch.zeros(G, device=p.device)
-            v, n, drawn = state["v"], state["n"], g != 0
-            sq = torch.zeros_like(v).index_add_(0, gid[drawn], g[drawn].float() ** 2)            # (G,)
-            count = torch.bincount(gid[drawn], minlength=len(v)).to(v.dtype)                     # (G,)
-            seen = count > 0
-            v[seen] = hp["beta2"] * v[seen] + (1 - hp["beta2"]) * sq[seen] / count[seen]
-            n[seen] += 1
-            v_hat = v / (1 - hp["beta2"] ** n).clamp(min=hp["eps"])                               # (G,)
-            p.add_((g / (v_hat[gid].sqrt() + hp["eps"])).view_as(p).to(p.dtype), alpha=-hp["lr"])
-            if hp["weight_decay"]:
-                p.mul_(1 - hp["lr"] * hp["weight_decay"])
 
 
 def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False,

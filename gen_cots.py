@@ -18,7 +18,6 @@ Real data:
 """
 
 import base64
-import difflib
 import http.client
 import json
 import mimetypes
@@ -51,70 +50,13 @@ STRUCTURED_PROMPT = (
 FREE_PROMPT = "Answer the question about the image. Think it through, then write 'Final answer: <answer>'.\n\n"
 
 
-# --------------------------------------------------------------------------------------------
-# Answers: extraction and rule-based matching
-# --------------------------------------------------------------------------------------------
-
-_NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-
-
-def normalize(s):
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.\-]", " ", str(s).lower())).strip()
-
-
-def to_number(s):
-    m = _NUM_RE.search(str(s))
-    return float(m.group().replace(",", "")) if m else None
-
-
-def match_answer(pred, answer, choices=None, rel_tol=1e-3):
-    """Whether pred matches the answer key.
-
-    Multiple choice: pred is read as a letter ('B', '(B)', 'B.', 'B: dog'), else as the option its
-    text equals or contains, else the nearest option text (difflib ratio >= 0.5); the key is read
-    the same way. Numbers: equal within rel_tol, or equal once rounded to the key's decimals
-    ('3.14159' matches '3.14'; '1,000' matches '1000'; a unit after the key is allowed).
-    Otherwise the normalized strings (case, punctuation, whitespace) must be equal.
-    """
-    pred_n, ans_n = normalize(pred), normalize(answer)
-    if choices:
-        letters = [chr(65 + i) for i in range(len(choices))]
-
-        def as_letter(s, raw):
-            m = re.fullmatch(r"\(?([a-z])\)?\.?", s)
-            if m and m.group(1).upper() in letters:
-                return m.group(1).upper()
-            m = re.match(r"^\(?([A-Z])\)[ .:]", raw.strip()) or re.match(r"^([A-Z])[.:] ", raw.strip())
-            if m and m.group(1) in letters:
-                return m.group(1)
-            opts = [normalize(c) for c in choices]
-            if s in opts:
-                return letters[opts.index(s)]
-            close = [i for i, o in enumerate(opts) if o and (o in s or s in o)]
-            if len(close) == 1:
-                return letters[close[0]]
-            ratios = [difflib.SequenceMatcher(None, s, o).ratio() for o in opts]
-            best = max(ratios)
-            return letters[ratios.index(best)] if best >= 0.5 and ratios.count(best) == 1 else None
-
-        a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
-        if a is not None:
-            return p == a
-    ans_raw = str(answer).strip().lower()
-    x, y = to_number(str(pred)), to_number(ans_raw)
-    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_raw):
-        digits = len(ans_raw.split(".")[1].split()[0]) if "." in ans_raw.split()[0] else 0
-        return abs(x - y) <= rel_tol * max(1.0, abs(y)) or round(x, digits) == y
-    return pred_n == ans_n
-
-
 def cot_record(question, text, sample, seed, policy_name):
     """A cots.jsonl record from a question record and a sampled CoT text."""
     split = prm.split_steps(text)
     pred = split.final.splitlines()[0].strip() if split.final else prm.extract_answer(text)
     rec = {k: v for k, v in question.items()}
     rec.update(sample=sample, seed=seed, steps=split.steps, final=split.final, pred=pred,
-               correct=match_answer(pred, question["answer"], question.get("choices")), policy=policy_name)
+               correct=prm.match_answer(pred, question["answer"], question.get("choices")), policy=policy_name)
     return rec
 
 

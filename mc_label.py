@@ -24,7 +24,6 @@ import time
 
 from tqdm import tqdm
 
-import gen_cots
 import prm
 
 
@@ -49,7 +48,7 @@ def label_steps(cot, K, min_rollouts=0, zero_stop=False, max_steps=None):
     def score(indices, results):
         for i, texts in zip(indices, results):
             outcomes.setdefault(i, []).extend(
-                gen_cots.match_answer(prm.extract_answer(steps_text(steps, i, t)), cot["answer"],
+                prm.match_answer(prm.extract_answer(steps_text(steps, i, t)), cot["answer"],
                                       cot.get("choices")) for t in texts)
 
     def label(indices):                                               # a generator: yield from it
@@ -94,6 +93,7 @@ def steps_text(steps, i, continuation):
 
 
 def main(argv=None):
+    import gen_cots            # the policies that sampled the CoTs continue them: stage 1's interface, used here only
     ap = prm.Parser(__doc__)
     ap.add_argument("--cots", default=None, help=f"cots.jsonl (default: the toy world's {gen_cots.TOY_DIR}/train_cots.jsonl)")
     ap.add_argument("--out", default=None, help="labels.jsonl to append to (default: beside the CoTs)")

@@ -31,6 +31,7 @@ Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 
 import argparse
 import ast
+import difflib
 import errno
 import hashlib
 import inspect
@@ -1015,6 +1016,76 @@ def extract_answer(text):
 # [0, 1]: correct 1.0, wrong 0.0, a neutral or unrated step None (unlabelled: it teaches nothing,
 # rather than being read as right or wrong). `correct` is the CoT's final correctness where the
 # format states it, else None (unknown) unless opts["correct_from"] is "last-label".
+
+# -- Answers: rule-based matching, and the vote with fair ties --------------------------------------
+
+_NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def normalize(s):
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.\-]", " ", str(s).lower())).strip()
+
+
+def to_number(s):
+    m = _NUM_RE.search(str(s))
+    return float(m.group().replace(",", "")) if m else None
+
+
+def match_answer(pred, answer, choices=None, rel_tol=1e-3):
+    """Whether pred matches the answer key.
+
+    Multiple choice: pred is read as a letter ('B', '(B)', 'B.', 'B: dog'), else as the option its
+    text equals or contains, else the nearest option text (difflib ratio >= 0.5); the key is read
+    the same way. Numbers: equal within rel_tol, or equal once rounded to the key's decimals
+    ('3.14159' matches '3.14'; '1,000' matches '1000'; a unit after the key is allowed).
+    Otherwise the normalized strings (case, punctuation, whitespace) must be equal.
+    """
+    pred_n, ans_n = normalize(pred), normalize(answer)
+    if choices:
+        letters = [chr(65 + i) for i in range(len(choices))]
+
+        def as_letter(s, raw):
+            m = re.fullmatch(r"\(?([a-z])\)?\.?", s)
+            if m and m.group(1).upper() in letters:
+                return m.group(1).upper()
+            m = re.match(r"^\(?([A-Z])\)[ .:]", raw.strip()) or re.match(r"^([A-Z])[.:] ", raw.strip())
+            if m and m.group(1) in letters:
+                return m.group(1)
+            opts = [normalize(c) for c in choices]
+            if s in opts:
+                return letters[opts.index(s)]
+            close = [i for i, o in enumerate(opts) if o and (o in s or s in o)]
+            if len(close) == 1:
+                return letters[close[0]]
+            ratios = [difflib.SequenceMatcher(None, s, o).ratio() for o in opts]
+            best = max(ratios)
+            return letters[ratios.index(best)] if best >= 0.5 and ratios.count(best) == 1 else None
+
+        a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
+        if a is not None:
+            return p == a
+    ans_raw = str(answer).strip().lower()
+    x, y = to_number(str(pred)), to_number(ans_raw)
+    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_raw):
+        digits = len(ans_raw.split(".")[1].split()[0]) if "." in ans_raw.split()[0] else 0
+        return abs(x - y) <= rel_tol * max(1.0, abs(y)) or round(x, digits) == y
+    return pred_n == ans_n
+
+
+def top_answers(preds):
+    """The most-voted answers (normalized), each as the indices of its CoTs, in first-seen order:
+    several lists when the vote is tied."""
+    keys = [normalize(p) for p in preds]
+    counts = Counter(keys)                                       # insertion order: first seen first
+    best = max(counts.values())
+    return [[i for i, k in enumerate(keys) if k == answer] for answer, n in counts.items() if n == best]
+
+
+def uniform_choice(correct, groups):
+    """Expected accuracy of a uniform choice among tied candidates: each group (a tied answer, or a
+    tied CoT) is equally likely and scores the mean correctness of its CoTs."""
+    return sum(sum(correct[i] for i in g) / len(g) for g in groups) / len(groups)
+
 
 @dataclass
 class Skip:

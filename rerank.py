@@ -41,10 +41,9 @@ from collections import Counter, defaultdict
 import torch
 from tqdm import tqdm
 
-import gen_cots
 import prm
 
-TOY_TEST = os.path.join(gen_cots.TOY_DIR, "test_labels.jsonl")   # the toy test CoTs with MC labels
+TOY_TEST = "toy/test_labels.jsonl"     # the toy test CoTs with MC labels (python bilevel_train.py builds them)
 TOY_PRMS = ["runs/toy-vanilla", "runs/toy"]
 
 
@@ -53,21 +52,6 @@ def select_best(scores, mask=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.argmax(-1)
-
-
-def top_answers(preds):
-    """The most-voted answers (normalized), each as the indices of its CoTs, in first-seen order:
-    several lists when the vote is tied."""
-    keys = [gen_cots.normalize(p) for p in preds]
-    counts = Counter(keys)                                       # insertion order: first seen first
-    best = max(counts.values())
-    return [[i for i, k in enumerate(keys) if k == answer] for answer, n in counts.items() if n == best]
-
-
-def uniform_choice(correct, groups):
-    """Expected accuracy of a uniform choice among tied candidates: each group (a tied answer, or a
-    tied CoT) is equally likely and scores the mean correctness of its CoTs."""
-    return sum(sum(correct[i] for i in g) / len(g) for g in groups) / len(groups)
 
 
 def score_question(model, records, how, batch_size=16, shared_prefix=True):
@@ -201,12 +185,12 @@ def question_metrics(cots, scores_by_prm):
     among the tied candidates, not as the earliest sample."""
     correct = [float(c["correct"]) for c in cots]
     out = {"pass@1": sum(correct) / len(cots),
-           "majority": uniform_choice(correct, top_answers([c.get("pred", c.get("final", "")) for c in cots])),
+           "majority": prm.uniform_choice(correct, prm.top_answers([c.get("pred", c.get("final", "")) for c in cots])),
            "oracle": max(correct)}
     for name, scores in scores_by_prm.items():
         s = [float("-inf") if x is None else x for x in scores]
         picked = any(x is not None for x in scores)          # a PRM that scored no CoT picks none: 0, not a tie
-        out[name] = uniform_choice(correct, [[i] for i, x in enumerate(s) if x == max(s)]) if picked else 0.0
+        out[name] = prm.uniform_choice(correct, [[i] for i, x in enumerate(s) if x == max(s)]) if picked else 0.0
     return out
 
 

@@ -168,7 +168,7 @@ def test_hf_back_end_with_the_tiny_backbone(tmp_path, images, backbone_dir):
     ("12 cm", "12", None, True), ("  Paris ", "paris", None, True), ("Lyon", "Paris", None, False),
 ])
 def test_answer_matching(pred, answer, choices, ok):
-    assert gen_cots.match_answer(pred, answer, choices) is ok
+    assert prm.match_answer(pred, answer, choices) is ok
 
 
 @pytest.mark.parametrize("rows,words", [

@@ -4,13 +4,14 @@ import random
 
 import torch
 
+import prm
 import rerank
 from test_prm import write_published
 
 
 def majority_vote(preds):
     """The CoT a self-consistency vote picks: the first CoT of the first most-voted answer."""
-    return rerank.top_answers(preds)[0][0]
+    return prm.top_answers(preds)[0][0]
 
 
 def score_cots(model, records, how, batch_size=16, shared_prefix=True):
@@ -57,7 +58,7 @@ def test_ties_count_as_a_uniform_choice():
     assert m["pass@1"] == 0.4 and m["oracle"] == 1.0
     assert majority_vote([c["pred"] for c in cots]) == 0     # the pick itself: the first sample
     # Answers with mixed correctness (one key, two CoTs judged differently) count their mean.
-    assert rerank.uniform_choice([1.0, 0.0, 1.0], [[0, 1], [2]]) == 0.75
+    assert prm.uniform_choice([1.0, 0.0, 1.0], [[0, 1], [2]]) == 0.75
 
 
 def test_evaluate_counts_are_exact():
