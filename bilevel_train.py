@@ -16,9 +16,12 @@ The math (symbols as in the paper; the README's "The math" explains each):
   g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
 
 Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
-upper step, (4) the training loop (`main`). Appendices after it: A instance weights (DreamPRM-1.5),
-B data, C the run configuration, D checkpoints and the run directory, E optimizer options (the raw
-weights' optimizers, gradient accumulation, the lr schedule, memory), F shared-prefix training.
+upper step, (4) the training loop (`main`). The variants sit behind seams chosen once before the
+loop (`setup_run`): the Weighting (raw weights a, keys, w_b(a), the upper step's batch), the forward
+(packed or shared-prefix), the lower step (plain or accumulated). Appendices after the method: A
+instance weights (DreamPRM-1.5) and fixed weights, B data, C the run configuration, D the run
+directory (setup, the end of an iteration, checkpoints), E optimizer options (gradient
+accumulation, the lr schedule, memory), F the forward.
 
 Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
     python bilevel_train.py
@@ -89,21 +92,26 @@ def domain_weights(a):
     return s / s.mean()
 
 
-def cot_weights(a, keys, mode, steps=None, w_max=3.0):
-    """w_b before the 1 / sum_b n_b of L_tr: the weight of each CoT of a batch (B,).
+@dataclass
+class Weighting:
+    """How the training CoTs are weighted, chosen once before the loop: the method sees only this.
+    DreamPRM's is domain_weighting below; the variants (fixed weights, DreamPRM-1.5's) are built in
+    Appendix A behind the same fields."""
+    a: list                 # the raw weights, tensors with requires_grad: the upper level's parameters
+    keys: torch.Tensor      # (N, ...) each training CoT's index into a (for DreamPRM: its domain)
+    weights: object         # weights(a, batch, steps=None) -> (B,) w_b before the 1 / sum_b n_b of L_tr
+    upper_batch: object     # upper_batch(it, latest) -> the train batch the hypergradient goes through
+    moves: bool = True      # False: weights fixed, no upper level
 
-    a: the raw weights, always a list of tensors: [a (K,)] per domain (domain, fixed),
-    [a (N,)] per training CoT (instance-table), or the Instance Net's theta (instance-net).
-    keys (B,): each CoT's index into a[0] (its domain, or itself). domain: alpha_d(b); fixed: 1;
-    instance modes: Appendix A (steps: (values, p, mask), each (B, S), for the net).
-    """
-    if mode == "domain":
-        return domain_weights(a[0])[keys]
-    if mode == "domain-instance":
-        return domain_instance_weights(a, keys, w_max)
-    if has_instances(mode):
-        return normalised_instance_weights(a, keys, mode, steps, w_max)
-    return torch.ones(len(keys), dtype=a[0].dtype, device=a[0].device)
+
+def domain_weighting(train, domains, device):
+    """DreamPRM: one raw weight a_k per domain, w_b = alpha_d(b); the hypergradient goes through the
+    latest lower batch."""
+    index = {d: k for k, d in enumerate(domains)}
+    keys = torch.tensor([index[r["domain"]] for r in train], device=device)            # (N,)
+    a = [torch.zeros(len(domains), device=device, requires_grad=True)]                 # (K,): uniform
+    return Weighting(a, keys, lambda a, batch, steps=None: domain_weights(a[0])[batch.keys],
+                     lambda it, latest: latest)
 
 
 def detached(a):
@@ -155,7 +163,7 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
     weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
     Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
     two forward passes, no backward through the network. phi is restored bit for bit, from a copy
-    (offload: kept in CPU memory, Appendix E). Returns (g_a, a list like a; L_meta value).
+    (offload: kept in CPU memory). Returns (g_a, a list like a; L_meta value).
     """
     L_meta = meta_loss_fn()
     grads = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
@@ -184,24 +192,26 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
     return g_a, L_meta.item()
 
 
+def restore_copy(phi, offload=False):
+    """The exact copy of phi that the hypergradient restores from: beside phi on its device, or
+    (--offload-restore) in CPU memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the
+    same bits restored."""
+    if offload:
+        return [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True)
+                for p in phi]
+    return [p.detach().clone() for p in phi]
+
+
 # ==============================================================================================
 # 3. One lower step, one upper step
+# `forward(records) -> (B, S) values, (B, S) mask` is the PRM's packed forward, chosen once (Appendix F).
 # ==============================================================================================
-
-def forward(model, records, autocast, shared=False):
-    """Packed step values of a list of records: (B, S) values, (B, S) mask. shared: the CoTs of one
-    question run as one shared-prefix batch, its image and question encoded once (Appendix F); the
-    same values and gradients at less cost."""
-    encoded = [encode(model, r) for r in records]
-    with autocast:
-        return shared_prefix_forward(model, records, encoded) if shared else prm.step_values(model, encoded)
-
 
 @dataclass
 class TrainBatch:
     """The latest lower step's batch: the hypergradient re-evaluates its per-CoT losses."""
     records: list
-    keys: torch.Tensor      # (B,) index into a of each CoT (its domain, or itself)
+    keys: torch.Tensor      # (B, ...) index into a of each CoT (its domain)
     p: torch.Tensor         # (B, S) MC labels
     p_mask: torch.Tensor    # (B, S) labelled steps
     L_tr: torch.Tensor      # the weighted loss (scalar, detached)
@@ -209,13 +219,21 @@ class TrainBatch:
     n: torch.Tensor         # (B,) labelled steps per CoT
 
 
-def lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False):
+def set_xi(opt_phi, xi):
+    """Put the lower lr xi of this step on the lower optimizer (the hypergradient uses the same xi)."""
+    for group in opt_phi.param_groups:
+        group["lr"] = xi
+    return xi
+
+
+def lower_step(forward, opt_phi, w, records, keys, clip=0.0):
     """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached), its gradient's norm clipped
     to `clip` first when clip > 0. A non-finite L_tr stops the run (Diverged) before the step, so the
     last checkpoint stays good."""
-    values, mask = forward(model, records, autocast, shared)             # (B, S)
-    p, p_mask = label_tensors(records, values.shape[1], values.device)
-    alpha_b = cot_weights(detached(a), keys, weighting, (values.float(), p, mask & p_mask), w_max)
+    values, mask = forward(records)                                       # (B, S)
+    p, p_mask = label_tensors(records, values.shape[1], values.device)    # (B, S)
+    batch = TrainBatch(records, keys, p, p_mask, None, None, None)
+    alpha_b = w.weights(detached(w.a), batch, (values.float(), p, mask & p_mask))    # (B,)
     L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
     if not torch.isfinite(L_tr):
         raise Diverged("non-finite lower loss")
@@ -235,39 +253,45 @@ def optimizer_step(opt_phi, clip=0.0):
     opt_phi.zero_grad(set_to_none=True)
 
 
-def meta_batch_loss(model, m_records, autocast, upper_loss="mse", aggregation=True, shared=False):
+def meta_batch_loss(forward, m_records, upper_loss="mse", aggregation=True):
     """L_meta on a meta batch, with autograd: mean_m (A(V_m) - r_m)^2 (or the ablations of meta_loss)."""
-    values, mask = forward(model, m_records, autocast, shared)           # (M, S)
+    values, mask = forward(m_records)                                     # (M, S)
     r = torch.tensor([float(x["correct"]) for x in m_records], device=values.device)   # (M,)
     pm, pm_mask = (None, None) if aggregation else meta_targets(m_records, values.shape[1], values.device)
     return meta_loss(values.float(), mask, r, upper_loss, aggregation, pm, pm_mask)
 
 
-def batch_losses(model, batch, autocast, shared=False):
+def batch_losses(forward, batch):
     """Per-CoT lower losses l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
-    values, mask = forward(model, batch.records, autocast, shared)       # (B, S)
+    values, mask = forward(batch.records)                                 # (B, S)
     return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]
 
 
-def batch_weights(a, model, batch, autocast, weighting, w_max=3.0, shared=False):
-    """w_b(a) = cot weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b. The Instance Net reads V at phi."""
-    steps = net_inputs(model, batch, autocast, shared) if weighting == "instance-net" else None
-    return cot_weights(a, batch.keys, weighting, steps, w_max) / batch.n.sum().clamp(min=1)
+def batch_weights(w, a, batch):
+    """w_b(a) = cot weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b."""
+    return w.weights(a, batch) / batch.n.sum().clamp(min=1)
 
 
-def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="domain", upper_loss="mse",
-               aggregation=True, fd_radius=0.01, w_max=3.0, offload=False, shared=False):
+@dataclass
+class Upper:
+    """The upper level's settings: its loss, and the finite difference's radius r and restore copy."""
+    loss: str = "mse"            # mse (as published) or bce
+    aggregation: bool = True     # False: the w/o-AFL ablation (step-level upper loss)
+    r: float = 0.01              # eps = r / ||v||
+    offload: bool = False        # the restore copy in CPU memory
+
+
+def upper_step(forward, phi, w, opt_a, batch, m_records, xi, upper):
     """a <- Adam step on the finite-difference hypergradient g_a of L_meta, through L_tr on `batch`.
     Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
-    meta_loss_fn = partial(meta_batch_loss, model, m_records, autocast, upper_loss, aggregation, shared)  # L_meta
-    train_losses_fn = partial(batch_losses, model, batch, autocast, shared)                     # l_b(phi), (B,)
-    weights_fn = partial(batch_weights, model=model, batch=batch, autocast=autocast, weighting=weighting,
-                         w_max=w_max, shared=shared)                                            # w_b(a), (B,)
-    g_a, L_meta = hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, fd_radius, offload)
+    meta_loss_fn = partial(meta_batch_loss, forward, m_records, upper.loss, upper.aggregation)   # L_meta
+    train_losses_fn = partial(batch_losses, forward, batch)                                   # l_b(phi), (B,)
+    weights_fn = partial(batch_weights, w, batch=batch)                                       # w_b(a), (B,)
+    g_a, L_meta = hypergradient(phi, w.a, meta_loss_fn, train_losses_fn, weights_fn, xi, upper.r, upper.offload)
     if not (math.isfinite(L_meta) and all(torch.isfinite(g).all() for g in g_a)):
         raise Diverged("non-finite upper loss or hypergradient")
     opt_a.zero_grad(set_to_none=True)
-    for x, g in zip(a, g_a):
+    for x, g in zip(w.a, g_a):
         x.grad = g
     opt_a.step()
     return L_meta
@@ -280,78 +304,26 @@ def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, weighting="
 def main(argv=None):
     """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
-        with claim_run_dir(args.out) as run_lock:                       # held until the run ends
-            device = prm.pick_device(args.device)
-            torch.manual_seed(args.seed)
-            train, meta, domains = load_data(args)
-            held_out = load_held_out(args)                                   # --eval, or []
-            model, train, meta, start, n_long = setup_run(args, train, meta, domains, device)
-            phi = [p for p in model.parameters() if p.requires_grad]
-            a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
-            keys = weight_keys(args.weighting, train, domains, device)      # (N,) index into a[0] of each CoT
-            opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
-            opt_a = upper_optimizer(a, args.meta_lr, args.meta_weight_decay)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-            upper = dict(weighting=args.weighting, upper_loss=args.upper_loss, aggregation=not args.no_aggregation,
-                         fd_radius=args.fd_radius, w_max=args.weight_max, offload=args.offload_restore,
-                         shared=args.group_by_question)
-            train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
-            step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
-            start, history = resume_or_start(args.out, start, model, a, opt_phi, opt_a, domains)
-            sums = new_sums()
-            bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
-            for it in bar:
-                t0 = time.perf_counter()
-                # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed.
-                for u in range(args.unroll_steps):
-                    xi = set_lr(opt_phi, args, it * args.unroll_steps + u)           # the schedule's lr at this step
-                    idx = draw(len(train), train_q, args.train_batch, args.seed, "train", it, u)   # F: by question
-                    batch = step(model, opt_phi, a, [train[i] for i in idx], keys[idx], args.weighting, autocast,
-                                 args.weight_max, args.grad_clip, args.group_by_question)
-                    sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
-                    sums["weighted"] += batch.L_tr.item()
-                # One upper step: a <- Adam(g_a), the hypergradient through the latest train batch.
-                if args.weighting != "fixed" and it >= args.cold_start:
-                    m_records = [meta[i] for i in draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it)]
-                    if has_instances(args.weighting):            # Appendix A: other CoTs' weights move
-                        batch = instance_batch(train, keys, args.instance_batch, args.seed, it, device)
-                    sums["upper"] += upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, **upper)
-                    sums["upper_n"] += 1
-                sums["n"] += 1
-                seconds, done = time.perf_counter() - t0, it + 1
-                if done % args.log_every == 0 or done == args.iterations:
-                    w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
-                    alpha = weights_per_domain(a, args.weighting, w, train, domains)
-                    log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), train), args, history)
-                    if has_instances(args.weighting):
-                        save_instance_weights(args.out, w, train)
-                    sums = new_sums()
-                    show_weights(bar, alpha, args.weighting)
-                elif args.weighting == "domain":                            # cheap: on the bar at every iteration
-                    show_weights(bar, weights_per_domain(a, args.weighting, None, train, domains), args.weighting)
-                if held_out and (done % args.eval_every == 0 or done == args.iterations):
-                    log_eval(args.out, done, evaluate_held_out(model, held_out, autocast, args.train_batch))
-                if done % args.save_every == 0 or done == args.iterations:
-                    save_checkpoint(args.out, model, a, opt_phi, opt_a, done, run_lock)
-            bar.close()
-            w = weights_of_all(a, args.weighting, train, keys, model, autocast, args.weight_max, args.train_batch)
-            finish_run(args, model, weights_per_domain(a, args.weighting, w, train, domains), w, train, meta,
-                       domains, history, n_long, run_lock)
+        with claim_run_dir(args.out) as run_lock:                   # held until the run ends
+            run = setup_run(args, run_lock)       # Appendix D: data, the PRM, the seams, optimizers, resume
+            U = args.unroll_steps
+            for it in run.bar:                                      # range(start, iterations), with a bar
+                t0, batches, L_meta = time.perf_counter(), [], None
+                # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed, lr xi from the schedule.
+                for u in range(U):
+                    xi = set_xi(run.opt_phi, run.schedule(it * U + u))
+                    idx = run.draw_train(it, u)
+                    batches.append(run.lower_step(run.forward, run.opt_phi, run.w, [run.train[i] for i in idx],
+                                                  run.w.keys[idx], args.grad_clip))
+                # One upper step after the cold start: a <- Adam(g_a), the hypergradient through a train batch.
+                if run.w.moves and it >= args.cold_start:
+                    m_records = [run.meta[i] for i in run.draw_meta(it)]
+                    L_meta = upper_step(run.forward, run.phi, run.w, run.opt_a, run.w.upper_batch(it, batches[-1]),
+                                        m_records, xi, run.upper)
+                # Logs, held-out figures and checkpoints, each at its own period (Appendix D).
+                end_of_iteration(run, it + 1, batches, L_meta, time.perf_counter() - t0)
+            finish_run(run)
     return 0
-
-
-def runs(argv):
-    """The run the flags ask for; then, for the toy demo (no data flags), the vanilla PRM baseline
-    that rerank.py compares with, unless --no-baseline or it is trained already."""
-    args = parse_args(argv)
-    toy_demo = not args.train and not args.meta and not args.synthetic
-    yield args
-    baseline = args.out.rstrip("/") + "-vanilla"
-    if toy_demo and args.weighting == "domain" and not args.no_baseline and \
-            not os.path.isdir(os.path.join(baseline, "prm")):
-        print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
-        resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
-        yield parse_args(baseline_argv(argv, baseline, resume))
 
 
 # ==============================================================================================
@@ -387,6 +359,48 @@ def init_instance_net(hidden, seed, device):
     g = torch.Generator().manual_seed(seed)
     W1 = torch.randn(hidden, 2, generator=g) * 2 ** -0.5
     return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
+
+
+def cot_weights(a, keys, mode, steps=None, w_max=3.0):
+    """w_b before the 1 / sum_b n_b of L_tr for every weighting: the weight of each CoT of a batch (B,).
+
+    a: the raw weights, always a list of tensors: [a (K,)] per domain (domain, fixed),
+    [a (N,)] per training CoT (instance-table), the Instance Net's theta (instance-net), or both
+    (domain-instance). keys (B,): each CoT's index into a[0] (its domain, or itself). domain:
+    alpha_d(b); fixed: 1; instance modes below (steps: (values, p, mask), each (B, S), for the net).
+    """
+    if mode == "domain":
+        return domain_weights(a[0])[keys]
+    if mode == "domain-instance":
+        return domain_instance_weights(a, keys, w_max)
+    if has_instances(mode):
+        return normalised_instance_weights(a, keys, mode, steps, w_max)
+    return torch.ones(len(keys), dtype=a[0].dtype, device=a[0].device)
+
+
+def make_weighting(args, train, domains, device, forward):
+    """The Weighting the flags ask for: DreamPRM's (section 1), or fixed, instance-table,
+    instance-net or domain-instance weights, whose upper steps move the weights of a fresh sample
+    of --instance-batch training CoTs."""
+    if args.weighting == "domain":
+        return domain_weighting(train, domains, device)
+    a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
+    keys = weight_keys(args.weighting, train, domains, device)
+    fresh = partial(instance_batch, train, keys, args.instance_batch, args.seed, device=device) \
+        if has_instances(args.weighting) else None
+    return weighting_from(a, keys, args.weighting, forward, args.weight_max, fresh)
+
+
+def weighting_from(a, keys, mode, forward=None, w_max=3.0, fresh=None):
+    """A Weighting over raw weights a and keys for any mode of cot_weights. The Instance Net reads
+    the batch's step values: those of the caller's forward when given, else its own no-grad pass.
+    fresh(it): the upper step's batch (default: the latest lower batch)."""
+    def weights(a, batch, steps=None):
+        if mode == "instance-net" and steps is None:
+            steps = net_inputs(forward, batch)
+        return cot_weights(a, batch.keys, mode, steps, w_max)
+    upper_batch = (lambda it, latest: fresh(it=it)) if fresh else (lambda it, latest: latest)
+    return Weighting(a, keys, weights, upper_batch, moves=mode != "fixed")
 
 
 def has_instances(weighting):
@@ -447,10 +461,10 @@ def domain_instance_weights(a, keys, w_max=3.0):
     return alpha * u / (total / count.clamp(min=1))[dom]
 
 
-def net_inputs(model, batch, autocast, shared=False):
+def net_inputs(forward, batch):
     """What the Instance Net reads of a batch: (values, p, labelled-step mask), each (B, S), at phi."""
     with torch.no_grad():
-        values, mask = forward(model, batch.records, autocast, shared)
+        values, mask = forward(batch.records)
     return values.float(), batch.p, mask & batch.p_mask
 
 
@@ -917,6 +931,20 @@ def default_out(args):
     return f"runs/{name}-{args.weighting}"
 
 
+def runs(argv):
+    """The run the flags ask for; then, for the toy demo (no data flags), the vanilla PRM baseline
+    that rerank.py compares with, unless --no-baseline or it is trained already."""
+    args = parse_args(argv)
+    toy_demo = not args.train and not args.meta and not args.synthetic
+    yield args
+    baseline = args.out.rstrip("/") + "-vanilla"
+    if toy_demo and args.weighting == "domain" and not args.no_baseline and \
+            not os.path.isdir(os.path.join(baseline, "prm")):
+        print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
+        resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
+        yield parse_args(baseline_argv(argv, baseline, resume))
+
+
 def baseline_argv(argv, baseline, resume):
     """The vanilla baseline's flags: every flag the user gave except --weighting, --out, --resume and
     --overwrite (which are the baseline's own)."""
@@ -1020,8 +1048,8 @@ def data_digest(records):
     return h.hexdigest()
 
 
-def setup_run(args, train, meta, domains, device):
-    """Everything before the first step: the final-answer rule, the run directory (checked before any
+def setup_model(args, train, meta, domains, device):
+    """The PRM and the run directory before the first step: the final-answer rule, the run directory (checked before any
     model loads), config.json, the PRM on its backbone with this run's reading settings, the CoTs
     that fit --max-length, and the memory options. Returns (model, train, meta, start iteration,
     (training, meta) CoTs skipped as too long)."""
@@ -1049,6 +1077,91 @@ def setup_run(args, train, meta, domains, device):
     if args.grad_checkpointing:
         enable_checkpointing(model)
     return model, train, meta, start, (long_train, long_meta)
+
+
+@dataclass
+class Run:
+    """What a run sets up before its loop: the data, the PRM, the seams the method calls (forward,
+    weighting, lower step, lr schedule, batch draws), the optimizers, the progress bar (over the
+    iterations left) and the logging state."""
+    args: object
+    model: object
+    phi: list
+    train: list
+    meta: list
+    domains: list
+    held_out: list
+    autocast: object
+    forward: object          # forward(records) -> (B, S) values, (B, S) mask
+    w: Weighting
+    lower_step: object       # lower_step, or accumulated_lower_step (--grad-accum)
+    upper: Upper
+    opt_phi: object
+    opt_a: object
+    schedule: object         # schedule(t) -> xi at lower step t
+    draw_train: object       # draw_train(it, u) -> the indices of a lower batch
+    draw_meta: object        # draw_meta(it) -> the indices of a meta batch
+    bar: object
+    history: list
+    n_long: tuple
+    run_lock: object
+    sums: dict = None
+
+
+def setup_run(args, run_lock):
+    """Everything before the loop, in the order a run needs it: the data (checked before any model
+    loads), the held-out split, the PRM and its run directory, the seams, the optimizers, and the
+    checkpoint to resume from."""
+    device = prm.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    train, meta, domains = load_data(args)
+    held_out = load_held_out(args)                                       # --eval, or []
+    model, train, meta, start, n_long = setup_model(args, train, meta, domains, device)
+    phi = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    fwd = partial(forward, model, autocast=autocast, shared=args.group_by_question)
+    w = make_weighting(args, train, domains, device, fwd)
+    opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
+    opt_a = upper_optimizer(w.a, args.meta_lr, args.meta_weight_decay)
+    train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
+    step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
+    start, history = resume_or_start(args.out, start, model, w.a, opt_phi, opt_a, domains)
+    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
+    return Run(args, model, phi, train, meta, domains, held_out, autocast, fwd, w, step,
+               Upper(args.upper_loss, not args.no_aggregation, args.fd_radius, args.offload_restore), opt_phi, opt_a,
+               lr_schedule(args), lambda it, u: draw(len(train), train_q, args.train_batch, args.seed, "train", it, u),
+               lambda it: draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it), bar, history, n_long,
+               run_lock, new_sums())
+
+
+def end_of_iteration(run, done, batches, L_meta, seconds):
+    """After iteration `done`: add its losses to the running sums; every --log-every iterations a
+    metrics row, the weights (and, for instance weights, every CoT's) and a line on screen, else the
+    domain weights on the bar; the held-out figures every --eval-every; a checkpoint every
+    --save-every (and at the end)."""
+    args, sums = run.args, run.sums
+    for batch in batches:
+        sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
+        sums["weighted"] += batch.L_tr.item()
+    if L_meta is not None:
+        sums["upper"] += L_meta
+        sums["upper_n"] += 1
+    sums["n"] += 1
+    if done % args.log_every == 0 or done == args.iterations:
+        w = weights_of_all(run.w.a, args.weighting, run.train, run.w.keys, run.model, run.autocast, args.weight_max,
+                           args.train_batch)
+        alpha = weights_per_domain(run.w.a, args.weighting, w, run.train, run.domains)
+        log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), run.train), args, run.history)
+        if has_instances(args.weighting):
+            save_instance_weights(args.out, w, run.train)
+        run.sums = new_sums()
+        show_weights(run.bar, alpha, args.weighting)
+    elif args.weighting == "domain":                            # cheap: on the bar at every iteration
+        show_weights(run.bar, weights_per_domain(run.w.a, args.weighting, None, run.train, run.domains), args.weighting)
+    if run.held_out and (done % args.eval_every == 0 or done == args.iterations):
+        log_eval(args.out, done, evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch))
+    if done % args.save_every == 0 or done == args.iterations:
+        save_checkpoint(args.out, run.model, run.w.a, run.opt_phi, run.opt_a, done, run.run_lock)
 
 
 def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
@@ -1156,10 +1269,16 @@ def shown_aucs(aucs, weighting):
     return aucs if has_instances(weighting) else {k: v for k, v in aucs.items() if k == "overall"}
 
 
-def finish_run(args, model, alpha, w, train, meta, domains, history, n_long, run_lock):
+def finish_run(run):
     """The PRM with its model card, the final weights and their plot, and what was learned on screen
     (each written only while the run directory is still this run's)."""
-    check_still_ours(run_lock)
+    run.bar.close()
+    args, model, train, meta, domains, history, n_long = run.args, run.model, run.train, run.meta, run.domains, \
+        run.history, run.n_long
+    w = weights_of_all(run.w.a, args.weighting, train, run.w.keys, model, run.autocast, args.weight_max,
+                       args.train_batch)
+    alpha = weights_per_domain(run.w.a, args.weighting, w, train, domains)
+    check_still_ours(run.run_lock)
     instance = has_instances(args.weighting)
     learned = ", ".join(f"{d} {x:.3f}" for d, x in sorted(alpha.items(), key=lambda x: -x[1]))
     card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
@@ -1171,7 +1290,7 @@ def finish_run(args, model, alpha, w, train, meta, domains, history, n_long, run
     model.save_pretrained(os.path.join(args.out, "prm"), card)
     write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
-    check_still_ours(run_lock)
+    check_still_ours(run.run_lock)
     if args.weighting != "fixed":
         quality = toy_quality(args, alpha)
         what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
@@ -1285,19 +1404,18 @@ def upper_optimizer(a, lr=0.01, weight_decay=0.0):
     return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
 
 
-def accumulated_lower_step(model, opt_phi, a, records, keys, weighting, autocast, w_max=3.0, clip=0.0, shared=False,
-                           accum=2):
+def accumulated_lower_step(forward, opt_phi, w, records, keys, clip=0.0, accum=2):
     """lower_step in `accum` micro-batches (--grad-accum), one forward and backward each, gradients
     summed before one optimizer step: the same step as one batch, with a fraction of its activation
     memory. Each micro-batch's loss is divided by the whole batch's labelled steps, and the weights
     are the whole batch's (the Instance Net's need every value first: not with accumulation)."""
-    p, p_mask = label_tensors(records, max(len(r["steps"]) for r in records), model.device)     # (B, S)
+    p, p_mask = label_tensors(records, max(len(r["steps"]) for r in records), keys.device)      # (B, S)
     n = p_mask.sum(-1).float()                                                                   # (B,)
-    alpha_b = cot_weights(detached(a), keys, weighting, None, w_max)                            # (B,)
+    alpha_b = w.weights(detached(w.a), TrainBatch(records, keys, p, p_mask, None, None, n))     # (B,)
     opt_phi.zero_grad(set_to_none=True)
     L_tr, ls = 0.0, []
     for chunk in torch.arange(len(records)).chunk(accum):
-        values, mask = forward(model, [records[i] for i in chunk.tolist()], autocast, shared)   # (b, S_k)
+        values, mask = forward([records[i] for i in chunk.tolist()])                            # (b, S_k)
         S = values.shape[1]
         l, _ = step_losses(values.float(), mask, p[chunk, :S], p_mask[chunk, :S])
         loss = (alpha_b[chunk] * l).sum() / n.sum().clamp(min=1)
@@ -1323,24 +1441,10 @@ def lr_factor(t, total, schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=
     return 1.0
 
 
-def set_lr(opt_phi, args, t):
-    """Put the schedule's lr for lower step t on the lower optimizer; returns it (xi at this step, which
-    the hypergradient uses too)."""
-    lr = args.lr * lr_factor(t, args.iterations * args.unroll_steps, args.lr_schedule, args.warmup, args.lr_step,
-                             args.lr_gamma)
-    for group in opt_phi.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def restore_copy(phi, offload=False):
-    """The exact copy of phi that the hypergradient restores from: beside phi on its device, or
-    (--offload-restore) in CPU memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the
-    same bits restored."""
-    if offload:
-        return [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True)
-                for p in phi]
-    return [p.detach().clone() for p in phi]
+def lr_schedule(args):
+    """xi at lower step t: --lr times the schedule's factor (lr_factor), a function of t alone."""
+    return lambda t: args.lr * lr_factor(t, args.iterations * args.unroll_steps, args.lr_schedule, args.warmup,
+                                         args.lr_step, args.lr_gamma)
 
 
 def freeze_vision(model):
@@ -1427,8 +1531,17 @@ def enable_checkpointing(model):
 
 
 # ==============================================================================================
-# Appendix F. Shared-prefix training: a question's image and question encoded once (--group-by-question)
+# Appendix F. The forward: packed, or shared-prefix (--group-by-question: a question's image and question encoded once)
 # ==============================================================================================
+
+def forward(model, records, autocast, shared=False):
+    """Packed step values of a list of records: (B, S) values, (B, S) mask. shared: the CoTs of one
+    question run as one shared-prefix batch, its image and question encoded once; the same values
+    and gradients at less cost. The method calls partial(forward, model, autocast=..., shared=...)."""
+    encoded = [encode(model, r) for r in records]
+    with autocast:
+        return shared_prefix_forward(model, records, encoded) if shared else prm.step_values(model, encoded)
+
 
 def shared_prefix_forward(model, records, encoded):
     """Step values of a batch whose CoTs share prompts: the CoTs of each prompt (image and question)

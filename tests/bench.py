@@ -282,11 +282,12 @@ def image_records(cots, batch):
 def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, autocast):
     """U lower steps on the training batch, then (bilevel) the upper step on the meta batch."""
     keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a[0].device)
+    fwd, w = partial(bt.forward, model, autocast=autocast), bt.weighting_from(a, keys, "domain")
     for _ in range(U):
-        last = bt.lower_step(model, opt_phi, a, train, keys, "domain", autocast)
+        last = bt.lower_step(fwd, opt_phi, w, train, keys)
     if bilevel:
-        bt.upper_step(model, [p for p in model.parameters() if p.requires_grad], a, opt_a, last, meta, 1e-4,
-                      autocast, offload=offload)
+        bt.upper_step(fwd, [p for p in model.parameters() if p.requires_grad], w, opt_a, last, meta, 1e-4,
+                      bt.Upper(offload=offload))
 
 
 def question_records(model, questions, n, args, step_words, image_size, question_words):
@@ -316,13 +317,16 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
         keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records], device=device)
         tokens = sum(len(r["_enc"].input_ids) for r in records)
 
+        w = bt.weighting_from(a, keys, "domain")
+
         def step(shared):
-            return bt.lower_step(model, opt, a, records, keys, "domain", autocast, shared=shared)
+            return bt.lower_step(partial(bt.forward, model, autocast=autocast, shared=shared), opt, w, records, keys)
 
         def outer(shared):
             for _ in range(args.U):
                 last = step(shared)
-            bt.upper_step(model, phi, a, opt_a, last, meta, 1e-7, autocast, shared=shared)
+            bt.upper_step(partial(bt.forward, model, autocast=autocast, shared=shared), phi, w, opt_a, last, meta, 1e-7,
+                          bt.Upper())
         # packed and shared-prefix, a plain step and an outer iteration each, timed in turns
         t = interleaved([partial(step, False), partial(step, True), partial(outer, False), partial(outer, True)],
                         args.repeats, device)

@@ -18,6 +18,19 @@ import prm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ["clean", "noisy", "random"]
 
+def lower_step(model, opt, a, records, keys, weighting, autocast, clip=0.0, shared=False, step=bt.lower_step):
+    """One lower step on raw weights a of a weighting mode, through the method's seams."""
+    fwd = functools.partial(bt.forward, model, autocast=autocast, shared=shared)
+    return step(fwd, opt, bt.weighting_from(a, keys, weighting, fwd), records, keys, clip)
+
+
+def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, offload=False, shared=False):
+    """One upper step with DreamPRM's domain weights on raw weights a, through the method's seams."""
+    fwd = functools.partial(bt.forward, model, autocast=autocast, shared=shared)
+    return bt.upper_step(fwd, phi, bt.weighting_from(a, batch.keys, "domain", fwd), opt_a, batch, m_records, xi,
+                         bt.Upper(offload=offload))
+
+
 
 @pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net", "domain-instance"])
 def test_hypergradient_matches_double_backward(backbone_dir, mode):
@@ -267,7 +280,7 @@ def test_bf16_compute_keeps_updates_far_below_bf16_resolution(backbone_dir):
             step()
         opt.step = recording_step
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        batch = bt.lower_step(model, opt, a, records, keys, "domain", autocast)
+        batch = lower_step(model, opt, a, records, keys, "domain", autocast)
         assert torch.isfinite(batch.L_tr)
         fractions[mode] = changed_fraction(model, before, grads)
         if mode == "master_fp32":
@@ -289,7 +302,7 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
             bt.enable_checkpointing(model)
             assert model.backbone.language_model.gradient_checkpointing
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        bt.lower_step(model, opt, a, records, keys, "domain", torch.autocast("cpu", enabled=False))
+        lower_step(model, opt, a, records, keys, "domain", torch.autocast("cpu", enabled=False))
         params[ckpt] = [p.detach().clone() for p in model.parameters()]
     assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
     assert any((x != y0).any() for x, y0 in zip(params[False], prm.PRM.from_backbone(backbone_dir).parameters()))
@@ -361,9 +374,9 @@ def test_memory_options_are_exact(backbone_dir):
         opt_a = torch.optim.Adam(a, lr=0.05)
         keys = torch.tensor([DOMAINS.index(r["domain"]) for r in train[::3][:8]])
         off = torch.autocast("cpu", enabled=False)
-        batch = bt.lower_step(model, opt, a, train[::3][:8], keys, "domain", off)
+        batch = lower_step(model, opt, a, train[::3][:8], keys, "domain", off)
         assert all(p.grad is None for p in phi)                       # freed before the hypergradient
-        bt.upper_step(model, phi, a, opt_a, batch, meta[:6], 1e-3, off, offload=offload)
+        upper_step(model, phi, a, opt_a, batch, meta[:6], 1e-3, off, offload=offload)
         results.append([a[0].detach().clone()] + [p.detach().clone() for p in phi])
     assert all(torch.equal(x, y) for x, y in zip(*results))
     model = prm.PRM.from_backbone(backbone_dir)
@@ -373,7 +386,7 @@ def test_memory_options_are_exact(backbone_dir):
     phi = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(phi, lr=1e-2)
     records = [dict(r, _image=None) for r in train[:4]]
-    bt.lower_step(model, opt, [torch.zeros(3)], records, torch.zeros(4, dtype=torch.long), "domain",
+    lower_step(model, opt, [torch.zeros(3)], records, torch.zeros(4, dtype=torch.long), "domain",
                   torch.autocast("cpu", enabled=False))
     assert all(torch.equal(v, model.backbone.visual.state_dict()[k]) for k, v in vision.items())
     assert not all(torch.equal(v, model.backbone.language_model.state_dict()[k]) for k, v in text.items())
@@ -396,9 +409,9 @@ def assert_optimizer_resumes_exactly(backbone_dir, tmp_path, make_optimizer):
             bt.load_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a)
         else:
             for _ in range(2):
-                bt.lower_step(model, opt, a, records, keys, "domain", off)
+                lower_step(model, opt, a, records, keys, "domain", off)
             bt.save_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a, 2, prm.output_lock(str(tmp_path / "run")).hold())
-        bt.lower_step(model, opt, a, records, keys, "domain", off)
+        lower_step(model, opt, a, records, keys, "domain", off)
         runs.append([p.detach().clone() for p in phi])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
@@ -420,7 +433,7 @@ def test_fused_adamw_matches_the_per_tensor_loop_and_resumes(backbone_dir, tmp_p
         opt = bt.lower_optimizer(phi, 1e-3, 0.01, fused=fused)
         assert bool(opt.defaults["fused"]) == fused and not opt.defaults["foreach"]
         for _ in range(5):
-            bt.lower_step(model, opt, a, records, keys, "domain", off)
+            lower_step(model, opt, a, records, keys, "domain", off)
         params[fused] = [p.detach().clone() for p in phi]
     assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
     assert_optimizer_resumes_exactly(backbone_dir, tmp_path, lambda phi: bt.lower_optimizer(phi, 1e-3, fused=True))
@@ -520,7 +533,7 @@ def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path
         phi = list(model.parameters())
         opt = bt.lower_optimizer(phi, 1e-3, 0.01, compact=compact)
         for _ in range(20):
-            bt.lower_step(model, opt, a, records, keys, "domain", off)
+            lower_step(model, opt, a, records, keys, "domain", off)
         params[compact] = [p.detach().clone() for p in phi]
         if compact:
             assert all(st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16 for st in opt.state.values())
@@ -561,7 +574,7 @@ def test_gradient_clipping_bounds_the_step(backbone_dir):
                                                                 if p.grad is not None])).item()
             step()
         opt.step = recording_step
-        bt.lower_step(model, opt, [torch.zeros(3)], records, keys, "domain", torch.autocast("cpu", enabled=False),
+        lower_step(model, opt, [torch.zeros(3)], records, keys, "domain", torch.autocast("cpu", enabled=False),
                       clip=clip)
     assert norms[0.0] > 1e-3 and abs(norms[1e-3] - 1e-3) < 1e-6
 
@@ -618,9 +631,11 @@ def test_shared_prefix_training_equals_packed(request, images, backbone, with_im
         a = [torch.tensor([0.3, -0.2, 0.1], requires_grad=True)]
         batch = bt.label_batch(records, keys, "cpu")
         phi = [x for x in model.parameters() if x.requires_grad]
-        g, _ = bt.hypergradient(phi, a, lambda: bt.meta_batch_loss(model, records[:4], off, shared=shared),
-                                lambda: bt.batch_losses(model, batch, off, shared),
-                                lambda a_: bt.batch_weights(a_, model, batch, off, "domain", shared=shared), 1e-3)
+        fwd = functools.partial(bt.forward, model, autocast=off, shared=shared)
+        w = bt.weighting_from(a, keys, "domain")
+        g, _ = bt.hypergradient(phi, a, lambda: bt.meta_batch_loss(fwd, records[:4]),
+                                lambda: bt.batch_losses(fwd, batch),
+                                lambda a_: bt.batch_weights(w, a_, batch), 1e-3)
         hyper[shared] = g[0]
     assert abs(losses[True] - losses[False]) <= 1e-5
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
@@ -651,7 +666,7 @@ def test_gradient_accumulation_is_one_larger_batch(backbone_dir, images, weighti
         opt = torch.optim.SGD(model.parameters(), lr=1.0)       # the step is the gradient itself
         step = bt.lower_step if accum == 1 else functools.partial(bt.accumulated_lower_step, accum=accum)
         before = [p.detach().clone() for p in model.parameters()]
-        batch = step(model, opt, a, records, keys, weighting, off)
+        batch = lower_step(model, opt, a, records, keys, weighting, off, step=step)
         out[accum] = (batch.L_tr, batch.l, batch.n, [b - p.detach() for b, p in zip(before, model.parameters())])
     (L1, l1, n1, g1), (L3, l3, n3, g3) = out[1], out[3]
     assert abs(L1 - L3) <= 1e-6 and torch.allclose(l1, l3, atol=1e-6) and torch.equal(n1, n3)
