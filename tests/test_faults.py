@@ -166,15 +166,20 @@ def same_run(mine, alone):
     assert torch.equal(mine["head"], alone["head"]) and strip(mine["metrics.jsonl"]) == strip(alone["metrics.jsonl"])
 
 
-@pytest.mark.parametrize("when", ["at once", "config.json", "checkpoint"])
+TRIGGERS = {"model": "runs", "config.json": "run/config.json", "checkpoint": "run/checkpoint/state.json"}
+
+
+@pytest.mark.parametrize("when", ["at once", "model", "config.json", "checkpoint"])
 def test_overwrite_never_mixes_two_live_runs(tmp_path, when, solo):
     """A second run with --overwrite (another seed) while the first trains: refused in one line, and
     the first run's outputs equal those of the same run alone. Started at once, either may take the
-    run directory first: the other is refused, and the winner's outputs equal its run alone. Later,
-    the first is held stopped (as on a loaded machine) while the second tries."""
+    run directory first: the other is refused, and the winner's outputs equal its run alone. Else the
+    first is held stopped (as a loaded machine deschedules it) while the second tries: while it builds
+    its model (the tiny backbone's folder appears; it must hold --out by then), after config.json,
+    after its first checkpoint."""
     first = start(str(tmp_path / "run"))
     if when != "at once":
-        wait_for(str(tmp_path / "run" / ("config.json" if when == "config.json" else "checkpoint/state.json")), first)
+        wait_for(str(tmp_path / TRIGGERS[when]), first)
         first.send_signal(signal.SIGSTOP)
     try:
         second = start(str(tmp_path / "run"), "--overwrite", "--seed", "1")
