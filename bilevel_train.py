@@ -1105,7 +1105,7 @@ class Run:
     history: list
     n_long: tuple
     run_lock: object
-    sums: dict = None
+    sums: dict               # the losses summed since the last log (new_sums)
 
 
 def setup_run(args, run_lock):

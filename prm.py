@@ -1768,8 +1768,7 @@ def skip_report(skips, questions):
     kept = set(questions)
     lost = {s.question for s in skips} - kept
     total = len(kept | {s.question for s in skips})
-    read = max(getattr(skips, "read", 0), len(skips))
-    return (f"{len(skips)} of {read} source records skipped ("
+    return (f"{len(skips)} of {max(skips.read, len(skips))} source records skipped ("
             + ", ".join(f"{why}: {n}" for why, n in reasons.most_common()) + f"); {len(lost)} of {total} "
             f"questions have no CoT left")
 
@@ -2058,7 +2057,7 @@ class output_lock:
         return self
 
     def __exit__(self, *exc):
-        self.f.close()                                           # closing releases the lock
+        self.close()
         return False
 
     def owned(self):
@@ -2075,7 +2074,7 @@ class output_lock:
         return self.__enter__()
 
     def close(self):
-        self.f.close()
+        self.f.close()                                           # closing releases the lock
 
     def __del__(self):
         if getattr(self, "f", None) is not None and not self.f.closed:
