@@ -16,7 +16,7 @@ The math (symbols as in the paper; the README's "The math" explains each):
   g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
 
 Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
-upper step, (4) the training loop (`main`). The variants sit behind seams chosen once before the
+upper step, (4) the training loop (`bilevel`). The variants sit behind seams chosen once before the
 loop (`setup_run`): the Weighting (raw weights a, keys, w_b(a), the upper step's batch), the forward
 (packed or shared-prefix), the lower step (plain or accumulated). Appendices after the method: A
 instance weights (DreamPRM-1.5) and fixed weights, B data, C the run configuration, D the run
@@ -57,29 +57,7 @@ import prm
 
 TOY_TRAIN = "toy/train_labels.jsonl"   # written by the toy pipeline (gen_cots.py --toy, mc_label.py)
 TOY_META = "toy/meta_cots.jsonl"
-# Defaults for real data, and the toy preset used when no data is given (a tiny PRM learns in
-# minutes, and larger meta batches keep the hypergradient's noise below its signal).
-TRAINING = dict(lr_schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=0.5, grad_clip=0.0, meta_weight_decay=0.0)
-DEFAULTS = dict(iterations=1000, train_batch=8, meta_batch=16, meta_lr=0.01, unroll_steps=5, log_every=10,
-                cold_start=0, lr=5e-7, **TRAINING)
-TOY_PRESET = dict(iterations=150, train_batch=16, meta_batch=32, meta_lr=0.05, unroll_steps=5, log_every=10,
-                  cold_start=0, lr=1e-4, **TRAINING)
-# The published recipes' training settings (--recipe): the official DreamPRM code steps the lower lr
-# down by half every 5000 steps and puts weight decay 1e-3 on the domain weights; DreamPRM-1.5 uses a
-# cosine schedule with 5% warm-up and clips gradients at 1.0.
-RECIPES = {"dreamprm": dict(lr_schedule="step", lr_step=5000, lr_gamma=0.5, meta_weight_decay=1e-3),
-           "dreamprm-1.5": dict(lr_schedule="cosine", warmup=0.05, grad_clip=1.0)}
-TINY_MODEL = dict(lr=1e-4)             # the tiny backbone learns at the toy's rate on any data
-# DreamPRM-1.5's recipe for instance weights: one lower step per upper step (unroll 1) and a meta lr
-# that lets a weight move within the few upper steps that reach it. The toy adds a cold start (the
-# PRM learns the task before its judgement of instances counts) and as many lower steps as the
-# domain demo (750).
-INSTANCE_RECIPE = dict(unroll_steps=1)
-# Time-scale matching: a table entry moves only when its CoT is drawn (a few dozen times in a toy
-# run), the net's shared parameters at every upper step; on the toy world meta lr 0.1 drove the net
-# to saturated weights within 50 upper steps, 0.003 and 0.01 gave the same ranking.
-INSTANCE_META_LR = {"instance-table": 0.1, "instance-net": 0.01, "domain-instance": 0.05}
-TOY_INSTANCE = dict(iterations=750, log_every=50, cold_start=100)
+# Every flag, with its default, its presets and its help: Appendix C.
 
 
 # ==============================================================================================
@@ -301,29 +279,25 @@ def upper_step(forward, phi, w, opt_a, batch, m_records, xi, upper):
 # 4. The training loop
 # ==============================================================================================
 
-def main(argv=None):
-    """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
-    for args in runs(sys.argv[1:] if argv is None else list(argv)):
-        with claim_run_dir(args.out) as run_lock:                   # held until the run ends
-            run = setup_run(args, run_lock)       # Appendix D: data, the PRM, the seams, optimizers, resume
-            U = args.unroll_steps
-            for it in run.bar:                                      # range(start, iterations), with a bar
-                t0, batches, L_meta = time.perf_counter(), [], None
-                # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed, lr xi from the schedule.
-                for u in range(U):
-                    xi = set_xi(run.opt_phi, run.schedule(it * U + u))
-                    idx = run.draw_train(it, u)
-                    batches.append(run.lower_step(run.forward, run.opt_phi, run.w, [run.train[i] for i in idx],
-                                                  run.w.keys[idx], args.grad_clip))
-                # One upper step after the cold start: a <- Adam(g_a), the hypergradient through a train batch.
-                if run.w.moves and it >= args.cold_start:
-                    m_records = [run.meta[i] for i in run.draw_meta(it)]
-                    L_meta = upper_step(run.forward, run.phi, run.w, run.opt_a, run.w.upper_batch(it, batches[-1]),
-                                        m_records, xi, run.upper)
-                # Logs, held-out figures and checkpoints, each at its own period (Appendix D).
-                end_of_iteration(run, it + 1, batches, L_meta, time.perf_counter() - t0)
-            finish_run(run)
-    return 0
+def bilevel(args):
+    """One bi-level training run: the PRM phi and the raw weights a, trained as the flags ask."""
+    with open_run(args) as run:       # Appendix D: lock --out, data, PRM, seams, resume; on leaving, save the PRM
+        U = args.unroll_steps
+        for it in run.bar:                                          # range(start, iterations), with a bar
+            t0, batches, L_meta = time.perf_counter(), [], None
+            # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed, lr xi from the schedule.
+            for u in range(U):
+                xi = set_xi(run.opt_phi, run.schedule(it * U + u))
+                idx = run.draw_train(it, u)
+                batches.append(run.lower_step(run.forward, run.opt_phi, run.w, [run.train[i] for i in idx],
+                                              run.w.keys[idx], args.grad_clip))
+            # One upper step after the cold start: a <- Adam(g_a), the hypergradient through a train batch.
+            if run.w.moves and it >= args.cold_start:
+                m_records = [run.meta[i] for i in run.draw_meta(it)]
+                L_meta = upper_step(run.forward, run.phi, run.w, run.opt_a, run.w.upper_batch(it, batches[-1]),
+                                    m_records, xi, run.upper)
+            # Logs, held-out figures and checkpoints, each at its own period (Appendix D).
+            end_of_iteration(run, it + 1, batches, L_meta, time.perf_counter() - t0)
 
 
 # ==============================================================================================
@@ -743,169 +717,183 @@ def sample(n, k, seed, *key):
 
 
 # ==============================================================================================
-# Appendix C. The run configuration: presets and flags
+# Appendix C. The run configuration: every flag with its default, presets and help
 # ==============================================================================================
 
-def presets(weighting, toy, model, recipe=None):
-    """The preset dictionaries that fill a run's unset flags, the first that sets a flag winning."""
-    out = [RECIPES[recipe]] if recipe else []
-    if has_instances(weighting):
-        out.append(dict(INSTANCE_RECIPE, meta_lr=INSTANCE_META_LR[weighting]))
-        out += [TOY_INSTANCE] if toy else []
-    out += [TINY_MODEL] if model == "tiny" and not toy else []
-    return out + [TOY_PRESET if toy else DEFAULTS]
+# Each dataclass is one group of flags, and each field one flag: its default (for real data), its
+# one-line help, and the presets that change its default. A preset applies when (first wins):
+#   "--recipe R"   the published recipes: the official DreamPRM code steps the lower lr down by half
+#                  every 5000 steps (the step schedule's defaults) with weight decay 1e-3 on the raw
+#                  weights; DreamPRM-1.5 uses a cosine schedule with 5% warm-up, gradients clipped at 1.0
+#   "instance-table", "instance-net", "domain-instance", "instance modes", "toy instance modes"
+#                  DreamPRM-1.5's recipe for instance weights: one lower step per upper step and a
+#                  meta lr at which a weight moves within the few upper steps that reach it (a table
+#                  entry moves only when its CoT is drawn, the net's parameters at every upper step:
+#                  on the toy world 0.1 drove the net to saturated weights within 50 upper steps,
+#                  0.003 and 0.01 gave the same ranking); the toy adds a cold start (the PRM learns
+#                  the task before its judgement of instances counts) and the domain demo's 750
+#                  lower steps
+#   "toy"          no data flags: a tiny PRM learns in minutes, and larger meta batches keep the
+#                  hypergradient's noise below its signal
+#   "--model tiny" on real data: the tiny backbone learns at the toy's rate
+RECIPES = ("dreamprm", "dreamprm-1.5")
+WEIGHTINGS = ("domain", "fixed", "instance-table", "instance-net", "instance", "domain-instance")
+INT, BATCH = prm.number(int, 1, 10 ** 9), prm.number(int, 1, 1 << 20)
 
 
-def preset_help(key):
-    """'default: X; toy Y; ...' for a flag whose default comes from the presets, read off them."""
-    parts = [f"default: {DEFAULTS[key]}"]
-    for label, preset in (("toy", TOY_PRESET), ("toy instance modes", TOY_INSTANCE),
-                          ("instance modes", INSTANCE_RECIPE), ("--model tiny", TINY_MODEL)):
-        if key in preset and preset[key] != DEFAULTS[key]:
-            parts.append(f"{label} {preset[key]}")
-    if key == "meta_lr":
-        parts += [f"{mode} {lr}" for mode, lr in INSTANCE_META_LR.items()]
-    return "; ".join(parts)
+@dataclass
+class Data:
+    """Data"""
+    train: list = prm.option([], "training labels: our labels.jsonl or published train.json", nargs="*")
+    meta: str = prm.option(None, "meta CoTs with correctness: our cots.jsonl or published meta.json")
+    domains: str = prm.option(None, "comma-separated training domains (default: every domain with usable records)")
+    image_root: str = prm.option(None, "folder image paths are relative to (default: each file's folder)")
+    allow_overlap: bool = prm.option(False, "allow meta questions that are also in the training data (same text "
+                                     "and image)")
+    allow_one_class_meta: bool = prm.option(False, "run even when every meta CoT is correct (or every one "
+                                            "incorrect), with a warning")
+    synthetic: bool = prm.option(False, "with no data: a small synthetic set instead of the toy world")
+    eval: str = prm.option(None, "a held-out labelled split (CoTs with step labels and correctness, any format): "
+                           "step AUC, step accuracy at 0.5 and best of N on it at every --eval-every iterations")
 
 
-def data_flags(ap):
-    g = ap.add_argument_group("data")
-    g.add_argument("--train", nargs="*", default=[], help="training labels: our labels.jsonl or published train.json")
-    g.add_argument("--meta", default=None, help="meta CoTs with correctness: our cots.jsonl or published meta.json")
-    g.add_argument("--domains", default=None, help="comma-separated training domains (default: every domain "
-                   "with usable records)")
-    g.add_argument("--image-root", default=None, help="folder image paths are relative to (default: each file's folder)")
-    prm.add_format_args(g)
-    g.add_argument("--allow-overlap", action="store_true", help="allow meta questions that are also in the "
-                   "training data (same text and image)")
-    g.add_argument("--allow-one-class-meta", action="store_true", help="run even when every meta CoT is "
-                   "correct (or every one incorrect), with a warning")
-    g.add_argument("--synthetic", action="store_true", help="with no data: a small synthetic set instead of the toy world")
-    g = ap.add_argument_group("reading a CoT (stored with the PRM, so scoring reads CoTs alike)")
-    g.add_argument("--final-answer", choices=("auto",) + prm.FINAL_RULES, default="auto",
-                   help="the final answer line: joins the last step (last-step) or is never encoded (drop), "
-                   "for train, meta and test alike (auto: drop for published DreamPRM data, else last-step)")
-    g.add_argument("--max-side", type=prm.number(int, 0, 1 << 16), default=prm.MAX_SIDE, help="images shrink until their "
-                   "longest side is at most this many pixels, as in the published code (0: never; 512 gives 180 "
-                   "image tokens for a 1920x1080 image)")
-    g.add_argument("--min-pixels", type=prm.number(int, 1, 10 ** 9), default=None, help="image processor's minimum pixels "
-                   "(default: the processor's own)")
-    g.add_argument("--max-pixels", type=prm.number(int, 1, 10 ** 9), default=None, help="image processor's maximum pixels "
-                   "(default: the processor's own)")
-    g.add_argument("--max-length", type=prm.number(int, 1), default=None, help="longest CoT in tokens; longer "
-                   "ones are skipped and counted (default: the backbone's positions)")
+@dataclass
+class Reading:
+    """Reading a CoT (stored with the PRM, so scoring reads CoTs alike)"""
+    final_answer: str = prm.option("auto", "the final answer line: joins the last step (last-step) or is never "
+                                   "encoded (drop), for train, meta and test alike (auto: drop for published DreamPRM "
+                                   "data, else last-step)", choices=("auto",) + prm.FINAL_RULES)
+    max_side: int = prm.option(prm.MAX_SIDE, "images shrink until their longest side is at most this many pixels, "
+                               "as in the published code (0: never; 512 gives 180 image tokens for a 1920x1080 image)",
+                               type=prm.number(int, 0, 1 << 16))
+    min_pixels: int = prm.option(None, "image processor's minimum pixels (default: the processor's own)",
+                                 type=prm.number(int, 1, 10 ** 9))
+    max_pixels: int = prm.option(None, "image processor's maximum pixels (default: the processor's own)",
+                                 type=prm.number(int, 1, 10 ** 9))
+    max_length: int = prm.option(None, "longest CoT in tokens; longer ones are skipped and counted (default: the "
+                                 "backbone's positions)", type=prm.number(int, 1))
 
 
-def method_flags(ap):
-    g = ap.add_argument_group("the bi-level method (defaults from the presets: real data, toy, instance modes)")
-    g.add_argument("--model", default="tiny", help="backbone directory (save_pretrained format), or 'tiny'")
-    g.add_argument("--weighting", choices=["domain", "fixed", "instance-table", "instance-net", "instance",
-                                           "domain-instance"],
-                   default="domain", help="domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
-                   "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's step "
-                   "values to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: a domain "
-                   "weight times a table weight normalised within the domain, one hypergradient for both")
-    g.add_argument("--iterations", type=prm.number(int, 1, 10 ** 9), default=None, help="outer iterations, each U lower "
-                   f"steps + 1 upper step (>= 1; {preset_help('iterations')})")
-    g.add_argument("--unroll-steps", type=prm.number(int, 1, 10 ** 6), default=None, help="U: lower steps per upper step "
-                   f"(>= 1; {preset_help('unroll_steps')})")
-    g.add_argument("--train-batch", type=prm.number(int, 1, 1 << 20), default=None, help="training CoTs per lower step "
-                   f"(>= 1; {preset_help('train_batch')})")
-    g.add_argument("--meta-batch", type=prm.number(int, 1, 1 << 20), default=None, help="meta CoTs per upper step "
-                   f"(>= 1; {preset_help('meta_batch')})")
-    g.add_argument("--lr", type=prm.number(float, 0, 10.0, above=True), default=None, help="xi, the lower (PRM) "
-                   f"learning rate (> 0 and finite; {preset_help('lr')})")
-    g.add_argument("--meta-lr", type=prm.number(float, 0, 1e6, above=True), default=None, help="learning rate "
-                   f"of the raw weights a (> 0; {preset_help('meta_lr')})")
-    g.add_argument("--weight-decay", type=prm.number(float, 0), default=0.0, help="AdamW weight decay on phi (>= 0)")
-    g.add_argument("--fd-radius", type=prm.number(float, 0, 1e3, above=True), default=0.01, help="r: finite-difference "
-                   "radius, eps = r / ||v|| (> 0)")
-    g.add_argument("--upper-loss", choices=["mse", "bce"], default="mse", help="upper loss on A(V) against r")
-    g.add_argument("--cold-start", type=prm.number(int, 0), default=None, help="outer iterations of plain "
-                   f"training before the weights move (>= 0; {preset_help('cold_start')})")
-    g.add_argument("--no-aggregation", action="store_true",
-                   help="ablation: upper loss is step-level MSE instead of the aggregation-function loss")
-    g.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed for the value head and the batch "
-                   "order (>= 0)")
-    g = ap.add_argument_group("instance weights (DreamPRM-1.5)")
-    g.add_argument("--weight-max", type=prm.number(float, 1, 1e6, above=True), default=3.0, help="instance modes: "
-                   "weights lie in (0, this) (> 1), 1 at the start")
-    g.add_argument("--instance-batch", type=prm.number(int, 1, 1 << 20), default=None, help="instance modes: training CoTs "
-                   "whose weights each upper step moves (>= 1; default: 4 x --train-batch)")
-    g.add_argument("--net-hidden", type=prm.number(int, 1, 1 << 16), default=64, help="instance-net: hidden width (>= 1)")
+@dataclass
+class Method:
+    """The bi-level method"""
+    model: str = prm.option("tiny", "backbone directory (save_pretrained format), or 'tiny'")
+    weighting: str = prm.option("domain", "domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
+                                "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's "
+                                "step values to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: "
+                                "a domain weight times a table weight normalised within the domain, one hypergradient "
+                                "for both", choices=WEIGHTINGS)
+    iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)", type=INT,
+                                 presets={"toy": 150, "toy instance modes": 750})
+    unroll_steps: int = prm.option(5, "U: lower steps per upper step (>= 1)", type=prm.number(int, 1, 10 ** 6),
+                                   presets={"instance modes": 1})
+    train_batch: int = prm.option(8, "training CoTs per lower step (>= 1)", type=BATCH, presets={"toy": 16})
+    meta_batch: int = prm.option(16, "meta CoTs per upper step (>= 1)", type=BATCH, presets={"toy": 32})
+    lr: float = prm.option(5e-7, "xi, the lower (PRM) learning rate (> 0 and finite)",
+                           type=prm.number(float, 0, 10.0, above=True), presets={"toy": 1e-4, "--model tiny": 1e-4})
+    meta_lr: float = prm.option(0.01, "learning rate of the raw weights a (> 0)",
+                                type=prm.number(float, 0, 1e6, above=True),
+                                presets={"toy": 0.05, "instance-table": 0.1, "instance-net": 0.01,
+                                         "domain-instance": 0.05})
+    weight_decay: float = prm.option(0.0, "AdamW weight decay on phi (>= 0)", type=prm.number(float, 0))
+    fd_radius: float = prm.option(0.01, "r: finite-difference radius, eps = r / ||v|| (> 0)",
+                                  type=prm.number(float, 0, 1e3, above=True))
+    upper_loss: str = prm.option("mse", "upper loss on A(V) against r", choices=("mse", "bce"))
+    cold_start: int = prm.option(0, "outer iterations of plain training before the weights move (>= 0)",
+                                 type=prm.number(int, 0), presets={"toy instance modes": 100})
+    no_aggregation: bool = prm.option(False, "ablation: upper loss is step-level MSE instead of the "
+                                      "aggregation-function loss")
+    seed: int = prm.option(0, "seed for the value head and the batch order (>= 0)", type=prm.number(int, 0, 2 ** 31 - 1))
 
 
-def schedule_flags(ap):
-    g = ap.add_argument_group("the lower optimizer's schedule (off by default, as in the paper's method)")
-    g.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="a published recipe's settings for "
-                   "the flags below: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in r.items())
-                                                   for k, r in RECIPES.items()))
-    g.add_argument("--lr-schedule", choices=["constant", "cosine", "step"], default=None, help="the lower lr over "
-                   "the run's lower steps: constant, cosine (to 0 at the end) or step (x --lr-gamma every --lr-step "
-                   "steps), after --warmup (default: constant)")
-    g.add_argument("--warmup", type=prm.number(float, 0, 0.9), default=None, help="fraction of the lower steps "
-                   "over which the lr rises linearly from 0 (default: 0)")
-    g.add_argument("--lr-step", type=prm.number(int, 1, 10 ** 9), default=None, help="step schedule: lower steps "
-                   "between two decays (default: 5000)")
-    g.add_argument("--lr-gamma", type=prm.number(float, 0, 1, above=True), default=None, help="step schedule: the "
-                   "factor of each decay (default: 0.5)")
-    g.add_argument("--grad-clip", type=prm.number(float, 0, 1e6), default=None, help="clip the lower gradient's "
-                   "norm to this before each step (0: off; default: 0)")
-    g.add_argument("--meta-weight-decay", type=prm.number(float, 0, 1e3), default=None, help="weight decay on the raw "
-                   "weights a (Adam's, L2 in the gradient; default: 0)")
-    g.add_argument("--grad-accum", type=prm.number(int, 1, 1024), default=1, help="split each lower batch into this "
-                   "many micro-batches, gradients summed: the same step, less activation memory (not instance-net)")
-    g.add_argument("--eval", default=None, help="a held-out labelled split (CoTs with step labels and correctness, "
-                   "any format): step AUC, step accuracy at 0.5 and best of N on it at every --eval-every iterations")
-    g.add_argument("--eval-every", type=prm.number(int, 1, 10 ** 9), default=None, help="iterations between "
-                   "evaluations on --eval (default: --log-every)")
+@dataclass
+class InstanceWeights:
+    """Instance weights (DreamPRM-1.5)"""
+    weight_max: float = prm.option(3.0, "instance modes: weights lie in (0, this) (> 1), 1 at the start",
+                                   type=prm.number(float, 1, 1e6, above=True))
+    instance_batch: int = prm.option(None, "instance modes: training CoTs whose weights each upper step moves "
+                                     "(>= 1; default: 4 x --train-batch)", type=BATCH)
+    net_hidden: int = prm.option(64, "instance-net: hidden width (>= 1)", type=prm.number(int, 1, 1 << 16))
 
 
-def run_flags(ap):
-    g = ap.add_argument_group("memory and precision (README, the 2B memory plan)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: bf16 compute with fp32 master weights (updates are never rounded away)")
-    g.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (a third of a 2B "
-                   "model's parameters: less memory; the published code trains every parameter)")
-    g.add_argument("--offload-restore", action="store_true", help="keep the hypergradient's exact copy of phi in "
-                   "CPU memory (pinned), not on the GPU (4 bytes per parameter less; bitwise the same)")
-    g.add_argument("--compact-states", action="store_true", help="keep AdamW's two moments in bf16 with "
-                   "stochastic rounding: 4 bytes per parameter less, not exact (see README, the 2B memory plan)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    g.add_argument("--group-by-question", action="store_true", help="shared-prefix training: a batch holds the CoTs "
-                   "of a few questions, and each question's image and text run once for all its CoTs (train, meta "
-                   "and hypergradient forwards); the same loss and gradients per batch, batches drawn by question "
-                   "(README, shared-prefix training)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
-    g = ap.add_argument_group("the run directory")
-    g.add_argument("--out", default=None, help="run directory (default: runs/toy for the toy demo, runs/synthetic "
-                   "for --synthetic, else runs/NAME-WEIGHTING after the first --train file: never another run's)")
-    g.add_argument("--save-every", type=prm.number(int, 1), default=50, help="checkpoint every N outer iterations (>= 1)")
-    g.add_argument("--log-every", type=prm.number(int, 1), default=None, help="metrics and weights every N outer "
-                   f"iterations (>= 1; {preset_help('log_every')})")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (the "
-                   "settings must match the stored config.json, except --iterations upward, --device, "
-                   "--save-every, --log-every and --eval-every)")
-    g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    g.add_argument("--no-baseline", action="store_true", help="toy demo: skip the vanilla PRM baseline "
-                   "(by default a toy DreamPRM run also trains one into OUT-vanilla, for rerank.py)")
+@dataclass
+class Schedule:
+    """The lower optimizer's schedule (off by default, as in the paper's method)"""
+    recipe: str = prm.option(None, "a published recipe's settings for the flags below (each flag's help gives them)",
+                             choices=RECIPES)
+    lr_schedule: str = prm.option("constant", "the lower lr over the run's lower steps: constant, cosine (to 0 at "
+                                  "the end) or step (x --lr-gamma every --lr-step steps), after --warmup",
+                                  choices=("constant", "cosine", "step"),
+                                  presets={"--recipe dreamprm": "step", "--recipe dreamprm-1.5": "cosine"})
+    warmup: float = prm.option(0.0, "fraction of the lower steps over which the lr rises linearly from 0",
+                               type=prm.number(float, 0, 0.9), presets={"--recipe dreamprm-1.5": 0.05})
+    lr_step: int = prm.option(5000, "step schedule: lower steps between two decays", type=INT)
+    lr_gamma: float = prm.option(0.5, "step schedule: the factor of each decay", type=prm.number(float, 0, 1, above=True))
+    grad_clip: float = prm.option(0.0, "clip the lower gradient's norm to this before each step (0: off)",
+                                  type=prm.number(float, 0, 1e6), presets={"--recipe dreamprm-1.5": 1.0})
+    meta_weight_decay: float = prm.option(0.0, "weight decay on the raw weights a (Adam's, L2 in the gradient)",
+                                          type=prm.number(float, 0, 1e3), presets={"--recipe dreamprm": 1e-3})
+    grad_accum: int = prm.option(1, "split each lower batch into this many micro-batches, gradients summed: the same "
+                                 "step, less activation memory (not instance-net)", type=prm.number(int, 1, 1024))
+
+
+@dataclass
+class Memory:
+    """Memory and precision (README, the 2B memory plan)"""
+    precision: str = prm.option("fp32", "bf16: bf16 compute with fp32 master weights (updates are never rounded "
+                                "away)", choices=("fp32", "bf16"))
+    freeze_vision: bool = prm.option(False, "keep the vision tower fixed (a third of a 2B model's parameters: less "
+                                     "memory; the published code trains every parameter)")
+    offload_restore: bool = prm.option(False, "keep the hypergradient's exact copy of phi in CPU memory (pinned), "
+                                       "not on the GPU (4 bytes per parameter less; bitwise the same)")
+    compact_states: bool = prm.option(False, "keep AdamW's two moments in bf16 with stochastic rounding: 4 bytes "
+                                      "per parameter less, not exact (see README, the 2B memory plan)")
+    grad_checkpointing: bool = prm.option(False, "recompute activations in backward (less memory)")
+    group_by_question: bool = prm.option(False, "shared-prefix training: a batch holds the CoTs of a few questions, "
+                                         "and each question's image and text run once for all its CoTs (train, meta "
+                                         "and hypergradient forwards); the same loss and gradients per batch, batches "
+                                         "drawn by question (README, shared-prefix training)")
+    device: str = prm.option("auto", "auto, cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = prm.option(False, "allow model code from the model directory")
+
+
+@dataclass
+class RunDir:
+    """The run directory"""
+    out: str = prm.option(None, "run directory (default: runs/toy for the toy demo, runs/synthetic for --synthetic, "
+                          "else runs/NAME-WEIGHTING after the first --train file: never another run's)")
+    save_every: int = prm.option(50, "checkpoint every N outer iterations (>= 1)", type=prm.number(int, 1))
+    log_every: int = prm.option(10, "metrics and weights every N outer iterations (>= 1)", type=prm.number(int, 1),
+                                presets={"toy instance modes": 50})
+    eval_every: int = prm.option(None, "iterations between evaluations on --eval (default: --log-every)", type=INT)
+    resume: bool = prm.option(False, "continue the run in --out from its checkpoint (the settings must match the "
+                              "stored config.json, except --iterations upward, --device, --save-every, --log-every "
+                              "and --eval-every)")
+    overwrite: bool = prm.option(False, "replace the outputs of another run in --out")
+    no_baseline: bool = prm.option(False, "toy demo: skip the vanilla PRM baseline (by default a toy DreamPRM run "
+                                   "also trains one into OUT-vanilla, for rerank.py)")
+
+
+OPTIONS = (Data, prm.InputFormat, Reading, Method, InstanceWeights, Schedule, Memory, RunDir)
+
+
+def preset_names(args, toy):
+    """The presets that apply to this run, in order (the first that gives a flag a value wins)."""
+    names = [f"--recipe {args.recipe}"] if args.recipe else []
+    if has_instances(args.weighting):
+        names += [args.weighting, "instance modes"] + (["toy instance modes"] if toy else [])
+    return names + (["toy"] if toy else ["--model tiny"] if args.model == "tiny" else [])
 
 
 def parse_args(argv):
     """The flags, checked at parse time; unset ones filled from the presets."""
     ap = prm.Parser(__doc__)
-    data_flags(ap)
-    method_flags(ap)
-    schedule_flags(ap)
-    run_flags(ap)
+    for options in OPTIONS:
+        prm.add_options(ap, options)
     args = ap.parse_args(argv)
     toy = not args.train and not args.meta
     args.weighting = "instance-table" if args.weighting == "instance" else args.weighting
-    for preset in presets(args.weighting, toy, args.model, args.recipe):
-        for k, v in preset.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
+    prm.fill_presets(args, OPTIONS, preset_names(args, toy))
     if args.domains is not None:                  # checked before any data or model is read
         args.domains = parse_domains(args.domains)
     if args.instance_batch is None:
@@ -997,6 +985,17 @@ def check_still_ours(run_lock):
     if not run_lock.owned():
         raise prm.DataError("the run directory was removed or replaced while this run trained: its files are not "
                             "this run's; nothing more is written", file=os.path.dirname(run_lock.path))
+
+
+@contextmanager
+def open_run(args):
+    """`with open_run(args) as run:` the run's directory claimed (claim_run_dir) and everything
+    before the loop set up (setup_run); when the block ends without an error, the PRM, the final
+    weights and their plot are saved (finish_run). An error leaves the last checkpoint as it was."""
+    with claim_run_dir(args.out) as run_lock:
+        run = setup_run(args, run_lock)
+        yield run
+        finish_run(run)
 
 
 def prepare_run_dir(args, config):
@@ -1592,6 +1591,13 @@ def draw(n, groups, k, seed, *key):
 
 class Diverged(RuntimeError):
     """A non-finite loss or hypergradient: the run stops before the step, its last checkpoint kept."""
+
+
+def main(argv=None):
+    """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
+    for args in runs(sys.argv[1:] if argv is None else list(argv)):
+        bilevel(args)
+    return 0
 
 
 def cli(argv=None):

@@ -104,7 +104,7 @@ def main(argv=None):
                     "without rolling them out (prefixes then go to the policy one at a time)")
     ap.add_argument("--max-steps", type=prm.number(int, 1), default=None, help="label at most this many steps per CoT "
                     "(>= 1; default: all)")
-    prm.add_format_args(ap)
+    prm.add_options(ap, prm.InputFormat)
     gen_cots.add_policy_args(ap)
     args = gen_cots.resolve_policy_args(ap.parse_args(argv))
     if args.min_rollouts >= args.rollouts:

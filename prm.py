@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
 
 import torch
@@ -1831,6 +1831,44 @@ def number(kind=int, low=None, high=None, above=False):
     return parse
 
 
+def option(default, help, presets=None, **argparse_kw):
+    """A field of a script's options dataclass (one flag): its default, its one-line help, how
+    argparse reads it (type, choices, nargs) and `presets`, the defaults other settings give it
+    ({"toy": 150, ...}; the script fills an unset flag from the first preset that applies, see
+    fill_presets). A default of False makes a switch."""
+    meta = dict(help=help, presets=presets or {}, argparse=argparse_kw)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def add_options(ap, options):
+    """One --help group from an options dataclass, titled by its docstring's first line: a flag
+    --name-with-dashes per field, in order. A flag with presets stays None until fill_presets, and
+    its help lists every value it can default to."""
+    g = ap.add_argument_group(options.__doc__.split("\n")[0].strip())
+    for f in fields(options):
+        default, help, presets = option_default(f), f.metadata["help"], f.metadata["presets"]
+        kw = dict(f.metadata["argparse"], action="store_true") if default is False else f.metadata["argparse"]
+        if presets:
+            help += " (" + "; ".join([f"default: {default}"] + [f"{k} {v}" for k, v in presets.items()]) + ")"
+            default = None
+        g.add_argument("--" + f.name.replace("_", "-"), default=default, help=help, **kw)
+
+
+def fill_presets(args, options, names):
+    """Each unset flag of the `options` dataclasses takes its value from the first preset in
+    `names` that gives one, else its default."""
+    for f in (f for o in options for f in fields(o) if f.metadata["presets"]):
+        if getattr(args, f.name) is None:
+            presets = f.metadata["presets"]
+            setattr(args, f.name, next((presets[n] for n in names if n in presets), option_default(f)))
+
+
 def check_writable(folder):
     """Create `folder` if needed and prove it takes a file, before any long work starts."""
     try:
@@ -1843,22 +1881,23 @@ def check_writable(folder):
         raise DataError(f"cannot write here ({e.strerror})", file=folder) from None
 
 
-def add_format_args(ap):
-    """--format and --domain, for every script that reads CoT files."""
-    ap.add_argument("--format", choices=["auto"] + list(FORMATS), default="auto",
-                    help="input file format (auto: detected from the file; see the README's data section)")
-    ap.add_argument("--domain", default=None, help="domain of records whose format carries none "
-                    "(trl without a domain field; default: the file name without extension)")
-    ap.add_argument("--correct-from", choices=("stated", "last-label"), default="stated",
-                    help="a CoT's final correctness: only where the format states it (stated; trl, rlhflow and "
-                    "visualprm400k state none, so their CoTs' correctness is unknown), or else from the last "
-                    "step's label, >= 0.5 correct (last-label)")
-    ap.add_argument("--allow-outside-images", action="store_true", help="read image paths that lead outside the "
-                    "image root (absolute paths, '../', links); by default a dataset can only name images inside it")
+@dataclass
+class InputFormat:
+    """Input files"""
+    format: str = option("auto", "input file format (auto: detected from the file; see the README's data section)",
+                         choices=["auto"] + list(FORMATS))
+    domain: str = option(None, "domain of records whose format carries none (trl without a domain field; default: "
+                         "the file name without extension)")
+    correct_from: str = option("stated", "a CoT's final correctness: only where the format states it (stated; trl, "
+                               "rlhflow and visualprm400k state none, so their CoTs' correctness is unknown), or else "
+                               "from the last step's label, >= 0.5 correct (last-label)",
+                               choices=("stated", "last-label"))
+    allow_outside_images: bool = option(False, "read image paths that lead outside the image root (absolute paths, "
+                                        "'../', links); by default a dataset can only name images inside it")
 
 
 def reading(args):
-    """The reading flags of add_format_args (and --image-root where a script has it) as keyword
+    """The reading flags of InputFormat (and --image-root where a script has it) as keyword
     arguments of read_cots and index_questions."""
     return dict(image_root=getattr(args, "image_root", None), fmt=args.format, domain=args.domain,
                 correct_from=args.correct_from, outside_images=args.allow_outside_images)

@@ -329,7 +329,7 @@ def parse_args(argv):
                     help="aggregation function A (default: each PRM's own, from its prm.json)")
     ap.add_argument("--out", default="runs/rerank", help="output folder")
     ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
-    prm.add_format_args(ap)
+    prm.add_options(ap, prm.InputFormat)
     ap.add_argument("--batch-size", type=prm.number(int, 1, 1 << 16), default=16, help="CoTs per scoring forward (with "
                     "--no-shared-prefix; >= 1)")
     ap.add_argument("--no-shared-prefix", action="store_true", help="score in packed batches instead of encoding "

@@ -1,4 +1,5 @@
 """bilevel_train.py: hypergradient against autograd, weighted loss, direction, resume, bad input."""
+import dataclasses
 import functools
 import json
 import math
@@ -557,6 +558,28 @@ def test_lr_schedules_by_hand():
     args = bt.parse_args(["--synthetic", "--recipe", "dreamprm"])
     assert (args.lr_schedule, args.lr_step, args.lr_gamma, args.meta_weight_decay) == ("step", 5000, 0.5, 1e-3)
     assert bt.parse_args(["--synthetic"]).lr_schedule == "constant"
+
+
+def test_presets_fill_unset_flags_first_preset_winning_and_help_lists_them(capsys):
+    real = ["--train", "t.jsonl", "--meta", "m.jsonl"]
+    got = lambda argv, *names: tuple(getattr(bt.parse_args(argv), n) for n in names)
+    assert got([], "iterations", "train_batch", "meta_batch", "lr", "meta_lr") == (150, 16, 32, 1e-4, 0.05)   # toy
+    assert got(real + ["--model", "/m"], "iterations", "lr", "meta_lr", "unroll_steps") == (1000, 5e-7, 0.01, 5)
+    assert got(real, "lr") == (1e-4,)                                                           # --model tiny
+    # the instance mode's meta lr beats the toy's; the toy instance modes' iterations beat the toy's
+    assert got(["--weighting", "instance-net"], "meta_lr", "unroll_steps", "iterations", "cold_start",
+               "log_every") == (0.01, 1, 750, 100, 50)
+    assert got(real + ["--weighting", "instance"], "weighting", "meta_lr", "iterations", "cold_start") == \
+        ("instance-table", 0.1, 1000, 0)
+    assert got(["--weighting", "instance-net", "--meta-lr", "0.2", "--cold-start", "0"], "meta_lr", "cold_start") == \
+        (0.2, 0)                                                                                # a flag beats them all
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1000; toy 150; toy instance modes 750)" in text
+    assert "(default: 0.0; --recipe dreamprm 0.001)" in text
+    flags = [f.name for o in bt.OPTIONS for f in dataclasses.fields(o)]
+    assert len(flags) == len(set(flags)) and all("--" + f.replace("_", "-") in text for f in flags)
 
 
 def test_gradient_clipping_bounds_the_step(backbone_dir):
