@@ -30,6 +30,7 @@ import urllib.parse
 import zlib
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
@@ -536,38 +537,37 @@ def policy_params(args):
     return params
 
 
-def add_policy_args(ap):
-    """Policy flags shared by gen_cots.py and mc_label.py."""
-    ap.add_argument("--policy", choices=["toy", "hf", "openai"], default="toy", help="policy back end")
-    ap.add_argument("--model", default=None, help="hf: local model directory ('tiny' for the tiny backbone)")
-    ap.add_argument("--base-url", default="http://localhost:8000/v1", help="openai: server base URL")
-    ap.add_argument("--model-name", default="default", help="openai: model name on the server")
-    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
-    ap.add_argument("--concurrency", type=prm.number(int, 1, 4096), default=64, help="requests in flight at once, across "
-                    "questions and CoTs (openai; >= 1; 64 keeps one vLLM server busy)")
-    ap.add_argument("--batch-size", type=prm.number(int, 1, 1 << 16), default=8, help="hf: prompts per generate call, "
-                    "across questions and CoTs (>= 1)")
-    ap.add_argument("--retries", type=prm.number(int, 0, 100), default=5, help="openai: retries on 429, 5xx and network "
-                    "errors (>= 0)")
-    ap.add_argument("--temperature", type=prm.number(float, 0, 100), default=0.7, help="sampling temperature "
-                    "(0: greedy decoding, every sample the same text)")
-    ap.add_argument("--top-p", type=prm.number(float, 0, 1, above=True), default=1.0, help="nucleus sampling: the "
-                    "smallest set of tokens with this much probability (1: off); passed to the policy explicitly")
-    ap.add_argument("--top-k", type=prm.number(int, 0, 1 << 20), default=0, help="sample among the k likeliest tokens "
-                    "(0: off); passed explicitly, so a model's generation config never overrides it")
-    ap.add_argument("--timeout", type=prm.number(float, 0, 86400, above=True), default=60.0, help="openai: seconds "
-                    "a request may take before it counts as failed and is retried")
-    ap.add_argument("--max-tokens", type=prm.number(int, 1, 1 << 20), default=None, help="new tokens per sample "
-                    "(default: 512; 64 for --model tiny, whose random text only tests the plumbing)")
-    ap.add_argument("--no-structure", action="store_true", help="free-form prompt (ablation)")
-    ap.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="sampling seed (>= 0)")
-    ap.add_argument("--trust-remote-code", action="store_true", help="hf: allow model code from the directory")
+@dataclass
+class Policy:
+    """The policy (shared by gen_cots.py and mc_label.py)"""
+    policy: str = prm.option("toy", "policy back end", choices=("toy", "hf", "openai"))
+    model: str = prm.option(None, "hf: local model directory ('tiny' for the tiny backbone)")
+    base_url: str = prm.option("http://localhost:8000/v1", "openai: server base URL")
+    model_name: str = prm.option("default", "openai: model name on the server")
+    api_key_env: str = prm.option("OPENAI_API_KEY", "openai: environment variable holding the key")
+    concurrency: int = prm.option(64, "requests in flight at once, across questions and CoTs (openai; >= 1; 64 keeps "
+                                  "one vLLM server busy)", type=prm.number(int, 1, 4096))
+    batch_size: int = prm.option(8, "hf: prompts per generate call, across questions and CoTs (>= 1)",
+                                 type=prm.number(int, 1, 1 << 16))
+    retries: int = prm.option(5, "openai: retries on 429, 5xx and network errors (>= 0)", type=prm.number(int, 0, 100))
+    temperature: float = prm.option(0.7, "sampling temperature (0: greedy decoding, every sample the same text)",
+                                    type=prm.number(float, 0, 100))
+    top_p: float = prm.option(1.0, "nucleus sampling: the smallest set of tokens with this much probability (1: off); "
+                              "passed to the policy explicitly", type=prm.number(float, 0, 1, above=True))
+    top_k: int = prm.option(0, "sample among the k likeliest tokens (0: off); passed explicitly, so a model's "
+                            "generation config never overrides it", type=prm.number(int, 0, 1 << 20))
+    timeout: float = prm.option(60.0, "openai: seconds a request may take before it counts as failed and is retried",
+                                type=prm.number(float, 0, 86400, above=True))
+    max_tokens: int = prm.option(512, "new tokens per sample (the tiny backbone's random text only tests the plumbing)",
+                                 type=prm.number(int, 1, 1 << 20), presets={"--model tiny": 64})
+    no_structure: bool = prm.option(False, "free-form prompt (ablation)")
+    seed: int = prm.option(0, "sampling seed (>= 0)", type=prm.number(int, 0, 2 ** 31 - 1))
+    trust_remote_code: bool = prm.option(False, "hf: allow model code from the directory")
 
 
-def resolve_policy_args(args):
-    """Defaults that depend on other flags: --max-tokens is small for the tiny backbone."""
-    if args.max_tokens is None:
-        args.max_tokens = 64 if args.policy == "hf" and args.model == "tiny" else 512
+def fill_policy_presets(args):
+    """--max-tokens is small for the tiny backbone (hf policy), unless set."""
+    prm.fill_presets(args, [Policy], ["--model tiny"] if args.policy == "hf" and args.model == "tiny" else [])
     return args
 
 
@@ -670,17 +670,23 @@ def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
                          concurrency)
 
 
+@dataclass
+class Sampling:
+    """Questions and samples"""
+    questions: str = prm.option(None, "questions.jsonl")
+    out: str = prm.option(None, "cots.jsonl to append to (default: beside the questions)")
+    n: int = prm.option(TOY_N, "CoTs per question (>= 1)", type=prm.number(int, 1, 10 ** 5))
+    toy: bool = prm.option(False, f"build the toy world in {TOY_DIR}/ and sample its CoTs")
+    toy_dir: str = prm.option(TOY_DIR, "where the toy world goes")
+    allow_outside_images: bool = prm.option(False, "read image paths that lead outside the questions file's folder "
+                                            "(absolute paths, '../', links)")
+
+
 def main(argv=None):
     ap = prm.Parser(__doc__)
-    ap.add_argument("--questions", default=None, help="questions.jsonl")
-    ap.add_argument("--out", default=None, help="cots.jsonl to append to (default: beside the questions)")
-    ap.add_argument("--n", type=prm.number(int, 1, 10 ** 5), default=TOY_N, help="CoTs per question (>= 1)")
-    ap.add_argument("--toy", action="store_true", help=f"build the toy world in {TOY_DIR}/ and sample its CoTs")
-    ap.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world goes")
-    ap.add_argument("--allow-outside-images", action="store_true", help="read image paths that lead outside the "
-                    "questions file's folder (absolute paths, '../', links)")
-    add_policy_args(ap)
-    args = resolve_policy_args(ap.parse_args(argv))
+    for options in (Sampling, Policy):
+        prm.add_options(ap, options)
+    args = fill_policy_presets(ap.parse_args(argv))
     if not args.toy and not args.questions:
         raise prm.DataError("give --questions FILE, or --toy to build and sample the toy world", field="--questions")
     if args.toy:

@@ -21,6 +21,7 @@ Real data, through a vLLM server:
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -92,21 +93,26 @@ def steps_text(steps, i, continuation):
     return "\n".join(steps[:i + 1]) + continuation
 
 
+@dataclass
+class Labelling:
+    """CoTs and rollouts"""
+    cots: str = prm.option(None, "cots.jsonl (default: the toy world's toy/train_cots.jsonl)")
+    out: str = prm.option(None, "labels.jsonl to append to (default: beside the CoTs)")
+    rollouts: int = prm.option(16, "K: rollouts per step prefix (>= 1)", type=prm.number(int, 1, 10 ** 5))
+    min_rollouts: int = prm.option(0, "adaptive stopping: stop a prefix after this many rollouts if they all agree "
+                                   "(0: off; else 1 to K - 1)", type=prm.number(int, 0))
+    zero_stop: bool = prm.option(False, "after a prefix with p = 0, label later steps 0 without rolling them out "
+                                 "(prefixes then go to the policy one at a time)")
+    max_steps: int = prm.option(None, "label at most this many steps per CoT (>= 1; default: all)",
+                                type=prm.number(int, 1))
+
+
 def main(argv=None):
     import gen_cots            # the policies that sampled the CoTs continue them: stage 1's interface, used here only
     ap = prm.Parser(__doc__)
-    ap.add_argument("--cots", default=None, help=f"cots.jsonl (default: the toy world's {gen_cots.TOY_DIR}/train_cots.jsonl)")
-    ap.add_argument("--out", default=None, help="labels.jsonl to append to (default: beside the CoTs)")
-    ap.add_argument("--rollouts", type=prm.number(int, 1, 10 ** 5), default=16, help="K: rollouts per step prefix (>= 1)")
-    ap.add_argument("--min-rollouts", type=prm.number(int, 0), default=0, help="adaptive stopping: stop a prefix after this "
-                    "many rollouts if they all agree (0: off; else 1 to K - 1)")
-    ap.add_argument("--zero-stop", action="store_true", help="after a prefix with p = 0, label later steps 0 "
-                    "without rolling them out (prefixes then go to the policy one at a time)")
-    ap.add_argument("--max-steps", type=prm.number(int, 1), default=None, help="label at most this many steps per CoT "
-                    "(>= 1; default: all)")
-    prm.add_options(ap, prm.InputFormat)
-    gen_cots.add_policy_args(ap)
-    args = gen_cots.resolve_policy_args(ap.parse_args(argv))
+    for options in (Labelling, prm.InputFormat, gen_cots.Policy):
+        prm.add_options(ap, options)
+    args = gen_cots.fill_policy_presets(ap.parse_args(argv))
     if args.min_rollouts >= args.rollouts:
         ap.error(f"argument --min-rollouts: {args.min_rollouts} must be below --rollouts {args.rollouts} (or 0: off)")
     if args.cots is None:

@@ -37,6 +37,7 @@ import os
 import random
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -320,26 +321,33 @@ def write_outputs(questions, load, parts, names, args):
     return labelled, scores_by_prm, step_counts, judged, unlabelled, long_cots
 
 
+@dataclass
+class Options:
+    """Reranking"""
+    cots: str = prm.option(TOY_TEST, "test CoTs, N per question (correct and answer optional)")
+    names: str = prm.option("", "comma-separated column names for the PRMs (default: folder names)")
+    aggregate: str = prm.option(None, "aggregation function A (default: each PRM's own, from its prm.json)",
+                                choices=prm.AGGREGATIONS)
+    out: str = prm.option("runs/rerank", "output folder")
+    image_root: str = prm.option(None, "folder image paths are relative to")
+    batch_size: int = prm.option(16, "CoTs per scoring forward (with --no-shared-prefix; >= 1)",
+                                 type=prm.number(int, 1, 1 << 16))
+    no_shared_prefix: bool = prm.option(False, "score in packed batches instead of encoding each question's image "
+                                        "and text once (same numbers, slower)")
+    subsets: int = prm.option(20, "random subsets per N for accuracy against N (>= 1)", type=prm.number(int, 1, 10 ** 5))
+    seed: int = prm.option(0, "seed of the subsets (>= 0)", type=prm.number(int, 0, 2 ** 31 - 1))
+    step_threshold: float = prm.option(0.5, "the benchmarks' step-level figures flag a step as wrong when its value V "
+                                       "is below this (VisualProcessBench), at or below it (ProcessBench)",
+                                       type=prm.number(float, 0, 1))
+    device: str = prm.option("auto", "auto, cpu, cuda")
+    # last: from here on in this class body the name prm is this field, no longer the module
+    prm: list = prm.option(None, "PRM or run directories (default: the toy runs present)", nargs="*")
+
+
 def parse_args(argv):
     ap = prm.Parser(__doc__)
-    ap.add_argument("--cots", default=TOY_TEST, help="test CoTs, N per question (correct and answer optional)")
-    ap.add_argument("--prm", nargs="*", default=None, help="PRM or run directories (default: the toy runs present)")
-    ap.add_argument("--names", default="", help="comma-separated column names for the PRMs (default: folder names)")
-    ap.add_argument("--aggregate", choices=prm.AGGREGATIONS, default=None,
-                    help="aggregation function A (default: each PRM's own, from its prm.json)")
-    ap.add_argument("--out", default="runs/rerank", help="output folder")
-    ap.add_argument("--image-root", default=None, help="folder image paths are relative to")
-    prm.add_options(ap, prm.InputFormat)
-    ap.add_argument("--batch-size", type=prm.number(int, 1, 1 << 16), default=16, help="CoTs per scoring forward (with "
-                    "--no-shared-prefix; >= 1)")
-    ap.add_argument("--no-shared-prefix", action="store_true", help="score in packed batches instead of encoding "
-                    "each question's image and text once (same numbers, slower)")
-    ap.add_argument("--subsets", type=prm.number(int, 1, 10 ** 5), default=20, help="random subsets per N for accuracy "
-                    "against N (>= 1)")
-    ap.add_argument("--seed", type=prm.number(int, 0, 2 ** 31 - 1), default=0, help="seed of the subsets (>= 0)")
-    ap.add_argument("--step-threshold", type=prm.number(float, 0, 1), default=0.5, help="the benchmarks' step-level "
-                    "figures flag a step as wrong when its value V is below this (VisualProcessBench, ProcessBench)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    for options in (Options, prm.InputFormat):
+        prm.add_options(ap, options)
     return ap.parse_args(argv)
 
 
