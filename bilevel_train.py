@@ -16,12 +16,13 @@ The math (symbols as in the paper; the README's "The math" explains each):
   g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
 
 Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
-upper step, (4) the training loop (`bilevel`). The variants sit behind seams chosen once before the
-loop (`setup_run`): the Weighting (raw weights a, keys, w_b(a), the upper step's batch), the forward
-(packed or shared-prefix), the lower step (plain or accumulated). Appendices after the method: A
-instance weights (DreamPRM-1.5) and fixed weights, B data, C the run configuration, D the run
-directory (setup, the end of an iteration, checkpoints), E optimizer options (gradient
-accumulation, the lr schedule, memory), F the forward.
+upper step, (4) the training loop (`bilevel`; `main`, at the end, runs it for the flags). The
+variants sit behind seams chosen once before the loop (`setup_run`): the Weighting (raw weights a,
+keys, w_b(a), the upper step's batch), the forward (packed or shared-prefix), the lower step (plain
+or accumulated). Appendices after the method: A instance weights (DreamPRM-1.5) and fixed weights,
+B data, C the run configuration (every flag: its default, presets and help), D the run directory
+(setup, the end of an iteration, checkpoints), E optimizer options (gradient accumulation, the lr
+schedule, memory), F the forward.
 
 Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
     python bilevel_train.py
