@@ -739,7 +739,6 @@ def sample(n, k, seed, *key):
 #   "--model tiny" on real data: the tiny backbone learns at the toy's rate
 RECIPES = ("dreamprm", "dreamprm-1.5")
 WEIGHTINGS = ("domain", "fixed", "instance-table", "instance-net", "instance", "domain-instance")
-INT, BATCH = prm.number(int, 1, 10 ** 9), prm.number(int, 1, 1 << 20)
 
 
 @dataclass
@@ -784,12 +783,12 @@ class Method:
                                 "step values to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: "
                                 "a domain weight times a table weight normalised within the domain, one hypergradient "
                                 "for both", choices=WEIGHTINGS)
-    iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)", type=INT,
+    iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)", type=prm.number(int, 1, 10 ** 9),
                                  presets={"toy": 150, "toy instance modes": 750})
     unroll_steps: int = prm.option(5, "U: lower steps per upper step (>= 1)", type=prm.number(int, 1, 10 ** 6),
                                    presets={"instance modes": 1})
-    train_batch: int = prm.option(8, "training CoTs per lower step (>= 1)", type=BATCH, presets={"toy": 16})
-    meta_batch: int = prm.option(16, "meta CoTs per upper step (>= 1)", type=BATCH, presets={"toy": 32})
+    train_batch: int = prm.option(8, "training CoTs per lower step (>= 1)", type=prm.number(int, 1, 1 << 20), presets={"toy": 16})
+    meta_batch: int = prm.option(16, "meta CoTs per upper step (>= 1)", type=prm.number(int, 1, 1 << 20), presets={"toy": 32})
     lr: float = prm.option(5e-7, "xi, the lower (PRM) learning rate (> 0 and finite)",
                            type=prm.number(float, 0, 10.0, above=True), presets={"toy": 1e-4, "--model tiny": 1e-4})
     meta_lr: float = prm.option(0.01, "learning rate of the raw weights a (> 0)",
@@ -813,7 +812,7 @@ class InstanceWeights:
     weight_max: float = prm.option(3.0, "instance modes: weights lie in (0, this) (> 1), 1 at the start",
                                    type=prm.number(float, 1, 1e6, above=True))
     instance_batch: int = prm.option(None, "instance modes: training CoTs whose weights each upper step moves "
-                                     "(>= 1; default: 4 x --train-batch)", type=BATCH)
+                                     "(>= 1; default: 4 x --train-batch)", type=prm.number(int, 1, 1 << 20))
     net_hidden: int = prm.option(64, "instance-net: hidden width (>= 1)", type=prm.number(int, 1, 1 << 16))
 
 
@@ -828,7 +827,7 @@ class Schedule:
                                   presets={"--recipe dreamprm": "step", "--recipe dreamprm-1.5": "cosine"})
     warmup: float = prm.option(0.0, "fraction of the lower steps over which the lr rises linearly from 0",
                                type=prm.number(float, 0, 0.9), presets={"--recipe dreamprm-1.5": 0.05})
-    lr_step: int = prm.option(5000, "step schedule: lower steps between two decays", type=INT)
+    lr_step: int = prm.option(5000, "step schedule: lower steps between two decays", type=prm.number(int, 1, 10 ** 9))
     lr_gamma: float = prm.option(0.5, "step schedule: the factor of each decay", type=prm.number(float, 0, 1, above=True))
     grad_clip: float = prm.option(0.0, "clip the lower gradient's norm to this before each step (0: off)",
                                   type=prm.number(float, 0, 1e6), presets={"--recipe dreamprm-1.5": 1.0})
@@ -866,7 +865,7 @@ class RunDir:
     save_every: int = prm.option(50, "checkpoint every N outer iterations (>= 1)", type=prm.number(int, 1))
     log_every: int = prm.option(10, "metrics and weights every N outer iterations (>= 1)", type=prm.number(int, 1),
                                 presets={"toy instance modes": 50})
-    eval_every: int = prm.option(None, "iterations between evaluations on --eval (default: --log-every)", type=INT)
+    eval_every: int = prm.option(None, "iterations between evaluations on --eval (default: --log-every)", type=prm.number(int, 1, 10 ** 9))
     resume: bool = prm.option(False, "continue the run in --out from its checkpoint (the settings must match the "
                               "stored config.json, except --iterations upward, --device, --save-every, --log-every "
                               "and --eval-every)")
