@@ -192,3 +192,13 @@ def test_mc_label_rejects_cots_it_could_not_resume(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "cots.jsonl:2: duplicate record: the same question id and sample 'd/a#0' as " in err
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_max_tokens_defaults_to_64_for_the_tiny_backbone_only():
+    ap = prm.Parser("policy flags")
+    prm.add_options(ap, gen_cots.Policy)
+    max_tokens = lambda *argv: gen_cots.fill_policy_presets(ap.parse_args(list(argv))).max_tokens
+    assert max_tokens("--policy", "hf", "--model", "tiny") == 64
+    assert max_tokens("--policy", "hf", "--model", "/models/policy") == 512 and max_tokens() == 512
+    assert max_tokens("--policy", "openai", "--model", "tiny") == 512
+    assert max_tokens("--policy", "hf", "--model", "tiny", "--max-tokens", "9") == 9           # a flag wins
