@@ -1843,6 +1843,7 @@ def option(default, help, presets=None, **argparse_kw):
 
 
 def option_default(f):
+    """An option field's default (a fresh list for a list flag)."""
     return f.default_factory() if f.default is MISSING else f.default
 
 
