@@ -211,7 +211,7 @@ def lower_step(forward, opt_phi, w, records, keys, clip=0.0):
     last checkpoint stays good."""
     values, mask = forward(records)                                       # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)    # (B, S)
-    batch = TrainBatch(records, keys, p, p_mask, None, None, None)
+    batch = TrainBatch(records, keys, p, p_mask, None, None, None)       # the losses filled in below
     alpha_b = w.weights(detached(w.a), batch, (values.float(), p, mask & p_mask))    # (B,)
     L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
     if not torch.isfinite(L_tr):
@@ -219,7 +219,8 @@ def lower_step(forward, opt_phi, w, records, keys, clip=0.0):
     opt_phi.zero_grad(set_to_none=True)
     L_tr.backward()
     optimizer_step(opt_phi, clip)
-    return TrainBatch(records, keys, p, p_mask, L_tr.detach(), l.detach(), n)
+    batch.L_tr, batch.l, batch.n = L_tr.detach(), l.detach(), n
+    return batch
 
 
 def optimizer_step(opt_phi, clip=0.0):
@@ -581,13 +582,13 @@ def read_inputs(args):
         train.sort(key=prm.record_key)
         return train, [], {s.domain for s in train_skips}
     meta, skips = prm.read_cots(args.meta, "cots", **prm.reading(args))
-    print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {prm.skip_report(skips, [r['id'] for r in meta])}" if skips else ""))
+    report = prm.skip_report(skips, [r["id"] for r in meta])                # '' when nothing was skipped
+    print(f"{args.meta}: {len(meta)} meta CoTs" + (f"; {report}" if report else ""))
     # Sorted by key: the run depends on the set of records, not on the order a concurrent stage wrote them.
     train.sort(key=prm.record_key)
     meta.sort(key=prm.record_key)
     if not meta:
-        raise prm.DataError("no usable meta records: " + (prm.skip_report(skips, [r["id"] for r in meta]) or "the file is empty"),
-                            file=args.meta)
+        raise prm.DataError("no usable meta records: " + (report or "the file is empty"), file=args.meta)
     return train, meta, {s.domain for s in train_skips}
 
 
@@ -783,12 +784,14 @@ class Method:
                                 "step values to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: "
                                 "a domain weight times a table weight normalised within the domain, one hypergradient "
                                 "for both", choices=WEIGHTINGS)
-    iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)", type=prm.number(int, 1, 10 ** 9),
-                                 presets={"toy": 150, "toy instance modes": 750})
+    iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)",
+                                 type=prm.number(int, 1, 10 ** 9), presets={"toy": 150, "toy instance modes": 750})
     unroll_steps: int = prm.option(5, "U: lower steps per upper step (>= 1)", type=prm.number(int, 1, 10 ** 6),
                                    presets={"instance modes": 1})
-    train_batch: int = prm.option(8, "training CoTs per lower step (>= 1)", type=prm.number(int, 1, 1 << 20), presets={"toy": 16})
-    meta_batch: int = prm.option(16, "meta CoTs per upper step (>= 1)", type=prm.number(int, 1, 1 << 20), presets={"toy": 32})
+    train_batch: int = prm.option(8, "training CoTs per lower step (>= 1)", type=prm.number(int, 1, 1 << 20),
+                                  presets={"toy": 16})
+    meta_batch: int = prm.option(16, "meta CoTs per upper step (>= 1)", type=prm.number(int, 1, 1 << 20),
+                                 presets={"toy": 32})
     lr: float = prm.option(5e-7, "xi, the lower (PRM) learning rate (> 0 and finite)",
                            type=prm.number(float, 0, 10.0, above=True), presets={"toy": 1e-4, "--model tiny": 1e-4})
     meta_lr: float = prm.option(0.01, "learning rate of the raw weights a (> 0)",
@@ -803,7 +806,8 @@ class Method:
                                  type=prm.number(int, 0), presets={"toy instance modes": 100})
     no_aggregation: bool = prm.option(False, "ablation: upper loss is step-level MSE instead of the "
                                       "aggregation-function loss")
-    seed: int = prm.option(0, "seed for the value head and the batch order (>= 0)", type=prm.number(int, 0, 2 ** 31 - 1))
+    seed: int = prm.option(0, "seed for the value head and the batch order (>= 0)",
+                           type=prm.number(int, 0, 2 ** 31 - 1))
 
 
 @dataclass
@@ -828,7 +832,8 @@ class Schedule:
     warmup: float = prm.option(0.0, "fraction of the lower steps over which the lr rises linearly from 0",
                                type=prm.number(float, 0, 0.9), presets={"--recipe dreamprm-1.5": 0.05})
     lr_step: int = prm.option(5000, "step schedule: lower steps between two decays", type=prm.number(int, 1, 10 ** 9))
-    lr_gamma: float = prm.option(0.5, "step schedule: the factor of each decay", type=prm.number(float, 0, 1, above=True))
+    lr_gamma: float = prm.option(0.5, "step schedule: the factor of each decay",
+                                 type=prm.number(float, 0, 1, above=True))
     grad_clip: float = prm.option(0.0, "clip the lower gradient's norm to this before each step (0: off)",
                                   type=prm.number(float, 0, 1e6), presets={"--recipe dreamprm-1.5": 1.0})
     meta_weight_decay: float = prm.option(0.0, "weight decay on the raw weights a (Adam's, L2 in the gradient)",
@@ -865,7 +870,8 @@ class RunDir:
     save_every: int = prm.option(50, "checkpoint every N outer iterations (>= 1)", type=prm.number(int, 1))
     log_every: int = prm.option(10, "metrics and weights every N outer iterations (>= 1)", type=prm.number(int, 1),
                                 presets={"toy instance modes": 50})
-    eval_every: int = prm.option(None, "iterations between evaluations on --eval (default: --log-every)", type=prm.number(int, 1, 10 ** 9))
+    eval_every: int = prm.option(None, "iterations between evaluations on --eval (default: --log-every)",
+                                 type=prm.number(int, 1, 10 ** 9))
     resume: bool = prm.option(False, "continue the run in --out from its checkpoint (the settings must match the "
                               "stored config.json, except --iterations upward, --device, --save-every, --log-every "
                               "and --eval-every)")
@@ -1105,6 +1111,7 @@ class Run:
     n_long: tuple
     run_lock: object
     sums: dict               # the losses summed since the last log (new_sums)
+    w_all: object = None     # every training CoT's weight (N,) at the latest log: finish_run's, after the last
 
 
 def setup_run(args, run_lock):
@@ -1147,8 +1154,8 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
         sums["upper_n"] += 1
     sums["n"] += 1
     if done % args.log_every == 0 or done == args.iterations:
-        w = weights_of_all(run.w.a, args.weighting, run.train, run.w.keys, run.model, run.autocast, args.weight_max,
-                           args.train_batch)
+        w = run.w_all = weights_of_all(run.w.a, args.weighting, run.train, run.w.keys, run.model, run.autocast,
+                                       args.weight_max, args.train_batch)
         alpha = weights_per_domain(run.w.a, args.weighting, w, run.train, run.domains)
         log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), run.train), args, run.history)
         if has_instances(args.weighting):
@@ -1187,7 +1194,8 @@ def load_held_out(args):
     if not args.eval:
         return []
     records, skips = prm.read_cots(args.eval, "labels", **prm.reading(args))
-    print(f"{args.eval}: {len(records)} held-out CoTs" + (f"; {prm.skip_report(skips, [r['id'] for r in records])}" if skips else ""))
+    report = prm.skip_report(skips, [r["id"] for r in records])
+    print(f"{args.eval}: {len(records)} held-out CoTs" + (f"; {report}" if report else ""))
     if not records:
         raise prm.DataError("no usable held-out CoTs", file=args.eval, field="--eval")
     return sorted(records, key=prm.record_key)
@@ -1274,8 +1282,10 @@ def finish_run(run):
     run.bar.close()
     args, model, train, meta, domains, history, n_long = run.args, run.model, run.train, run.meta, run.domains, \
         run.history, run.n_long
-    w = weights_of_all(run.w.a, args.weighting, train, run.w.keys, model, run.autocast, args.weight_max,
-                       args.train_batch)
+    w = run.w_all           # logged at the last iteration; computed here when a resumed run had none left
+    if w is None:
+        w = weights_of_all(run.w.a, args.weighting, train, run.w.keys, model, run.autocast, args.weight_max,
+                           args.train_batch)
     alpha = weights_per_domain(run.w.a, args.weighting, w, train, domains)
     check_still_ours(run.run_lock)
     instance = has_instances(args.weighting)
@@ -1410,7 +1420,8 @@ def accumulated_lower_step(forward, opt_phi, w, records, keys, clip=0.0, accum=2
     are the whole batch's (the Instance Net's need every value first: not with accumulation)."""
     p, p_mask = label_tensors(records, max(len(r["steps"]) for r in records), keys.device)      # (B, S)
     n = p_mask.sum(-1).float()                                                                   # (B,)
-    alpha_b = w.weights(detached(w.a), TrainBatch(records, keys, p, p_mask, None, None, n))     # (B,)
+    batch = TrainBatch(records, keys, p, p_mask, None, None, n)          # the losses filled in below
+    alpha_b = w.weights(detached(w.a), batch)                                                   # (B,)
     opt_phi.zero_grad(set_to_none=True)
     L_tr, ls = 0.0, []
     for chunk in torch.arange(len(records)).chunk(accum):
@@ -1423,7 +1434,8 @@ def accumulated_lower_step(forward, opt_phi, w, records, keys, clip=0.0, accum=2
         loss.backward()
         L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
     optimizer_step(opt_phi, clip)
-    return TrainBatch(records, keys, p, p_mask, L_tr, torch.cat(ls), n)
+    batch.L_tr, batch.l = L_tr, torch.cat(ls)
+    return batch
 
 
 def lr_factor(t, total, schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=0.5):

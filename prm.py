@@ -1904,18 +1904,18 @@ def reading(args):
                 correct_from=args.correct_from, outside_images=args.allow_outside_images)
 
 
-def run_cli(main, argv=None, resume_hint="rerun the same command, which resumes"):
+def run_cli(main, argv=None, resume_hint="rerun the same command to resume"):
     """Run a script's main(argv). A DataError, or a file that cannot be read or written, becomes one
     line on stderr and exit code 2; a full disk exit code 1 (outputs are whole up to the last
     record, a checkpoint or PRM being written is left as it was: free space and `resume_hint`);
-    Ctrl-C exit code 130 with how to resume."""
+    Ctrl-C exit code 130 with `resume_hint`."""
     try:
         return main(argv) or 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: what was written is kept; rerun the same command to resume", file=sys.stderr)
+        print(f"interrupted: what was written is kept; {resume_hint}", file=sys.stderr)
         return 130
     except Exception as e:
         if not no_space(e):

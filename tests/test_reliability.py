@@ -312,6 +312,18 @@ def test_interrupts_full_disks_and_devices(tmp_path, capsys):
         prm.read_cots(str(deep), "labels")
 
 
+def test_an_interrupted_bilevel_run_says_resume_with_the_flag(monkeypatch, capsys):
+    """A checkpointed run refuses the same command without --resume: Ctrl-C and a full disk both say it."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "run/checkpoint.tmp/model.safetensors")
+    monkeypatch.setattr(bt, "main", interrupted)
+    assert bt.cli([]) == 130 and "rerun the same command with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(bt, "main", full)
+    assert bt.cli([]) == 1 and "free space and rerun the same command with --resume" in capsys.readouterr().err
+
 
 # -- the new user's path: defaults that cannot mix runs, output that says what happens ---------------
 
