@@ -1100,6 +1100,9 @@ class Skips(list):
     read = 0
 
 
+ANSWER = (str, int, float)          # an answer key: text or a number
+
+
 def _need(obj, field, types, file, where):
     """obj[field], present and of one of the types (a bool is not a number)."""
     if not isinstance(obj, dict):
@@ -1108,8 +1111,15 @@ def _need(obj, field, types, file, where):
         raise DataError("missing required field", file, where, field)
     v = obj[field.split(".")[-1]]
     if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
-        raise DataError(f"wrong type {type(v).__name__}", file, where, field)
+        raise DataError(f"wrong type {type(v).__name__}" if v is not None else "null where a value is required",
+                        file, where, field)
     return v
+
+
+def _opt(obj, field, types, file, where, default=None):
+    """obj[field] where it is present and not null, checked like _need; else `default`."""
+    v = obj.get(field.split(".")[-1]) if isinstance(obj, dict) else None
+    return default if v is None else _need(obj, field, types, file, where)
 
 
 def _strict_bool(v, file, where, field):
@@ -1141,6 +1151,8 @@ def _last_label(mc, opts):
 def _one_image(v, file, where, field):
     """(image path or None, skip reason or None): records with several images are skipped."""
     if isinstance(v, list):
+        if not all(isinstance(x, (str, dict)) for x in v):
+            raise DataError("must be an image path, a list of paths or null", file, where, field)
         if len(v) > 1:
             return None, "several images"
         v = v[0] if v else None
@@ -1195,16 +1207,17 @@ def _from_dreamprm(obj, file, where, opts):
         split = split_steps(text, paragraphs=False)
         question, steps, mc = _question_of(split.preamble), split.steps, None
         correct = _strict_bool(obj["true_false"], file, where, "true_false")
-        domain, answer = obj.get("dataset") or opts["domain"] or "meta", ""
+        domain, answer = _opt(obj, "dataset", str, file, where) or opts["domain"] or "meta", ""
     else:
         acc = _label(_need(obj, "accuracy", (int, float), file, where), file, where, "accuracy")
         split = split_steps(_need(obj, "add", str, file, where), paragraphs=False)
         question, steps = text, split.steps or ([split.preamble] if split.preamble else [])
         mc, correct = [None] * (len(steps) - 1) + [acc], acc >= 0.5
-        domain, answer = _need(obj, "dataset", str, file, where), obj.get("ground_truth", "")
+        domain, answer = _need(obj, "dataset", str, file, where), _opt(obj, "ground_truth", ANSWER, file, where, "")
+    qid = _opt(obj, "id", (str, int), file, where)
     rec = _cot(question, steps, mc, correct, image, answer, domain,
-               qid=obj["id"] if "id" in obj else _short_id(question, obj.get("image_path")), final=split.final)
-    rec["_given_id"] = "id" in obj
+               qid=qid if qid is not None else _short_id(question, obj.get("image_path")), final=split.final)
+    rec["_given_id"] = qid is not None
     if mc is None:
         del rec["mc"]
     else:
@@ -1214,17 +1227,26 @@ def _from_dreamprm(obj, file, where, opts):
     return rec
 
 
-def _text_of(prompt, file, where):
-    """A prompt as text: a string, or chat messages whose text parts are joined."""
+def _text_of(prompt, file, where, field="prompt"):
+    """A prompt as text: a string, or chat messages {role, content} whose content is a string or a
+    list of parts ({type: text, text} joined; image parts carry no text)."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list):
-        parts = []
-        for m in prompt:
-            c = m.get("content", "") if isinstance(m, dict) else ""
-            parts += [c] if isinstance(c, str) else [x.get("text", "") for x in c if isinstance(x, dict)]
-        return "\n".join(p for p in parts if p)
-    raise DataError("must be a string or a list of chat messages", file, where, "prompt")
+    if not isinstance(prompt, list):
+        raise DataError("must be a string or a list of chat messages", file, where, field)
+    texts = [_content_text(_need(m, f"{field}[{k}].content", (str, list), file, where), file, where,
+                           f"{field}[{k}].content") for k, m in enumerate(prompt)]
+    return "\n".join(t for t in texts if t)
+
+
+def _content_text(content, file, where, field):
+    """A chat message's content as text: a string, or its parts' texts joined (image parts add none)."""
+    if isinstance(content, str):
+        return content
+    for j, x in enumerate(content):
+        if not isinstance(x, dict) or not isinstance(x.get("text", ""), str):
+            raise DataError("a content part must be an object whose text is a string", file, where, f"{field}[{j}]")
+    return "\n".join(x.get("text", "") for x in content if x.get("text"))
 
 
 def _from_trl(obj, file, where, opts):
@@ -1239,8 +1261,8 @@ def _from_trl(obj, file, where, opts):
     mc = [_label(x, file, where, "labels") for x in labels]
     field = "images" if "images" in obj else "image"
     image, several = _one_image(obj.get(field), file, where, field)
-    rec = _cot(question, steps, mc, _last_label(mc, opts), image, obj.get("answer", ""),
-               obj.get("domain") or opts["domain"])
+    rec = _cot(question, steps, mc, _last_label(mc, opts), image, _opt(obj, "answer", ANSWER, file, where, ""),
+               _opt(obj, "domain", str, file, where) or opts["domain"])
     return _skip_or(rec, several)
 
 
@@ -1262,8 +1284,8 @@ def _from_visualprocessbench(obj, file, where, opts):
                         "response.process_correctness")
     image, several = _one_image(obj.get("image"), file, where, "image")
     rec = _cot(question, steps, [{1: 1.0, -1: 0.0, 0: None}[x] for x in labels], -1 not in labels, image,
-               _need(obj, "answer", (str, int, float), file, where), obj.get("data_source") or opts["domain"],
-               obj.get("policy_model", ""))
+               _need(obj, "answer", ANSWER, file, where), _opt(obj, "data_source", str, file, where) or opts["domain"],
+               _opt(obj, "policy_model", str, file, where, ""))
     return _skip_or(rec, several)
 
 
@@ -1277,32 +1299,51 @@ def _from_prm800k(obj, file, where, opts):
     'bad_problem' records have no outcome and are skipped."""
     q, label = _need(obj, "question", dict, file, where), _need(obj, "label", dict, file, where)
     problem = _need(q, "question.problem", str, file, where)
+    finish = _need(label, "label.finish_reason", str, file, where)
+    if finish not in PRM800K_FINISH:
+        raise DataError(f"{finish!r} is not one of {', '.join(PRM800K_FINISH)}", file, where, "label.finish_reason")
     steps, mc = [], []
     for k, step in enumerate(_need(label, "label.steps", list, file, where)):
         field = f"label.steps[{k}]"
-        completions = (step.get("completions") if isinstance(step, dict) else None) or []
-        chosen, human = (step.get("chosen_completion"), step.get("human_completion")) if isinstance(step, dict) \
-            else (None, None)
+        if not isinstance(step, dict):
+            raise DataError(f"must be an object, found {type(step).__name__}", file, where, field)
+        completions = _prm800k_completions(step, file, where, field)
+        chosen = _opt(step, f"{field}.chosen_completion", int, file, where)
+        human = _opt(step, f"{field}.human_completion", (dict, str), file, where)
         if chosen is not None:
-            if not isinstance(chosen, int) or not 0 <= chosen < len(completions):
+            if not 0 <= chosen < len(completions):
                 raise DataError(f"chosen_completion {chosen!r} is not an index of completions", file, where, field)
             c = completions[chosen]
         elif human is not None:
-            c = dict(human, rating=1) if isinstance(human, dict) else {"text": human, "rating": 1}
+            c = {"text": _need(human, f"{field}.human_completion.text", str, file, where) if isinstance(human, dict)
+                 else human, "rating": 1}
         else:
-            c = next((x for x in completions if isinstance(x, dict) and x.get("rating") == -1), None)
-        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+            c = next((x for x in completions if x.get("rating") == -1), None)
+        if c is None:
             break
         steps.append(c["text"].strip())
         mc.append({1: 1.0, -1: 0.0}.get(c.get("rating")))
         if chosen is None and human is None:
             break
-    finish = label.get("finish_reason")
     rec = _cot(problem, steps, mc, {"solution": True, "found_error": False}.get(finish), None,
-               q.get("ground_truth_answer", ""), opts["domain"])
+               _opt(q, "question.ground_truth_answer", ANSWER, file, where, ""), opts["domain"])
     if finish not in ("solution", "found_error"):
         return Skip(f"finish_reason {finish}: no outcome", rec["id"], rec["domain"])
     return _skip_or(rec, None)
+
+
+PRM800K_FINISH = ("solution", "found_error", "give_up", "bad_problem")
+
+
+def _prm800k_completions(step, file, where, field):
+    """A PRM800K step's completions, each {text: str, rating: -1, 0, 1 or null}."""
+    completions = _need(step, f"{field}.completions", list, file, where)
+    for j, c in enumerate(completions):
+        _need(c, f"{field}.completions[{j}].text", str, file, where)
+        rating = c.get("rating")
+        if rating is not None and (type(rating) is not int or rating not in (-1, 0, 1)):
+            raise DataError(f"rating {rating!r} is not -1, 0, 1 or null", file, where, f"{field}.completions[{j}].rating")
+    return completions
 
 
 MATH_SHEPHERD_TAG = "ки"                     # Math-Shepherd marks the end of each step with this tag
@@ -1315,26 +1356,38 @@ def _from_mathshepherd(obj, file, where, opts):
     estimate). The question is the text before 'Step 1'; the last step gives the answer ('The
     answer is: ...'), and its label is that answer's correctness. A record without a 'Step 1'
     marker, or with a tag before it (a label inside the question), cannot be split faithfully: it
-    is skipped with its reason."""
+    is skipped with its reason. The label text must be the input's, sign for tag: a label line of
+    another record is an error."""
     text, marked = _need(obj, "input", str, file, where), _need(obj, "label", str, file, where)
+    domain = _opt(obj, "task", str, file, where) or opts["domain"]
     pieces = text.split(MATH_SHEPHERD_TAG)
     mc, at = [], 0
-    for piece in pieces[:-1]:                                   # the tag k stands at `at` in `marked`
+    for k, piece in enumerate(pieces):                          # the tag k stands after piece k in `marked`
+        if marked[at:at + len(piece)] != piece:
+            differ = at + next((i for i, (x, y) in enumerate(zip(piece, marked[at:])) if x != y),
+                               min(len(piece), len(marked) - at))
+            raise DataError(f"its text differs from input's at character {differ + 1} (the label of another "
+                            "record?)", file, where, "label")
         at += len(piece)
+        if k == len(pieces) - 1:
+            break
         sign = marked[at:at + 1]
         if sign not in ("+", "-"):
             raise DataError(f"no '+' or '-' where input has its tag {len(mc) + 1}", file, where, "label")
         mc.append(1.0 if sign == "+" else 0.0)
         at += 1
+    if at != len(marked):
+        raise DataError(f"it goes on past input's end (character {at + 1}; the label of another record?)",
+                        file, where, "label")
     first = _FIRST_STEP_RE.search(pieces[0])
     if first is None and mc:
         where_marker = next((k for k, p in enumerate(pieces) if _FIRST_STEP_RE.search(p)), None)
         why = "a step tag inside the question (before 'Step 1')" if where_marker else \
             "no 'Step 1' marker (the question cannot be told from the first step)"
-        return Skip(why, _short_id(text), obj.get("task") or opts["domain"])
+        return Skip(why, _short_id(text), domain)
     question = pieces[0][:first.start()].strip() if first else text.strip()
     steps = [pieces[0][first.start():].strip()] + [p.strip() for p in pieces[1:-1]] if mc else []
-    rec = _cot(question, steps, mc, mc[-1] == 1.0 if mc else None, domain=obj.get("task") or opts["domain"])
+    rec = _cot(question, steps, mc, mc[-1] == 1.0 if mc else None, domain=domain)
     return _skip_or(rec, None)
 
 
@@ -1352,19 +1405,20 @@ def _from_processbench(obj, file, where, opts):
     mc = [1.0] * n + ([0.0] + [None] * (len(steps) - n - 1) if first_wrong >= 0 else [])
     correct = _strict_bool(_need(obj, "final_answer_correct", (bool, str), file, where), file, where,
                            "final_answer_correct")
-    rec = _cot(problem, steps, mc, correct, domain=_processbench_subset(obj) or opts["domain"],
-               policy=str(obj.get("generator", "")), qid=obj.get("id"))
+    rec = _cot(problem, steps, mc, correct, domain=_processbench_subset(obj, file, where) or opts["domain"],
+               policy=_opt(obj, "generator", str, file, where, ""), qid=_opt(obj, "id", (str, int), file, where))
     rec["_first_wrong"] = first_wrong
     return _skip_or(rec, None)
 
 
-def _processbench_subset(obj):
+def _processbench_subset(obj, file, where):
     """The ProcessBench subset a record names: a 'subset' or 'split' field, else the prefix of its
     own id ('gsm8k-0' -> 'gsm8k'); None when neither says (the file then names it)."""
     for field in ("subset", "split"):
-        if isinstance(obj.get(field), str) and obj[field].strip():
-            return obj[field].strip()
-    m = re.fullmatch(r"([A-Za-z][\w.]*)-\d+", str(obj.get("id", "")))
+        name = _opt(obj, field, str, file, where, "").strip()
+        if name:
+            return name
+    m = re.fullmatch(r"([A-Za-z][\w.]*)-\d+", str(_opt(obj, "id", (str, int), file, where, "")))
     return m.group(1) if m else None
 
 
@@ -1382,11 +1436,13 @@ def _turns(conversations, file, where):
     turns = []
     for k, t in enumerate(conversations):
         role = t.get("from", t.get("role")) if isinstance(t, dict) else None
-        text = _text_of([{"content": t.get("value", t.get("content"))}], file, where) if isinstance(t, dict) else None
         role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(role, role)
-        if role not in ("user", "assistant", "system") or text is None:
+        if role not in ("user", "assistant", "system") or not ("value" in t or "content" in t):
             raise DataError("a turn needs from/value (human, gpt) or role/content (user, assistant)", file, where,
                             f"conversations[{k}]")
+        key = "value" if "value" in t else "content"
+        text = _content_text(_need(t, f"conversations[{k}].{key}", (str, list), file, where), file, where,
+                             f"conversations[{k}].{key}")
         if role != "system":
             turns.append((role, text))
     return turns
@@ -1431,8 +1487,9 @@ def _from_dreamprm15(obj, file, where, opts):
     'True'/'False')."""
     question, steps, _ = _conversation(_need(obj, "conversations", (list, str), file, where), file, where)
     image, several = _one_image(obj.get("image"), file, where, "image")
-    rec = _cot(question, steps, None, _strict_bool(obj["true_false"], file, where, "true_false"), image,
-               domain=obj.get("dataset") or opts["domain"], qid=obj.get("id"))
+    correct = _strict_bool(_need(obj, "true_false", (bool, str), file, where), file, where, "true_false")
+    rec = _cot(question, steps, None, correct, image, domain=_opt(obj, "dataset", str, file, where) or opts["domain"],
+               qid=_opt(obj, "id", (str, int), file, where))
     del rec["mc"]
     return _skip_or(rec, several)
 
@@ -1444,18 +1501,20 @@ def _from_visualprm400k(obj, file, where, opts):
     above 0). Both read as one quantity: 1.0 where the step's MC score is above 0, else 0.0; the
     '<image>' placeholder never enters the question. No final correctness is stated (--correct-from)."""
     image, several = _one_image(obj.get("image"), file, where, "image")
+    if "steps_with_score" not in obj and "conversations" not in obj:
+        raise DataError("missing required field (v1.1 records have steps_with_score, v1.0 conversations)",
+                        file, where, "steps_with_score")
     if "steps_with_score" in obj:
         scored = _need(obj, "steps_with_score", list, file, where)
-        steps = _strip_steps([s.get("step") if isinstance(s, dict) else s for s in scored], file, where,
-                             "steps_with_score")
+        steps = [_need(s, f"steps_with_score[{k}].step", str, file, where).strip() for k, s in enumerate(scored)]
         # v1.0 is v1.1 post-processed ('+' wherever the MC score is above 0): the same quantity from both.
-        mc = [float(_label(s.get("score"), file, where, "steps_with_score") > 0) for s in scored]
-        question, answer = _need(obj, "question", str, file, where), obj.get("answer", "")
-        question = re.sub(r"<image>", "", question).strip()       # the placeholder is not question text
+        mc = [float(_label(_need(s, f"steps_with_score[{k}].score", (int, float), file, where), file, where,
+                           f"steps_with_score[{k}].score") > 0) for k, s in enumerate(scored)]
+        question = re.sub(r"<image>", "", _need(obj, "question", str, file, where)).strip()   # not question text
     else:
         question, steps, mc = _conversation(_need(obj, "conversations", (list, str), file, where), file, where)
-        answer = obj.get("answer", "")
-    rec = _cot(question, steps, mc, _last_label(mc, opts), image, answer, obj.get("source") or opts["domain"])
+    rec = _cot(question, steps, mc, _last_label(mc, opts), image, _opt(obj, "answer", ANSWER, file, where, ""),
+               _opt(obj, "source", str, file, where) or opts["domain"])
     return _skip_or(rec, several)
 
 
