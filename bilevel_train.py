@@ -215,7 +215,7 @@ def lower_step(forward, opt_phi, w, records, keys, clip=0.0):
     alpha_b = w.weights(detached(w.a), batch, (values.float(), p, mask & p_mask))    # (B,)
     L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
     if not torch.isfinite(L_tr):
-        raise Diverged("non-finite lower loss")
+        raise Diverged(f"the lower loss L_tr is {L_tr.item()}", "lower")
     opt_phi.zero_grad(set_to_none=True)
     L_tr.backward()
     optimizer_step(opt_phi, clip)
@@ -268,8 +268,10 @@ def upper_step(forward, phi, w, opt_a, batch, m_records, xi, upper):
     train_losses_fn = partial(batch_losses, forward, batch)                                   # l_b(phi), (B,)
     weights_fn = partial(batch_weights, w, batch=batch)                                       # w_b(a), (B,)
     g_a, L_meta = hypergradient(phi, w.a, meta_loss_fn, train_losses_fn, weights_fn, xi, upper.r, upper.offload)
-    if not (math.isfinite(L_meta) and all(torch.isfinite(g).all() for g in g_a)):
-        raise Diverged("non-finite upper loss or hypergradient")
+    if not math.isfinite(L_meta):
+        raise Diverged(f"the upper loss L_meta is {L_meta}", "upper")
+    if not all(torch.isfinite(g).all() for g in g_a):
+        raise Diverged(f"the hypergradient holds non-finite values (L_meta {L_meta:.4g})", "upper")
     opt_a.zero_grad(set_to_none=True)
     for x, g in zip(w.a, g_a):
         x.grad = g
@@ -651,7 +653,7 @@ def load_data(args):
 def drop_long(model, records, what):
     """Records whose encoded CoT fits the PRM's max_length; a longer one is skipped and counted,
     never cut in the middle of a step. Returns (records, number skipped)."""
-    kept = [r for r in tqdm(records, desc=f"lengths ({what})", leave=False, dynamic_ncols=True)
+    kept = [r for r in prm.progress(records, desc=f"lengths ({what})", leave=False)
             if model.fits(encode(model, r))]
     if len(kept) < len(records):
         print(f"{len(records) - len(kept)} {what} CoTs longer than {model.max_length} tokens: skipped")
@@ -798,7 +800,8 @@ class Method:
                                 type=prm.number(float, 0, 1e6, above=True),
                                 presets={"toy": 0.05, "instance-table": 0.1, "instance-net": 0.01,
                                          "domain-instance": 0.05})
-    weight_decay: float = prm.option(0.0, "AdamW weight decay on phi (>= 0)", type=prm.number(float, 0))
+    weight_decay: float = prm.option(0.0, "AdamW weight decay on phi (>= 0; each step scales phi by 1 - lr x weight "
+                                     "decay, so their product must stay below 1)", type=prm.number(float, 0, 1e6))
     fd_radius: float = prm.option(0.01, "r: finite-difference radius, eps = r / ||v|| (> 0)",
                                   type=prm.number(float, 0, 1e3, above=True))
     upper_loss: str = prm.option("mse", "upper loss on A(V) against r", choices=("mse", "bce"))
@@ -909,6 +912,9 @@ def parse_args(argv):
                             field="--grad-accum")
     if args.eval_every is None:
         args.eval_every = args.log_every
+    if args.lr * args.weight_decay >= 1:
+        raise prm.DataError(f"{args.weight_decay:g} with --lr {args.lr:g}: each step would scale phi by 1 - lr x weight "
+                            f"decay = {1 - args.lr * args.weight_decay:g}, which must stay above 0", field="--weight-decay")
     if args.group_by_question and args.grad_checkpointing:
         raise prm.DataError("shared-prefix training keeps each question's cache, which gradient checkpointing "
                             "does not allow; choose one", field="--group-by-question")
@@ -1000,7 +1006,10 @@ def open_run(args):
     weights and their plot are saved (finish_run). An error leaves the last checkpoint as it was."""
     with claim_run_dir(args.out) as run_lock:
         run = setup_run(args, run_lock)
-        yield run
+        try:
+            yield run
+        except Diverged as e:
+            raise Diverged(diverged_message(args, run.done, e), e.level) from None
         finish_run(run)
 
 
@@ -1016,7 +1025,8 @@ def prepare_run_dir(args, config):
             raise prm.DataError("no checkpoint to resume from", file=out)
         stored = prm.read_json_object(os.path.join(out, "config.json"), RUN_DAMAGED)
         new = json.loads(json.dumps(config))                   # tuples and lists compare alike
-        differ = sorted(k for k in set(stored) & set(new) if k not in RESUMABLE and stored[k] != new[k])
+        differ = sorted(k for k in set(stored) & set(new)
+                        if k not in RESUMABLE and not prm.same_setting(k, stored[k], new[k]))
         if differ:
             raise prm.DataError("--resume with other settings than the stored run: "
                                 + ", ".join(f"{k} {stored[k]!r} -> {new[k]!r}" for k in differ), file=out)
@@ -1026,6 +1036,13 @@ def prepare_run_dir(args, config):
         if args.iterations < at:
             raise prm.DataError(f"the checkpoint is at iteration {at}; --iterations {args.iterations} is below it",
                                 file=out, field="--iterations")
+        if args.iterations != stored.get("iterations", args.iterations) and \
+                (args.lr_schedule == "cosine" or args.warmup > 0):
+            schedule = "the cosine schedule" if args.lr_schedule == "cosine" else "the --warmup fraction"
+            raise prm.DataError(f"{args.iterations} where the run has {stored['iterations']}: {schedule} spans the "
+                                "run's lower steps, so a longer run follows another lr schedule than the steps already "
+                                f"taken; resume with --iterations {stored['iterations']}, or start again with "
+                                "--overwrite", file=out, field="--iterations")
         return at, []
     present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
     if present and not args.overwrite:
@@ -1053,7 +1070,7 @@ def data_digest(records):
     return h.hexdigest()
 
 
-def setup_model(args, train, meta, domains, device):
+def setup_model(args, train, meta, held_out, domains, device):
     """The PRM and the run directory before the first step: the final-answer rule, the run directory (checked before any
     model loads), config.json, the PRM on its backbone with this run's reading settings, the CoTs
     that fit --max-length, and the memory options. Returns (model, train, meta, start iteration,
@@ -1063,7 +1080,8 @@ def setup_model(args, train, meta, domains, device):
           + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
     model_dir = prm.resolve_model(args.model)
     config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
-                  model_dir=model_dir, train_digest=data_digest(train), meta_digest=data_digest(meta))
+                  model_dir=model_dir, train_digest=data_digest(train), meta_digest=data_digest(meta),
+                  eval_digest=data_digest(held_out))
     start, old_outputs = prepare_run_dir(args, config)
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code).to(device)
     model.final_answer = final_answer
@@ -1111,6 +1129,7 @@ class Run:
     n_long: tuple
     run_lock: object
     sums: dict               # the losses summed since the last log (new_sums)
+    done: int                # iterations done (the resumed checkpoint's, then each end_of_iteration's)
     w_all: object = None     # every training CoT's weight (N,) at the latest log: finish_run's, after the last
 
 
@@ -1122,7 +1141,7 @@ def setup_run(args, run_lock):
     torch.manual_seed(args.seed)
     train, meta, domains = load_data(args)
     held_out = load_held_out(args)                                       # --eval, or []
-    model, train, meta, start, n_long = setup_model(args, train, meta, domains, device)
+    model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains, device)
     phi = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     fwd = partial(forward, model, autocast=autocast, shared=args.group_by_question)
@@ -1132,12 +1151,12 @@ def setup_run(args, run_lock):
     train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
     step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
     start, history = resume_or_start(args.out, start, model, w.a, opt_phi, opt_a, domains)
-    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel", dynamic_ncols=True)
+    bar = prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel")
     return Run(args, model, phi, train, meta, domains, held_out, autocast, fwd, w, step,
                Upper(args.upper_loss, not args.no_aggregation, args.fd_radius, args.offload_restore), opt_phi, opt_a,
                lr_schedule(args), lambda it, u: draw(len(train), train_q, args.train_batch, args.seed, "train", it, u),
                lambda it: draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it), bar, history, n_long,
-               run_lock, new_sums())
+               run_lock, new_sums(), start)
 
 
 def end_of_iteration(run, done, batches, L_meta, seconds):
@@ -1146,6 +1165,7 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
     domain weights on the bar; the held-out figures every --eval-every; a checkpoint every
     --save-every (and at the end)."""
     args, sums = run.args, run.sums
+    run.done = done
     for batch in batches:
         sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
         sums["weighted"] += batch.L_tr.item()
@@ -1198,7 +1218,22 @@ def load_held_out(args):
     print(f"{args.eval}: {len(records)} held-out CoTs" + (f"; {report}" if report else ""))
     if not records:
         raise prm.DataError("no usable held-out CoTs", file=args.eval, field="--eval")
+    labels = [p >= 0.5 for r in records for p in r["mc"] if p is not None]
+    unmeasured = ["no step is labelled: step AUC and step accuracy are not measured"] if not labels else \
+        ["the labelled steps are of one class: the step AUC is not measured"] if len(set(labels)) == 1 else []
+    if not any(all(isinstance(r.get("correct"), bool) for r in q) for q in held_out_questions(records).values()):
+        unmeasured.append("no question has `correct` on every CoT: best of N is not measured")
+    for why in unmeasured:
+        print(f"{args.eval}: {why} (null in eval.jsonl)")
     return sorted(records, key=prm.record_key)
+
+
+def held_out_questions(records):
+    """{(domain, id): [records]} of the held-out split."""
+    questions = {}
+    for r in records:
+        questions.setdefault((r["domain"], r["id"]), []).append(r)
+    return questions
 
 
 def evaluate_held_out(model, records, autocast, batch_size):
@@ -1222,7 +1257,7 @@ def evaluate_held_out(model, records, autocast, batch_size):
         best = max(A for A, _ in q)
         picks.append(prm.uniform_choice([float(c) for _, c in q], [[i] for i, (A, _) in enumerate(q) if A == best]))
     return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
-            "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / max(1, len(pairs)),
+            "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / len(pairs) if pairs else None,
             "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}
 
 
@@ -1430,7 +1465,7 @@ def accumulated_lower_step(forward, opt_phi, w, records, keys, clip=0.0, accum=2
         l, _ = step_losses(values.float(), mask, p[chunk, :S], p_mask[chunk, :S])
         loss = (alpha_b[chunk] * l).sum() / n.sum().clamp(min=1)
         if not torch.isfinite(loss):
-            raise Diverged("non-finite lower loss")
+            raise Diverged(f"the lower loss L_tr is {loss.item()} (in a micro-batch)", "lower")
         loss.backward()
         L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
     optimizer_step(opt_phi, clip)
@@ -1602,7 +1637,27 @@ def draw(n, groups, k, seed, *key):
 # ==============================================================================================
 
 class Diverged(RuntimeError):
-    """A non-finite loss or hypergradient: the run stops before the step, its last checkpoint kept."""
+    """A non-finite loss or hypergradient: the run stops before the step, its last checkpoint kept.
+    `level`: 'lower' (the PRM's loss) or 'upper' (the meta loss or the hypergradient)."""
+
+    def __init__(self, what, level):
+        super().__init__(what)
+        self.level = level
+
+
+def diverged_message(args, done, e):
+    """What a user reads when a run diverges: what was non-finite and where, the flags that scale
+    it, and what is kept with a command that works (--resume takes the same flags only)."""
+    if e.level == "lower":
+        flags = f"--lr (now {args.lr:g}), --weight-decay (now {args.weight_decay:g}) or --grad-clip (now {args.grad_clip:g})"
+    else:
+        flags = f"--meta-lr (now {args.meta_lr:g}) or --fd-radius (now {args.fd_radius:g})"
+    state = os.path.join(args.out, "checkpoint", "state.json")
+    at = prm.read_json_object(state).get("iteration") if os.path.isfile(state) else None
+    kept = (f"its checkpoint at iteration {at} is kept: --resume continues from it with the same flags" if at else
+            "no checkpoint was written yet")
+    return (f"{e} at iteration {done + 1}; stopped before the step: {kept}. To change {flags}, rerun with the new "
+            f"flags and --overwrite (or another --out)")
 
 
 def main(argv=None):
@@ -1616,8 +1671,7 @@ def cli(argv=None):
     try:
         return prm.run_cli(main, argv, "rerun the same command with --resume")
     except Diverged as e:
-        print(f"error: {e}; stopped, the last good checkpoint is kept (resume with --resume after "
-              f"lowering --lr)", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
 
 

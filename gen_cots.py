@@ -216,12 +216,19 @@ class HFPolicy:
                  trust_remote_code=False, batch_size=8, top_p=1.0, top_k=0):
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
         prm._quiet_transformers()
+        prm_dir = prm.prm_directory(path)
+        if prm._is_prm_dir(prm_dir):
+            raise prm.DataError("a trained PRM (prm.json, prm.safetensors), not a policy: a PRM scores CoTs and "
+                                "cannot write them; give the model that samples them (an instruct checkpoint)",
+                                file=prm_dir, field="--model")
         vision = prm.check_backbone(path)
+        prm.check_safetensors(path)
         self.device = prm.pick_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        self.model = prm.load_weights(auto, path, "the policy model", dtype=dtype,
+                                      trust_remote_code=trust_remote_code).to(self.device).eval()
         with prm._load_errors(path, "the policy model"):
-            self.model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                            padding_side="left")
             self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) \
@@ -517,7 +524,7 @@ def check_params(out_path, params):
     if os.path.isfile(path) and holds_records(out_path):
         with open(path) as f:
             stored = json.load(f)
-        differ = sorted(k for k in set(stored) | set(params) if stored.get(k) != params.get(k))
+        differ = sorted(k for k in set(stored) | set(params) if not prm.same_setting(k, stored.get(k), params.get(k)))
         if differ:
             raise prm.DataError("the output was written with other parameters: " + ", ".join(
                 f"{k} {stored.get(k)!r} -> {params.get(k)!r}" for k in differ) + "; choose another --out", file=out_path)
@@ -653,7 +660,7 @@ def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
     """Sample n CoTs per question into out_path, skipping the (question, sample) pairs already
     there; up to `concurrency` questions in flight, records appended as each question completes.
     One writer per output (a lock), and the parameters that shape the records must match the
-    output's stored ones."""
+    output's stored ones. Returns the number of CoTs sampled (0: all were there already)."""
     with prm.output_lock(out_path):
         check_params(out_path, params or {})
         done = done_records(out_path, lambda o: (o["id"], o["sample"]))
@@ -661,13 +668,13 @@ def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
         todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
         todo = [(q, missing) for q, missing in todo if missing]
         with open(out_path, "a", encoding="utf-8") as f, \
-                tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", dynamic_ncols=True,
-                     desc=f"gen {os.path.basename(out_path)}") as bar:
+                prm.progress(total=len(questions), initial=len(questions) - len(todo), unit="q",
+                             desc=f"gen {os.path.basename(out_path)}") as bar:
             def write(records):
                 prm.append_jsonl(f, *records)
                 bar.update(1)
-            return drive(policy, (sample_task(q, missing, seed, policy.name) for q, missing in todo), write,
-                         concurrency)
+            drive(policy, (sample_task(q, missing, seed, policy.name) for q, missing in todo), write, concurrency)
+    return sum(len(missing) for _, missing in todo)
 
 
 @dataclass
@@ -701,8 +708,10 @@ def main(argv=None):
     check_output(out, [args.questions])
     questions = read_questions(args.questions, args.allow_outside_images)
     policy = make_policy(args)
-    generate(questions, out, policy, args.n, args.seed, args.concurrency, policy_params(args))
-    print(f"CoTs written to {out}")
+    if generate(questions, out, policy, args.n, args.seed, args.concurrency, policy_params(args)):
+        print(f"CoTs written to {out}")
+    else:
+        print(f"nothing left to sample: all {args.n} CoTs of the {len(questions)} questions are in {out} already")
     return 0
 
 

@@ -23,8 +23,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 import prm
 
 
@@ -140,8 +138,7 @@ def main(argv=None):
         gen_cots.check_keys(done, cots, lambda c: (c["id"], c["sample"]), ("answer", "correct"))
         todo = [c for c in cots if (c["id"], c["sample"]) not in done]
         with open(out, "a", encoding="utf-8") as f, \
-                tqdm(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot",
-                     dynamic_ncols=True) as bar:
+                prm.progress(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot") as bar:
             def write(record):
                 nonlocal n_rollouts
                 prm.append_jsonl(f, record)
@@ -151,8 +148,11 @@ def main(argv=None):
                      for c in todo)
             gen_cots.drive(policy, tasks, write, args.concurrency)
     seconds = time.perf_counter() - t0
+    if not todo:
+        print(f"nothing left to label: all {len(cots)} CoTs are in {out} already")
+        return 0
     print(f"labels written to {out}: {len(todo)} CoTs, {n_rollouts} rollouts in {seconds:.1f} s "
-          f"({n_rollouts / max(seconds, 1e-9):.0f} rollouts/s)")
+          f"({prm.rate_text(n_rollouts / max(seconds, 1e-9))} rollouts/s)")
     return 0
 
 

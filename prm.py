@@ -42,6 +42,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
@@ -50,6 +51,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 
 STEP_SEP = "\n"                 # written between steps; each step's last token is its "step end"
@@ -480,18 +482,8 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
     vision = check_backbone(path)
     check_safetensors(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with _load_errors(path, "the backbone"):
-        backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                   output_loading_info=True, ignore_mismatched_sizes=True,
-                                                   use_safetensors=True, **extra)
-    bad = {"missing": sorted(info["missing_keys"]),
-           "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head.")),
-           "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
-                                 for k in info["mismatched_keys"])}
-    if any(bad.values()):
-        raise DataError("weights do not match the model's config: " + "; ".join(
-            f"{why} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            for why, keys in bad.items() if keys), file=path)
+    backbone = load_weights(AutoModel, path, "the backbone", ("lm_head.",), dtype=dtype,
+                            trust_remote_code=trust_remote_code, **extra)
     with _load_errors(path, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     _ensure_chat_template(tokenizer, path)
@@ -501,6 +493,25 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
         with _load_errors(path, "the image processor"):
             image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return backbone, tokenizer, image_processor
+
+
+def load_weights(auto, path, what, may_leave=(), **kwargs):
+    """auto.from_pretrained(path) from safetensors, strictly: weights that do not match the model's
+    config (missing, unexpected, wrong shape) are one DataError, never a freshly initialised tensor.
+    `may_leave`: prefixes of checkpoint tensors this model class has no place for (a base model
+    loaded from a checkpoint with an LM head leaves the head out)."""
+    with _load_errors(path, what):
+        model, info = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
+                                           use_safetensors=True, **kwargs)
+    bad = {"missing": sorted(info["missing_keys"]),
+           "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith(tuple(may_leave))),
+           "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
+                                 for k in info["mismatched_keys"])}
+    if any(bad.values()):
+        raise DataError(f"{what}: weights do not match the model's config: " + "; ".join(
+            f"{why} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            for why, keys in bad.items() if keys), file=path)
+    return model
 
 
 def prm_directory(path):
@@ -574,7 +585,7 @@ def save_prm(prm, path, card=None):
     """PRM.save_pretrained: everything into path.tmp, then one rename (atomic_dir)."""
     import transformers
     _quiet_transformers()
-    with atomic_dir(path) as tmp:
+    with naming(path), atomic_dir(path) as tmp:
         prm.backbone.save_pretrained(tmp)
         prm.tokenizer.save_pretrained(tmp)
         if prm.image_processor is not None:
@@ -1965,9 +1976,9 @@ def reading(args):
 
 def run_cli(main, argv=None, resume_hint="rerun the same command to resume"):
     """Run a script's main(argv). A DataError, or a file that cannot be read or written, becomes one
-    line on stderr and exit code 2; a full disk exit code 1 (outputs are whole up to the last
-    record, a checkpoint or PRM being written is left as it was: free space and `resume_hint`);
-    Ctrl-C exit code 130 with `resume_hint`."""
+    line on stderr and exit code 2; a full disk, a quota or the file-size limit exit code 1 (outputs
+    are whole up to the last record, a checkpoint or PRM being written is left as it was: make room
+    and `resume_hint`); Ctrl-C exit code 130 with `resume_hint`."""
     try:
         return main(argv) or 0
     except DataError as e:
@@ -1977,22 +1988,60 @@ def run_cli(main, argv=None, resume_hint="rerun the same command to resume"):
         print(f"interrupted: what was written is kept; {resume_hint}", file=sys.stderr)
         return 130
     except Exception as e:
-        if not no_space(e):
+        limit = write_limit(e)
+        if limit is None:
             if isinstance(e, OSError):
                 print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
                 return 2
             raise
-        print(f"error: no space left on the device writing {getattr(e, 'filename', None) or 'an output'}: free "
-              f"space and {resume_hint}", file=sys.stderr)
+        what, fix = WRITE_LIMITS[limit]
+        print(f"error: {what} writing {failed_file(e) or 'an output'}: {fix} and {resume_hint}", file=sys.stderr)
         return 1
 
 
-def no_space(e):
-    """Whether an error is a full disk or quota: an OSError, or the error of a library that reports
-    the operating system's (safetensors: '... No space left on device (os error 28)')."""
+def failed_file(e):
+    """The file an error names, or the error it happened in handling names: a write cut short
+    inside `with open(...)` fails again when the file closes, and that second error names none."""
+    while e is not None:
+        if getattr(e, "filename", None):
+            return e.filename
+        e = e.__context__
+    return None
+
+
+# errno -> (what happened, what frees the way): the limits a write can meet, each resumable.
+WRITE_LIMITS = {errno.ENOSPC: ("no space left on the device", "free space"),
+                errno.EDQUOT: ("disk quota exceeded", "free space"),
+                errno.EFBIG: ("the file-size limit reached (ulimit -f)", "raise the limit")}
+
+
+def write_limit(e):
+    """The errno of WRITE_LIMITS an error is (a full disk, a quota, the file-size limit), else None:
+    an OSError, or the error of a library that reports the operating system's (safetensors: '... No
+    space left on device (os error 28)')."""
     if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e)
+        return e.errno if e.errno in WRITE_LIMITS else None
+    if "No space left on device" in str(e):
+        return errno.ENOSPC
+    return next((n for n in WRITE_LIMITS if f"(os error {n})" in str(e)), None)
+
+
+class naming:
+    """`with naming(path):` a write error that names no file (a write() call; safetensors' own error
+    for a full disk) becomes an OSError naming `path`, so the one line a user sees says which file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = self.path
+        elif exc is not None and not isinstance(exc, OSError) and write_limit(exc):
+            raise OSError(write_limit(exc), os.strerror(write_limit(exc)), self.path) from None
+        return False
 
 
 def pick_device(name):
@@ -2007,6 +2056,74 @@ def pick_device(name):
     if device.type not in ("cpu", "cuda", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
         raise DataError(f"{name}: not available here (auto, cpu, cuda)", field="--device")
     return device
+
+
+# -- Progress: a bar on a terminal, a few plain lines in a log --------------------------------
+
+PROGRESS_EVERY = 30.0           # seconds between two progress lines when stderr is not a terminal
+
+
+def progress(iterable=None, total=None, initial=0, desc="", unit="it", leave=True):
+    """A progress bar over `iterable` (or updated by hand): tqdm on a terminal. Off one (a log file,
+    a batch job) every refresh of a bar would land in the log, so there it is ProgressLines: one
+    plain line with the bar's figures every PROGRESS_EVERY seconds, and one at the end."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
+    return ProgressLines(iterable, total, initial, desc, unit, leave)
+
+
+class ProgressLines:
+    """What tqdm shows, as a line on stderr at a steady pace: 'desc: n/total unit (p%), s elapsed,
+    rate unit/s, about s left[, postfix]'. The parts of tqdm's interface the scripts use."""
+
+    def __init__(self, iterable=None, total=None, initial=0, desc="", unit="it", leave=True):
+        self.iterable, self.desc, self.unit, self.leave, self.postfix = iterable, desc, unit, leave, ""
+        self.total = total if total is not None or iterable is None else initial + len(iterable)
+        self.n = self.start_n = initial
+        self.t0 = self.last = time.monotonic()
+        self.closed = False
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def update(self, k=1):
+        self.n += k
+        if time.monotonic() - self.last >= PROGRESS_EVERY:
+            self.line()
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+
+    def line(self):
+        self.last = time.monotonic()
+        seconds = self.last - self.t0
+        rate = (self.n - self.start_n) / seconds if seconds > 0 else 0.0
+        done = f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)" if self.total else \
+            f"{self.n} {self.unit}"
+        left = f", about {(self.total - self.n) / rate:.0f} s left" if self.total and rate > 0 and self.n < self.total \
+            else ""
+        print(f"{self.desc}: {done}, {seconds:.0f} s, {rate_text(rate)} {self.unit}/s{left}"
+              + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    def close(self):
+        if not self.closed and self.leave:
+            self.line()
+        self.closed = True
+
+
+def rate_text(x):
+    """A rate with the digits that show it: 1234 -> '1234', 3.456 -> '3.5', 0.1512 -> '0.15'."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
 # -- Files: atomic writes, JSON Lines, one writer per output -----------------------------------
@@ -2076,7 +2193,7 @@ def read_json_object(path, hint=""):
 def write_json_atomic(path, obj):
     """Write JSON to path.tmp, flush to disk, then rename over path."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with naming(path), open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -2086,12 +2203,8 @@ def write_json_atomic(path, obj):
 def save_tensors_atomic(path, tensors, metadata=None):
     """safetensors file written to path.tmp, then renamed over path."""
     tmp = path + ".tmp"
-    try:
+    with naming(path):
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    except Exception as e:                                      # safetensors reports a full disk as its own error
-        if no_space(e) and not isinstance(e, OSError):
-            raise OSError(errno.ENOSPC, "No space left on device", path) from None
-        raise
     os.replace(tmp, path)
 
 
@@ -2180,6 +2293,21 @@ class output_lock:
             self.f.close()
 
 
+# Recorded settings that name a file or folder: two spellings of one path are one setting.
+PATH_SETTINGS = ("model", "model_dir", "train", "meta", "eval", "image_root", "out")
+
+
+def same_setting(key, old, new):
+    """Whether a setting recorded for resume (an output's params, a run's config.json) agrees with
+    this run's: paths compare by the file or folder they name (absolute, after links), whatever
+    the spelling ('tiny' is a name, not a path); other values as they are."""
+    def norm(v):
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return os.path.realpath(v) if isinstance(v, str) and key in PATH_SETTINGS and v != "tiny" else v
+    return norm(old) == norm(new)
+
+
 def file_digest(*paths):
     """SHA-1 over the bytes of files (a folder: its files, by name), to key cached results by content."""
     h = hashlib.sha1()
@@ -2206,10 +2334,11 @@ def drop_torn_tail(path):
 
 def append_jsonl(f, *records):
     """Append records (keys starting with '_' are in-memory only) and flush them to disk at once."""
-    f.write("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
-                    for r in records))
-    f.flush()
-    os.fsync(f.fileno())
+    with naming(f.name):
+        f.write("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
+                        for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # -- Plots -------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ Real data:
     python rerank.py --cots test_cots.jsonl --prm runs/vanilla runs/dreamprm --out runs/rerank
 """
 
+import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -40,7 +42,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import prm
 
@@ -89,16 +90,17 @@ HUMAN_LABELS = ("processbench", "prm800k", "visualprocessbench")
 MC_LABELS = ("ours", "dreamprm", "mathshepherd", "visualprm400k")
 
 
-def add_step_counts(counts, judged, records, values, threshold=0.25, judged_threshold=0.5):
+def add_step_counts(counts, judged, records, values, threshold=0.25):
     """Add one question's CoTs to the step report's sums (`counts`: records with step labels and a
-    score) and to the benchmark figures' sums (`judged`: {subset: Counter}, for CoTs whose steps are
-    judged right or wrong: a format other than ours, every label 0 or 1; see benchmark_report)."""
+    score) and to the benchmark figures' CoTs (`judged`: {subset: [(values, labels)]}, the CoTs whose
+    steps are judged right or wrong: a format other than ours, every label 0 or 1; see
+    benchmark_report, which may choose its threshold from them)."""
     for r, v in zip(records, values):
         mc, fmt = r.get("mc"), r.get("_format", "ours")
         if not mc:
             continue
         if fmt != "ours" and all(p in (0.0, 1.0) for p in mc if p is not None):
-            add_judged_counts(judged.setdefault(r["domain"], Counter()), v, mc, judged_threshold)
+            judged.setdefault(r["domain"], []).append((v, mc))
         if v is None:
             continue
         pairs = [(x, p) for x, p in zip(v, mc) if p is not None]
@@ -114,11 +116,11 @@ def add_step_counts(counts, judged, records, values, threshold=0.25, judged_thre
 def add_judged_counts(counts, v, mc, threshold):
     """Sums for benchmark_report of one judged CoT (v: its step values, None when it was too long to
     score). The step confusion counts, VisualProcessBench's way: true right/wrong x flagged (V <
-    threshold) or not. The first-error hit, ProcessBench's way: its evaluation flags a step wrong
-    when argmax([P(wrong), P(right)]) is the first class, so a tie (V == threshold) is flagged; the
-    prediction is the first flagged step among the labelled ones (neutral and unjudged steps add
-    nothing), a hit when it equals the first wrong step (-1 for none). An unscored CoT counts in
-    every denominator, as a miss."""
+    threshold) or not. The first-error hit, ProcessBench's way (Zheng et al., 2024, arXiv
+    2412.06559, section 4.1: "a threshold above which steps are considered as correct", so a step
+    at or below it is flagged): the prediction is the first flagged step among the labelled ones
+    (neutral and unjudged steps add nothing), a hit when it equals the first wrong step (-1 for
+    none). An unscored CoT counts in every denominator, as a miss."""
     label = next((i for i, p in enumerate(mc) if p == 0.0), -1)        # the first wrong step, -1 for none
     kind = "erroneous" if label >= 0 else "correct"
     counts[kind] += 1
@@ -136,7 +138,7 @@ def add_judged_counts(counts, v, mc, threshold):
 
 
 def processbench_f1(counts):
-    """ProcessBench (Zheng et al., 2024, arXiv 2412.06559, section 3): accuracy of the first wrong
+    """ProcessBench (Zheng et al., 2024, arXiv 2412.06559, section 4.1): accuracy of the first wrong
     step found exactly on erroneous CoTs, of none flagged on correct CoTs, and their harmonic mean;
     None where a class is empty or both accuracies are 0 (its evaluation code gives nan there)."""
     err = counts["erroneous_hits"] / counts["erroneous"] if counts["erroneous"] else None
@@ -146,12 +148,20 @@ def processbench_f1(counts):
             "correct": counts["correct"], "unscored": counts["unscored"]}
 
 
-def benchmark_report(judged, threshold=0.5):
+def benchmark_report(judged, threshold=0.5, rule="fixed"):
     """Step-level figures as the benchmarks publish them, over the judged CoTs (None if there are none).
-    judged: {subset: Counter} (add_step_counts). VisualProcessBench (Wang et al., 2025, arXiv
+    judged: {subset: [(values, labels)]} (add_step_counts); threshold: a number, the flag's value
+    (`rule` says how it was chosen: best_threshold). VisualProcessBench (Wang et al., 2025, arXiv
     2503.10291): the F1 of telling right from wrong steps, for each class and their macro mean,
     neutral steps left out, over all steps. ProcessBench: its F1 per subset (processbench_f1), and
-    the benchmark's overall figure, the plain mean of the subsets' F1s (None if one is undefined)."""
+    the plain mean of the subsets' F1s (None if one is undefined): the paper's average when the
+    file holds its four subsets."""
+    sums = {}
+    for name, cots in judged.items():
+        sums[name] = Counter()
+        for v, mc in cots:
+            add_judged_counts(sums[name], v, mc, threshold)
+    judged = sums
     total = sum(judged.values(), Counter())
     if not total["erroneous"] + total["correct"]:
         return None
@@ -160,10 +170,64 @@ def benchmark_report(judged, threshold=0.5):
     f1_wrong = 2 * wf / max(1, 2 * wf + rf + wp)
     subsets = {name: processbench_f1(c) for name, c in sorted(judged.items())}
     f1s = [x["f1"] for x in subsets.values()]
-    return {"threshold": threshold, "f1_right": f1_right, "f1_wrong": f1_wrong, "macro_f1": (f1_right + f1_wrong) / 2,
+    return {"threshold": threshold, "threshold_rule": rule, "f1_right": f1_right, "f1_wrong": f1_wrong,
+            "macro_f1": (f1_right + f1_wrong) / 2,
             "steps": rf + rp + wf + wp, "subsets": subsets,
             "processbench_f1": None if None in f1s else sum(f1s) / len(f1s),
             "erroneous": total["erroneous"], "correct": total["correct"], "unscored": total["unscored"]}
+
+
+PROCESSBENCH_SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
+
+
+def best_threshold(cots, name):
+    """ProcessBench's protocol for a PRM that gives scalar step values (its section 4.1): the
+    threshold, among the step values observed on the judged CoTs of subset `name`, at which that
+    subset's F1 is highest (the lowest such value on a tie). Vectorised over the candidates; the
+    same figures as benchmark_report at each. Returns (threshold, its F1)."""
+    labelled = [[x if p is not None else math.inf for x, p in zip(v, mc)] for v, mc in cots if v is not None]
+    candidates = torch.tensor(sorted({x for row in labelled for x in row if x != math.inf}), dtype=torch.float64)
+    first_wrong = torch.tensor([next((i for i, p in enumerate(mc) if p == 0.0), -1) for v, mc in cots if v is not None])
+    n_err = sum(1 for _, mc in cots if 0.0 in mc)
+    n_ok = len(cots) - n_err
+    if not n_err or not n_ok or not len(candidates):
+        return None, None
+    V, _ = prm.pad_rows(labelled, math.inf, dtype=torch.float64)                  # (C, S), +inf: never flagged
+    flagged = V[None] <= candidates[:, None, None]                                # (U, C, S)
+    predicted = torch.where(flagged.any(-1), flagged.double().argmax(-1), -1)     # (U, C) first flagged step
+    hits = predicted == first_wrong[None]                                         # (U, C)
+    err = hits[:, first_wrong >= 0].sum(-1).double() / n_err                      # unscored CoTs: misses
+    ok = hits[:, first_wrong < 0].sum(-1).double() / n_ok
+    f1 = torch.where(err + ok > 0, 2 * err * ok / (err + ok).clamp(min=1e-12), -1.0)     # (U,)
+    best = int(f1.argmax())
+    return (float(candidates[best]), float(f1[best])) if f1[best] >= 0 else (None, None)
+
+
+def resolve_threshold(spec, judged, prm_name):
+    """--step-threshold as (the number, how it was chosen): as given, or 'best:SUBSET' searched on
+    that subset's judged CoTs (best_threshold) and then used for every subset."""
+    if not isinstance(spec, str):
+        return spec, "fixed"
+    name = spec.split(":", 1)[1]
+    if name not in judged:
+        raise prm.DataError(f"--step-threshold {spec}: the file holds no judged CoT of subset {name!r} (subsets: "
+                            f"{', '.join(sorted(judged)) or 'none'})", field="--step-threshold")
+    threshold, f1 = best_threshold(judged[name], name)
+    if threshold is None:
+        raise prm.DataError(f"--step-threshold {spec}: subset {name!r} needs erroneous and correct CoTs, scored, "
+                            "for an F1 to choose by", field="--step-threshold")
+    print(f"{prm_name}: step threshold {threshold:.6g}, the best F1 ({100 * f1:.1f}) on {name}, used for every subset")
+    return threshold, f"the best F1 on {name} (ProcessBench's protocol)"
+
+
+def threshold_spec(text):
+    """--step-threshold: a number in [0, 1], or best:SUBSET."""
+    if text.startswith("best:") and text[5:].strip():
+        return "best:" + text[5:].strip()
+    try:
+        return prm.number(float, 0, 1)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; give a number in [0, 1], or best:SUBSET (best:gsm8k)") from None
 
 
 def step_report(records, values, threshold=0.25, counts=None):
@@ -270,8 +334,7 @@ def score_with(name, path, questions, load, args, device, cots_digest):
     done = len(list(prm.iter_jsonl(part, drop_torn_tail=True))) if os.path.isfile(part) else 0
     prm.drop_torn_tail(part)
     with open(part, "a", encoding="utf-8") as f:
-        for q in tqdm(range(done, len(questions)), initial=done, total=len(questions), desc=f"score {name}",
-                      dynamic_ncols=True):
+        for q in prm.progress(range(done, len(questions)), initial=done, total=len(questions), desc=f"score {name}"):
             scores, values = score_question(model, load(questions[q][1]), how, args.batch_size,
                                             not args.no_shared_prefix)
             prm.append_jsonl(f, {"q": q, "scores": scores, "values": values})
@@ -304,7 +367,7 @@ def write_outputs(questions, load, parts, names, args):
                                      "sample": pick["sample"] if pick else None,
                                      "pred": pick.get("pred", pick.get("final", "")) if pick else None,
                                      "score": row["scores"][best] if pick else None}, ensure_ascii=False) + "\n")
-                add_step_counts(step_counts[n], judged[n], records, row["values"], judged_threshold=args.step_threshold)
+                add_step_counts(step_counts[n], judged[n], records, row["values"])
             if all(isinstance(r.get("correct"), bool) for r in records):
                 labelled.append((domain, [{"correct": r["correct"], "pred": r.get("pred", r.get("final", ""))}
                                           for r in records]))
@@ -337,8 +400,10 @@ class Options:
     subsets: int = prm.option(20, "random subsets per N for accuracy against N (>= 1)", type=prm.number(int, 1, 10 ** 5))
     seed: int = prm.option(0, "seed of the subsets (>= 0)", type=prm.number(int, 0, 2 ** 31 - 1))
     step_threshold: float = prm.option(0.5, "the benchmarks' step-level figures flag a step as wrong when its value V "
-                                       "is below this (VisualProcessBench), at or below it (ProcessBench)",
-                                       type=prm.number(float, 0, 1))
+                                       "is below this (VisualProcessBench), at or below it (ProcessBench); "
+                                       "best:SUBSET takes, for each PRM, the threshold with the best F1 on that "
+                                       "subset (ProcessBench's protocol: best:gsm8k) for every subset",
+                                       type=threshold_spec)
     device: str = prm.option("auto", "auto, cpu, cuda")
     # last: from here on in this class body the name prm is this field, no longer the module
     prm: list = prm.option(None, "PRM or run directories (default: the toy runs present)", nargs="*")
@@ -371,6 +436,10 @@ def main(argv=None):
         print(f"{args.cots}: {prm.skip_report(skips, [qid for (_, qid), _ in questions])}")
     if not questions:
         raise prm.DataError("no CoTs with steps", file=args.cots)
+    subset = args.step_threshold.split(":", 1)[1] if isinstance(args.step_threshold, str) else None
+    if subset is not None and subset not in {domain for (domain, _), _ in questions}:
+        raise prm.DataError(f"--step-threshold {args.step_threshold}: no CoT of subset {subset!r} in the file (subsets: "
+                            f"{', '.join(sorted({d for (d, _), _ in questions}))})", file=args.cots)
     parts, aggregations, cots_digest = [], {}, prm.file_digest(args.cots)
     with prm.output_lock(os.path.join(args.out, "scores.jsonl")):          # one rerank.py per --out
         for name, path in zip(names, prms):
@@ -394,7 +463,8 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
     whose CoTs all carry `correct`), the step report against the file's step labels, and the
     benchmarks' step-level figures where steps are judged right or wrong."""
     steps = {n: step_report(None, None, counts=step_counts[n]) for n in names}
-    judged = {n: benchmark_report(judged[n], args.step_threshold) for n in names}
+    judged = {n: benchmark_report(judged[n], *resolve_threshold(args.step_threshold, judged[n], n)) if judged[n]
+              else None for n in names}
     written = f"written to {args.out}/: scores.jsonl (one line per CoT), picks.jsonl (one line per question and PRM)"
     if not labelled:
         print("no question has `correct` on every CoT: no accuracy table")
@@ -410,7 +480,7 @@ def write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_
         md += "|---|---:|---:|\n" + "\n".join(f"| {n} | {s['step_mse']:.4f} | {100 * s['first_error_accuracy']:.1f}% |"
                                            for n, s in steps.items() if s)
     if any(judged.values()):
-        md += "\n\n" + benchmark_markdown(judged, args.step_threshold)
+        md += "\n\n" + benchmark_markdown(judged)
     prm.write_json_atomic(os.path.join(args.out, "results.json"),
                           {"table": table, "accuracy_vs_n": curve, "step_level": steps, "benchmark_step_level": judged,
                            "aggregate": aggregations, "prms": dict(zip(names, prms)), "cots": args.cots, **counts})
@@ -429,16 +499,21 @@ def labels_title(step_counts):
         frozenset(kinds), "the file's step labels")
 
 
-def benchmark_markdown(judged, threshold):
+def benchmark_markdown(judged):
     """The benchmark figures' tables: VisualProcessBench's macro F1 per PRM, then ProcessBench's
-    accuracies and F1 per subset and their mean, the benchmark's own overall figure. '-' marks a
-    figure that is undefined (no CoT of a class, or both accuracies 0)."""
+    accuracies and F1 per subset and their mean (the paper's average when all four of its subsets
+    are in the file). '-' marks a figure that is undefined (no CoT of a class, or both accuracies 0)."""
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    lines = [f"Step level as the benchmarks report it (VisualProcessBench: a step is flagged wrong when V < {threshold}; "
-             f"ProcessBench: when V <= {threshold}, its tie rule; an unscored CoT counts as a miss):", "",
-             "| PRM | judged steps | macro F1 (VisualProcessBench) | ProcessBench F1, mean of subsets (official) |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {b['steps']} | {pct(b['macro_f1'])} | {pct(b['processbench_f1'])} |" for n, b in judged.items() if b]
+    subsets = sorted({name for b in judged.values() if b for name in b["subsets"]})
+    mean = "average of its four subsets" if set(PROCESSBENCH_SUBSETS) <= set(subsets) else \
+        f"mean of the {len(subsets)} subset{'s' if len(subsets) > 1 else ''} in this file"
+    lines = ["Step level as the benchmarks report it (VisualProcessBench: a step is flagged wrong when V < the "
+             "threshold; ProcessBench: when V <= it, as steps above it count as correct; an unscored CoT counts as "
+             "a miss):", "",
+             f"| PRM | threshold | judged steps | macro F1 (VisualProcessBench) | ProcessBench F1, {mean} |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {n} | {b['threshold']:.6g} ({b['threshold_rule']}) | {b['steps']} | {pct(b['macro_f1'])} | "
+              f"{pct(b['processbench_f1'])} |" for n, b in judged.items() if b]
     lines += ["", "ProcessBench per subset:", "",
               "| PRM | subset | erroneous CoTs | first error found | correct CoTs | none flagged | F1 | unscored |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]

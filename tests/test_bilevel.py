@@ -242,9 +242,25 @@ def test_diverged_run_stops_and_keeps_checkpoint(backbone_dir, tmp_path, monkeyp
     code = bt.cli(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "10", "--unroll-steps", "1",
                    "--save-every", "1", "--train-batch", "4", "--meta-batch", "4"])
     err = capsys.readouterr().err
-    assert code == 1 and "non-finite lower loss" in err and "last good checkpoint" in err
+    assert code == 1 and "the lower loss L_tr is nan at iteration 4; stopped before the step: its checkpoint at " \
+        "iteration 3 is kept: --resume continues from it with the same flags. To change --lr (now 0.0001), " \
+        "--weight-decay (now 0) or --grad-clip (now 0), rerun with the new flags and --overwrite" in err, err
     assert json.load(open(f"{out}/checkpoint/state.json"))["iteration"] == 3
     assert not os.path.exists(f"{out}/prm")
+    calls.clear()                                 # no checkpoint yet: said so; the command it gives works
+    code = bt.cli(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "10", "--unroll-steps", "1",
+                   "--save-every", "5", "--train-batch", "4", "--meta-batch", "4", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 1 and "at iteration 4; stopped before the step: no checkpoint was written yet" in err, err
+    monkeypatch.setattr(bt, "lower_loss", real)
+    assert bt.cli(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "2", "--unroll-steps", "1",
+                   "--train-batch", "4", "--meta-batch", "4", "--lr", "5e-5", "--overwrite"]) == 0
+    monkeypatch.setattr(bt, "hypergradient", lambda *a, **k: ([torch.full((3,), float("nan"))], 0.25))
+    code = bt.cli(["--synthetic", "--model", backbone_dir, "--out", str(tmp_path / "up"), "--iterations", "2",
+                   "--unroll-steps", "1", "--train-batch", "4", "--meta-batch", "4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the hypergradient holds non-finite values (L_meta 0.25) at iteration 1" in err and \
+        "To change --meta-lr (now 0.05) or --fd-radius (now 0.01)" in err, err
 
 
 def changed_fraction(model, before, grads):

@@ -449,8 +449,7 @@ def judged_report(rows, threshold=0.5):
     from collections import Counter
     judged = {}
     for fmt, subset, mc, v in rows:
-        rerank.add_step_counts(Counter(), judged, [{"_format": fmt, "domain": subset, "mc": mc}], [v],
-                               judged_threshold=threshold)
+        rerank.add_step_counts(Counter(), judged, [{"_format": fmt, "domain": subset, "mc": mc}], [v])
     return rerank.benchmark_report(judged, threshold)
 
 
@@ -492,8 +491,8 @@ def test_processbench_subset_is_read_from_the_record(tmp_path):
 
 
 def test_processbench_tie_unscored_neutral_and_undefined():
-    """ProcessBench's code flags a step when argmax([P(wrong), P(right)]) is the first class: a tie at
-    the threshold is flagged. Its denominators count every sample, so an unscored CoT is a miss. With
+    """ProcessBench counts steps above the threshold as correct (its section 4.1): a tie at the
+    threshold is flagged. Its denominators count every sample, so an unscored CoT is a miss. With
     both accuracies 0 its F1 is nan: reported as undefined. A neutral step (PRM800K rating 0, label
     None) adds nothing: flagging it is no miss."""
     tie = judged_report([("processbench", "s", [1.0, 0.0], [0.9, 0.5]), ("processbench", "s", [1.0, 1.0], [0.9, 0.6])])
@@ -503,7 +502,7 @@ def test_processbench_tie_unscored_neutral_and_undefined():
     assert long["subsets"]["s"]["erroneous_accuracy"] == 0.5 and long["unscored"] == 1 and long["erroneous"] == 2
     zero = judged_report([("processbench", "s", [1.0, 0.0], [0.9, 0.9]), ("processbench", "s", [1.0, 1.0], [0.1, 0.9])])
     assert zero["subsets"]["s"]["f1"] is None and zero["processbench_f1"] is None
-    assert "| - |" in rerank.benchmark_markdown({"p": zero}, 0.5)
+    assert "| - |" in rerank.benchmark_markdown({"p": zero})
     neutral = judged_report([("prm800k", "p", [None, 1.0, 0.0], [0.1, 0.9, 0.1]),
                              ("prm800k", "p", [1.0, None, 1.0], [0.9, 0.2, 0.9])])
     assert neutral["subsets"]["p"]["erroneous_accuracy"] == 1.0 and neutral["subsets"]["p"]["correct_accuracy"] == 1.0
@@ -551,7 +550,7 @@ def test_rerank_reports_processbench_per_subset_and_names_human_labels(tmp_path,
     assert rerank.main(["--cots", path, "--prm", model_dir, "--names", "p", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "results.md").read_text()
     assert "against the human step labels" in md and "MC labels" not in md
-    assert "| p | gsm8k | 1 |" in md and "| p | math | 1 |" in md and "mean of subsets (official)" in md
+    assert "| p | gsm8k | 1 |" in md and "| p | math | 1 |" in md and "mean of the 2 subsets in this file" in md
     b = json.load(open(tmp_path / "out" / "results.json"))["benchmark_step_level"]["p"]
     f1s = [b["subsets"][s]["f1"] for s in ("gsm8k", "math")]
     assert b["processbench_f1"] == (None if None in f1s else sum(f1s) / 2)

@@ -125,7 +125,7 @@ def test_benchmark_step_figures_by_hand():
                {"_format": "ours", "domain": "d", "mc": [1.0, 0.0]}]
     values = [[0.9, 0.2, 0.1], [0.9, 0.8, 0.3], [0.1, 0.1]]
     judged = {}
-    rerank.add_step_counts(Counter(), judged, records, values, judged_threshold=0.5)
+    rerank.add_step_counts(Counter(), judged, records, values)
     b = rerank.benchmark_report(judged, 0.5)
     # steps: right passed 3 (0.9, 0.9, 0.8), right flagged 1 (0.3), wrong flagged 1 (0.2), wrong passed 0
     assert abs(b["f1_right"] - 6 / 7) < 1e-12 and abs(b["f1_wrong"] - 2 / 3) < 1e-12
@@ -153,4 +153,4 @@ def test_rerank_reports_benchmark_figures_on_processbench(tmp_path, backbone_dir
     results = json.load(open(out / "results.json"))
     b = results["benchmark_step_level"]["p"]
     assert (b["erroneous"], b["correct"]) == (2, 2) and b["threshold"] == 0.5 and 0 <= b["macro_f1"] <= 1
-    assert "ProcessBench F1, mean of subsets (official)" in (out / "results.md").read_text()
+    assert "ProcessBench F1, mean of the 1 subset in this file" in (out / "results.md").read_text()
