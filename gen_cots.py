@@ -209,8 +209,8 @@ def user_text(question, structured=True):
 
 
 class HFPolicy:
-    """A transformers model from a local directory, image-text (the Qwen2-VL family) or a text-only
-    causal LM; several prompts per generate call."""
+    """A transformers model from a local directory, image-text (a family of prm.FAMILIES) or a
+    text-only causal LM; several prompts per generate call."""
 
     def __init__(self, path, temperature=0.7, max_new_tokens=512, structured=True, device="auto",
                  trust_remote_code=False, batch_size=8, top_p=1.0, top_k=0):
@@ -234,6 +234,9 @@ class HFPolicy:
             self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) \
                 if vision else None
         prm._ensure_chat_template(self.tokenizer, path)
+        # How this family takes images (prm.Family), chosen once, as the PRM does.
+        self.family = prm.bind_family(self.model.config, self.image_processor) if vision else None
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token) if vision else None
         self.temperature, self.max_new_tokens, self.structured = temperature, max_new_tokens, structured
         self.top_p, self.top_k = top_p, top_k
         self.parallel, self.batch_size = False, batch_size    # one generate call per batch of prompts
@@ -246,36 +249,33 @@ class HFPolicy:
         return out
 
     def _generate(self, prompts, n):
-        seqs, images, mms = [], [], []
-        pad_image = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        seqs, images, masks = [], [], []
         for p in prompts:
-            grid = None
+            image = None
             if p["question"].get("_image"):
                 if self.image_processor is None:
                     raise prm.DataError("this policy is a text-only model, but the question has an image",
                                         *p["question"].get("_src", (None, None)), "image")
-                pixel_values, grid = prm.image_inputs(self.image_processor, Image.open(p["question"]["_image"]))
-                images.append((pixel_values, grid))
-            ids = prm.encode_prompt(self.tokenizer, user_text(p["question"], self.structured), grid,
-                                    getattr(self.image_processor, "merge_size", 2))
+                image = prm.image_inputs(self.image_processor, Image.open(p["question"]["_image"]), family=self.family)
+                images.append(image)
+            ids = prm.encode_prompt(self.tokenizer, user_text(p["question"], self.structured), image, self.family)
             if p["prefix"]:
                 ids += self.tokenizer(p["prefix"], add_special_tokens=False)["input_ids"]
             seqs.append(torch.tensor(ids))
-            mms.append((seqs[-1] == pad_image).long())
+            masks.append((seqs[-1] == self.image_token_id).long() if self.family else None)
         L = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(seqs), L), pad, dtype=torch.long)
         mask = torch.zeros(len(seqs), L, dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids[b, L - len(s):], mask[b, L - len(s):] = s, 1
+            ids[b, L - len(s):], mask[b, L - len(s):] = s, 1          # left-padded: generation continues each row
         kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         if images:
-            mm = torch.zeros_like(ids)
-            for b, (m, s) in enumerate(zip(mms, seqs)):
-                mm[b, L - len(s):] = m
-            kwargs.update(pixel_values=torch.cat([x for x, _ in images]).to(self.device, self.model.dtype),
-                          image_grid_thw=torch.cat([g for _, g in images]).to(self.device),
-                          mm_token_type_ids=mm.to(self.device))
+            image_mask = torch.zeros_like(ids)
+            for b, (m, s) in enumerate(zip(masks, seqs)):
+                image_mask[b, L - len(s):] = m
+            tensors = {k: v.to(self.device) for k, v in prm.image_batch(images, self.family).items()}
+            kwargs.update(prm.image_kwargs(self.family, tensors, image_mask.to(self.device), self.model.dtype))
         # Every sampling setting is passed, so the model's generation_config.json (Qwen2-VL-2B-Instruct's
         # says top_k 1, top_p 0.001: greedy) never overrides the flags. Temperature 0 is greedy decoding:
         # one sequence per prompt, n copies of it.

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import lru_cache
 
 import torch
@@ -128,6 +128,117 @@ def question_text(record):
     return text
 
 
+# -- Backbone families: what differs between image-text models --------------------------------
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between image-text backbone families, chosen once at load from the config's
+    model_type (FAMILIES) and bound to its numbers (`bind_family`). Encoding, scoring, training and
+    the hypergradient call these fields and never test a family:
+      how an image becomes tensors   the family's image processor (after our resize, image_inputs)
+      the prompt's image tokens      the chat template writes `placeholder` once per image;
+                                     image_text(tensors, numbers) is the text the family's own
+                                     processor puts there, and the features fill `image_token`s
+      the forward's image arguments  `tensors` (those in `tiles` have a tile axis, padded across
+                                     images in a batch), `token_types` (a (B, L) image-token mask)
+      a continuation's positions     M-RoPE families (`mrope`) continue from the prefix's largest
+                                     position + 1 on every axis, the others from the prefix length."""
+    placeholder: str
+    image_token: str
+    image_text: object                 # image_text(tensors, numbers) -> str
+    numbers: object                    # numbers(config, image_processor) -> dict, what image_text needs
+    tensors: tuple = ("pixel_values",)
+    tiles: tuple = ()
+    token_types: str = None
+    mrope: bool = False
+    processor_kwargs: tuple = ()       # (name, value) pairs for the image processor
+    pixels_in_processor: bool = False  # min/max pixels bound the processor's own resize (Qwen), else ours
+
+
+def _side(x):
+    """An image or patch size that a config gives as an int or as (height, width)."""
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _qwen_text(t, n):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the template's <|image_pad|> (between <|vision_start|> and
+    <|vision_end|>) becomes grid t * h * w / merge_size**2 pad tokens, one per merged patch."""
+    return "<|image_pad|>" * (int(t["image_grid_thw"].prod()) // n["merge"] ** 2)
+
+
+def _internvl_text(t, n):
+    """InternVL: <img>, then IMG_CONTEXT x tokens per tile x tiles (the thumbnail counts), </img>."""
+    return "<img>" + "<IMG_CONTEXT>" * (n["per_tile"] * int(t["num_patches"].sum())) + "</img>"
+
+
+def _llava_onevision_text(t, n):
+    """LLaVA-OneVision (one image: anyres): the base image's tokens, the unpadded grid of the best
+    resolution's patches with one newline token per row, reduced when over anyres_max_N patches;
+    one less with the 'default' feature strategy. The count of its processor's _get_number_of_features."""
+    from transformers.image_processing_utils import select_best_resolution
+    orig_h, orig_w = (int(x) for x in t["image_sizes"][0])
+    height, width = t["pixel_values"].shape[-2:]
+    best_h, best_w = select_best_resolution([orig_h, orig_w], n["pinpoints"])
+    side = int(math.sqrt(n["base"]))
+    cur_h, cur_w = side * (best_h // height), side * (best_w // width)
+    if orig_w / orig_h > cur_w / cur_h:
+        cur_h -= (cur_h - int(round(orig_h * (cur_w / orig_w), 7))) // 2 * 2
+    else:
+        cur_w -= (cur_w - int(round(orig_w * (cur_h / orig_h), 7))) // 2 * 2
+    unpadded, newlines = cur_h * cur_w, cur_h
+    ratio = math.sqrt(cur_h * cur_w / (n["max_patches"] * side ** 2))
+    if ratio > 1.1:
+        unpadded, newlines = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
+    return "<image>" * (unpadded + newlines + n["base"] - (n["strategy"] == "default"))
+
+
+def _gemma3_text(t, n):
+    """Gemma 3: the template's <start_of_image> becomes a blank line, <start_of_image>, the image's
+    mm_tokens_per_image soft tokens, <end_of_image> and a blank line."""
+    return "\n\n<start_of_image>" + "<image_soft_token>" * n["tokens"] + "<end_of_image>\n\n"
+
+
+def _idefics3_text(t, n):
+    """Idefics3 and SmolVLM: a split image is its grid of tiles, each <fake_token_around_image>
+    <row_r_col_c> and the tile's image tokens, a newline after each row, then a blank line and the
+    global image <fake_token_around_image><global-img> tokens <fake_token_around_image>; an unsplit
+    image is the global image alone."""
+    rows, cols, seq = int(t["rows"][0][0]), int(t["cols"][0][0]), "<image>" * n["seq"]
+    grid = "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{seq}" for c in range(cols)) + "\n"
+                   for r in range(rows))
+    return (grid + "\n" if rows or cols else "") + f"<fake_token_around_image><global-img>{seq}<fake_token_around_image>"
+
+
+_QWEN = Family("<|image_pad|>", "<|image_pad|>", _qwen_text, lambda c, ip: {"merge": getattr(ip, "merge_size", 2)},
+               ("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids", mrope=True,
+               pixels_in_processor=True)
+_IDEFICS3 = Family("<image>", "<image>", _idefics3_text, lambda c, ip: {"seq": int(
+    (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 / c.scale_factor ** 2)},
+    ("pixel_values", "pixel_attention_mask"), tiles=("pixel_values", "pixel_attention_mask"),
+    processor_kwargs=(("return_row_col_info", True),))
+# model_type -> Family: the image-text backbones this code builds inputs for, each tested against its
+# family's processor (or its processing rule) for prompts and packed = per-prefix = shared-prefix values.
+FAMILIES = {
+    "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN,
+    "internvl": Family("<IMG_CONTEXT>", "<IMG_CONTEXT>", _internvl_text, lambda c, ip: {"per_tile": int(
+        (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 * c.downsample_ratio ** 2)},
+        processor_kwargs=(("crop_to_patches", True),)),
+    "llava_onevision": Family("<image>", "<image>", _llava_onevision_text, lambda c, ip: dict(
+        base=(c.vision_config.image_size // c.vision_config.patch_size) ** 2, strategy=c.vision_feature_select_strategy,
+        pinpoints=ip.image_grid_pinpoints, max_patches=int(c.vision_aspect_ratio.removeprefix("anyres_max_"))),
+        ("pixel_values", "image_sizes"), tiles=("pixel_values",)),
+    "gemma3": Family("<start_of_image>", "<image_soft_token>", _gemma3_text, lambda c, ip: {"tokens": c.mm_tokens_per_image},
+                     token_types="token_type_ids"),
+    "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
+}
+
+
+def bind_family(config, image_processor):
+    """The Family of an image-text config, with its numbers (tokens per image or tile, ...)."""
+    family = FAMILIES[config.model_type]
+    return replace(family, numbers=family.numbers(config, image_processor))
+
+
 # -- Encoding: chat template + segment-wise steps ----------------------------------------------
 
 @dataclass
@@ -136,88 +247,102 @@ class Encoded:
     input_ids: torch.Tensor          # (L,) int64
     step_ends: torch.Tensor          # (S,) int64, position of each step's last token
     prompt_len: int                  # tokens of image + question + assistant header (shared by a question's CoTs)
-    pixel_values: torch.Tensor = None   # (P, D) image patches, or None
-    image_grid_thw: torch.Tensor = None  # (1, 3), or None
-    mm_token_type_ids: torch.Tensor = None  # (L,) 1 at image tokens, 0 elsewhere
+    images: dict = None              # the image processor's tensors for the CoT's image, or None
+    image_mask: torch.Tensor = None  # (L,) 1 at image tokens, 0 elsewhere (None without an image)
 
     def prefix(self, i):
         """The CoT cut after step i: one step prefix yhat_i, as the per-prefix reference sees it."""
         end = int(self.step_ends[i])
-        mm = None if self.mm_token_type_ids is None else self.mm_token_type_ids[:end + 1]
-        return Encoded(self.input_ids[:end + 1], self.step_ends[i:i + 1], self.prompt_len, self.pixel_values,
-                       self.image_grid_thw, mm)
+        mask = None if self.image_mask is None else self.image_mask[:end + 1]
+        return Encoded(self.input_ids[:end + 1], self.step_ends[i:i + 1], self.prompt_len, self.images, mask)
 
 
-def image_inputs(image_processor, image, max_side=None, min_pixels=None, max_pixels=None):
-    """Pixel values and grid for one PIL image (Pillow image processor, no torchvision).
+def image_inputs(image_processor, image, max_side=None, min_pixels=None, max_pixels=None, family=None):
+    """The image processor's tensors for one PIL image (Pillow image processors, no torchvision).
 
     The image first shrinks (aspect kept) until its longest side is at most max_side pixels, as the
-    published DreamPRM code does with 512; min_pixels / max_pixels then bound the processor's own
-    resize (None: the processor's saved values). Image tokens = grid h * w / merge_size**2: a
-    1920x1080 image gives 180 tokens at max_side 512 (2,691 with Qwen2-VL's default pixel range).
+    published DreamPRM code does with 512; min_pixels / max_pixels then bound its pixel count: the
+    Qwen processors' own resize takes them (None: the processor's saved values), for the other
+    families the image is scaled into the range first, then the family's processor resizes as it
+    does. Qwen2-VL: image tokens = grid h * w / merge_size**2, so a 1920x1080 image gives 180 tokens
+    at max_side 512 (2,691 with Qwen2-VL's default pixel range).
     """
+    family = family or FAMILIES["qwen2_vl"]
     image = image.convert("RGB")
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
                              Image.Resampling.LANCZOS)
-    kwargs = {}
-    if min_pixels or max_pixels:
+    kwargs = dict(family.processor_kwargs)
+    if family.pixels_in_processor and (min_pixels or max_pixels):
         size = image_processor.size
         kwargs["size"] = {"shortest_edge": min_pixels or size["shortest_edge"],
                           "longest_edge": max_pixels or size["longest_edge"]}
+    elif min_pixels or max_pixels:
+        pixels = image.width * image.height
+        scale = math.sqrt((min_pixels or pixels) / pixels) if pixels < (min_pixels or 0) else \
+            math.sqrt(max_pixels / pixels) if max_pixels and pixels > max_pixels else 1.0
+        if scale != 1.0:
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.LANCZOS)
     out = image_processor(images=[image], return_tensors="pt", **kwargs)
-    return out["pixel_values"], out["image_grid_thw"]
+    return {k: out[k] for k in out.keys()}
 
 
-def encode_prompt(tokenizer, question, image_grid_thw=None, merge_size=2):
+def encode_prompt(tokenizer, question, images=None, family=None):
     """Token ids of the user turn (image, question) and the assistant header, as a list of ints.
 
-    The chat template writes one <|image_pad|>; it is expanded here to the number of merged image
-    patches, image_grid_thw.prod() // merge_size**2 (what the Qwen2-VL processor would do).
+    The chat template writes the family's placeholder once for the image; it is replaced by the
+    text the family's processor puts there (family.image_text: for Qwen2-VL, one <|image_pad|>
+    per merged image patch) and the prompt is tokenized whole, as the processor does.
     """
-    if image_grid_thw is not None:
+    if images is not None:
         content = [{"type": "image"}, {"type": "text", "text": question}]
     else:
         content = question
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                            tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if image_grid_thw is None:
-        return ids
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    n_image = int(image_grid_thw.prod()) // merge_size ** 2
-    at = ids.index(pad)
-    return ids[:at] + [pad] * n_image + ids[at + 1:]
+    if images is not None:
+        family = family or qwen_family()
+        at = prompt.index(family.placeholder)
+        prompt = prompt[:at] + family.image_text(images, family.numbers) + prompt[at + len(family.placeholder):]
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def qwen_family(image_processor=None):
+    """Qwen2-VL's Family bound to an image processor's merge size (2 without one): the tiny
+    backbone's, for callers that name no family."""
+    return replace(FAMILIES["qwen2_vl"], numbers=FAMILIES["qwen2_vl"].numbers(None, image_processor))
 
 
 def encode_cot(tokenizer, question, steps, final="", image=None, image_processor=None, image_cache=None,
-               image_limits=None):
+               image_limits=None, family=None):
     """Encode one CoT: chat template with the image and question in the user turn, the steps in
     the assistant turn, tokenized segment by segment (`step_segments`).
 
     `image` is a PIL image, a path, or None; image_limits: max_side, min_pixels, max_pixels for
-    `image_inputs`. Returns an `Encoded` whose step_ends[i] is the position of the last token of
-    step i. Raises ValueError for a CoT without steps.
+    `image_inputs`; family: the backbone's bound Family (default: Qwen2-VL's). Returns an `Encoded`
+    whose step_ends[i] is the position of the last token of step i. Raises ValueError for a CoT
+    without steps.
     """
     limits = image_limits or {}
     if not steps:
         raise ValueError("a CoT without steps cannot be scored")
-    pixel_values = grid = None
+    images = None
     if image is not None:
         if image_processor is None:
             raise ValueError("this backbone has no image processor, but the record has an image")
+        family = family or qwen_family(image_processor)
         if image_cache is not None and isinstance(image, str):
             if image not in image_cache:
-                image_cache[image] = image_inputs(image_processor, Image.open(image), **limits)
+                image_cache[image] = image_inputs(image_processor, Image.open(image), **limits, family=family)
                 if len(image_cache) > IMAGE_CACHE_SIZE:
                     image_cache.pop(next(iter(image_cache)))    # oldest first: bounded memory
-            pixel_values, grid = image_cache[image]
+            images = image_cache[image]
         else:
-            pixel_values, grid = image_inputs(image_processor, Image.open(image) if isinstance(image, str) else image,
-                                              **limits)
-    merge = getattr(image_processor, "merge_size", 2)
-    ids = encode_prompt(tokenizer, question, grid, merge)
+            images = image_inputs(image_processor, Image.open(image) if isinstance(image, str) else image, **limits,
+                                  family=family)
+    ids = encode_prompt(tokenizer, question, images, family)
     prompt_len = len(ids)
     ends = []
     for seg in step_segments(steps, final):
@@ -227,10 +352,10 @@ def encode_cot(tokenizer, question, steps, final="", image=None, image_processor
         ids += seg_ids
         ends.append(len(ids) - 1)
     input_ids = torch.tensor(ids, dtype=torch.long)
-    mm = None
-    if grid is not None:
-        mm = (input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
-    return Encoded(input_ids, torch.tensor(ends, dtype=torch.long), prompt_len, pixel_values, grid, mm)
+    mask = None
+    if images is not None:
+        mask = (input_ids == tokenizer.convert_tokens_to_ids(family.image_token)).long()
+    return Encoded(input_ids, torch.tensor(ends, dtype=torch.long), prompt_len, images, mask)
 
 
 # -- Collate: right-padded batches -------------------------------------------------------------
@@ -248,24 +373,45 @@ def pad_rows(rows, fill=0, width=None, dtype=None, device=None):
     return out, mask
 
 
-def collate(cots, pad_id):
+def image_batch(images, family):
+    """The forward's image tensors for a list of images (processor outputs), in order: each tensor
+    concatenated along its first axis, those with a tile axis zero-padded to the most tiles first
+    (the model drops all-zero tiles)."""
+    out = {}
+    for name in family.tensors:
+        parts = [x[name] for x in images]
+        if name in family.tiles:
+            n = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros((p.shape[0], n - p.shape[1], *p.shape[2:]))], 1) for p in parts]
+        out[name] = torch.cat(parts)
+    return out
+
+
+def image_kwargs(family, images, image_mask, dtype):
+    """The forward's image arguments from image_batch's tensors: pixels in the model's dtype and,
+    where the family takes one, the (B, L) image-token mask under its name."""
+    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in images.items()}
+    if family.token_types:
+        kwargs[family.token_types] = image_mask
+    return kwargs
+
+
+def collate(cots, pad_id, family=None):
     """Right-pad a list of Encoded into one batch for the backbone.
 
     Returns a dict with input_ids (B, L), attention_mask (B, L), step_ends (B, S), step_mask (B, S)
-    and, when any CoT has an image, pixel_values (sum P, D), image_grid_thw (n_images, 3) and
-    mm_token_type_ids (B, L). Padded step slots point at position 0 and are masked out.
+    and, when any CoT has an image, its family's image tensors (image_batch) and the (B, L)
+    image-token mask. Padded step slots point at position 0 and are masked out.
     """
     input_ids, attention_mask = pad_rows([c.input_ids for c in cots], pad_id)     # (B, L)
     step_ends, step_mask = pad_rows([c.step_ends for c in cots])                  # (B, S)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask.long(), step_ends=step_ends,
                  step_mask=step_mask)
-    with_image = [c for c in cots if c.pixel_values is not None]
+    with_image = [c for c in cots if c.images is not None]
     if with_image:
-        mm = [c.mm_token_type_ids if c.mm_token_type_ids is not None else torch.zeros_like(c.input_ids)
-              for c in cots]
-        batch["pixel_values"] = torch.cat([c.pixel_values for c in with_image])
-        batch["image_grid_thw"] = torch.cat([c.image_grid_thw for c in with_image])
-        batch["mm_token_type_ids"] = pad_rows(mm, 0, input_ids.shape[1], torch.long)[0]   # (B, L)
+        mask = [c.image_mask if c.image_mask is not None else torch.zeros_like(c.input_ids) for c in cots]
+        batch["images"] = image_batch([c.images for c in with_image], family or qwen_family())
+        batch["image_mask"] = pad_rows(mask, 0, input_ids.shape[1], torch.long)[0]   # (B, L)
     return batch
 
 
@@ -284,6 +430,8 @@ class PRM(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        # How this backbone's family takes images (Family): chosen once, here; None for a text-only LM.
+        self.family = bind_family(backbone.config, image_processor) if image_processor is not None else None
         hidden = backbone.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1)                         # w, b; seeded so runs repeat exactly
         g = torch.Generator().manual_seed(seed)
@@ -308,7 +456,8 @@ class PRM(nn.Module):
         final = (record.get("final") or "") if self.final_answer == "last-step" else ""
         return encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
                           record["steps"], final, image, self.image_processor, self.image_cache,
-                          dict(max_side=self.max_side, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
+                          dict(max_side=self.max_side, min_pixels=self.min_pixels, max_pixels=self.max_pixels),
+                          self.family)
 
     def fits(self, encoded):
         """Whether an encoded CoT fits max_length; longer ones are skipped and counted, never cut."""
@@ -317,10 +466,12 @@ class PRM(nn.Module):
     def hidden(self, batch):
         """Last hidden states (B, L, H) of a collated batch."""
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        if "pixel_values" in batch:
-            kwargs.update(pixel_values=batch["pixel_values"].to(self.backbone.dtype),
-                          image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"])
+        if "images" in batch:
+            kwargs.update(self.image_kwargs(batch["images"], batch["image_mask"]))
         return self.backbone(**kwargs).last_hidden_state
+
+    def image_kwargs(self, images, image_mask):
+        return image_kwargs(self.family, images, image_mask, self.backbone.dtype)
 
     def value(self, h):
         """V = sigmoid(w^T h + b) for hidden states h (..., H) -> (...)."""
@@ -359,7 +510,8 @@ class PRM(nn.Module):
 # -- Scoring -----------------------------------------------------------------------------------
 
 def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
+    """A batch (tensors, and dicts of tensors) on a device."""
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def step_values(prm, cots):
@@ -368,7 +520,7 @@ def step_values(prm, cots):
     cots: list of Encoded (B of them). Returns values (B, S) and mask (B, S); values at masked
     (padding) slots are meaningless.
     """
-    batch = _to(collate(cots, prm.pad_id), prm.device)
+    batch = _to(collate(cots, prm.pad_id, prm.family), prm.device)
     h = prm.hidden(batch)                                        # (B, L, H)
     idx = batch["step_ends"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
     h_steps = torch.gather(h, 1, idx)                            # (B, S, H) hidden state at each step end
@@ -388,27 +540,29 @@ def shared_prefix_values(prm, cots):
     identical in every CoT) are encoded once, then the N continuations run as one batch against
     the cached prefix. Same values as step_values, at about 1/N of the prompt's cost.
 
-    M-RoPE positions: the prefix's come from get_rope_index; the continuation's are
-    max(prefix positions) + 1 + arange(L) on all three axes (text after the image). Returns values
-    (N, S) and mask (N, S).
+    Positions: a continuation starts where its prefix ends. For M-RoPE families (prm.family.mrope)
+    the prefix's positions come from get_rope_index and the continuation's are max(prefix
+    positions) + 1 + arange(L) on all three axes (text after the image); for the others, P +
+    arange(L). Returns values (N, S) and mask (N, S).
     """
     P = cots[0].prompt_len
     prefix = cots[0].input_ids[:P]
     for c in cots:
         if c.prompt_len != P or not torch.equal(c.input_ids[:P], prefix) or \
-                (c.pixel_values is None) != (cots[0].pixel_values is None):
+                (c.images is None) != (cots[0].images is None):
             raise ValueError("shared_prefix_values needs CoTs of one question (the same prompt and image)")
     device, N = prm.device, len(cots)
     ids = prefix[None].to(device)                                               # (1, P)
     kwargs = dict(input_ids=ids, use_cache=True)
     start = P
-    if cots[0].pixel_values is not None:
-        mm = cots[0].mm_token_type_ids[:P][None].to(device)
-        grid = cots[0].image_grid_thw.to(device)
-        position_ids, _ = prm.backbone.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid)
-        kwargs.update(pixel_values=cots[0].pixel_values.to(device, prm.backbone.dtype), image_grid_thw=grid,
-                      mm_token_type_ids=mm, position_ids=position_ids)            # (3, 1, P)
-        start = int(position_ids.max()) + 1
+    if cots[0].images is not None:
+        mask = cots[0].image_mask[:P][None].to(device)                          # (1, P) image tokens
+        kwargs.update(prm.image_kwargs(_to(image_batch([cots[0].images], prm.family), device), mask))
+        if prm.family.mrope:
+            position_ids, _ = prm.backbone.get_rope_index(input_ids=ids, mm_token_type_ids=mask,
+                                                          image_grid_thw=kwargs["image_grid_thw"])
+            kwargs["position_ids"] = position_ids                                 # (3, 1, P)
+            start = int(position_ids.max()) + 1
     out = prm.backbone(**kwargs)
     cache = getattr(out, "cache", None)                                        # transformers >= 5.2x
     cache = cache if cache is not None else out.past_key_values
@@ -458,8 +612,10 @@ AGGREGATIONS = ("mean_logit", "min", "prod", "last", "mean")
 # ==============================================================================================
 
 PRM_FORMAT = 2                  # version of prm.json
-# Backbones whose inputs this code builds and checks (tests: packed = per-prefix = shared-prefix).
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# Image-text families refused, with why (the README's backbone table says more).
+REFUSED_FAMILIES = {"mllama": "Llama-3.2-Vision feeds the image to cross-attention layers, not as prompt tokens, so "
+                              "a question's image and text cannot be encoded once and shared by its CoTs as this "
+                              "code scores and trains"}
 
 
 def _quiet_transformers():
@@ -621,9 +777,10 @@ def check_backbone(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"unreadable config ({e})", file=config_file) from None
     model_type = config.get("model_type")
-    if "vision_config" in config and model_type not in VISION_FAMILIES:
-        raise DataError(f"model type {model_type!r} is not supported; supported backbones: the Qwen2-VL family "
-                        f"({', '.join(VISION_FAMILIES)}) and text-only causal LMs", file=config_file)
+    if "vision_config" in config and model_type not in FAMILIES:
+        why = f" ({REFUSED_FAMILIES[model_type]})" if model_type in REFUSED_FAMILIES else ""
+        raise DataError(f"model type {model_type!r} is not supported{why}; supported backbones: the image-text "
+                        f"families {', '.join(FAMILIES)}, and text-only causal LMs", file=config_file)
     return "vision_config" in config
 
 

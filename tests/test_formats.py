@@ -173,7 +173,7 @@ def test_same_cots_in_every_format_encode_identically(tmp_path, images, tiny_prm
     for fmt, es in encoded.items():
         for e, e0 in zip(es, encoded["ours"]):
             assert torch.equal(e.input_ids, e0.input_ids) and torch.equal(e.step_ends, e0.step_ends), fmt
-            assert torch.equal(e.pixel_values, e0.pixel_values), fmt
+            assert torch.equal(e.images["pixel_values"], e0.images["pixel_values"]), fmt
 
 
 # -- duplicates, leaks and the meta set, as bilevel_train.py and rerank.py see them -------------------

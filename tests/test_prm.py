@@ -53,8 +53,8 @@ def test_step_ends_are_exact_token_positions(tiny_prm, images):
         assert tok.decode(e.input_ids[: end + 1]).endswith(text)
         assert not tok.decode(e.input_ids[: end]).endswith(text)
     n_image = int((e.input_ids == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
-    assert n_image == int(e.image_grid_thw.prod()) // 4 == int(e.mm_token_type_ids.sum())
-    assert e.input_ids[: e.prompt_len].tolist() == prm.encode_prompt(tok, QUESTION, e.image_grid_thw)
+    assert n_image == int(e.images["image_grid_thw"].prod()) // 4 == int(e.image_mask.sum())
+    assert e.input_ids[: e.prompt_len].tolist() == prm.encode_prompt(tok, QUESTION, e.images)
 
 
 def test_aggregate_mean_logit_by_hand():
@@ -174,7 +174,7 @@ def test_published_format_parses(tmp_path, images, tiny_prm):
     assert by_id["5"]["mc"] == [0.75, 0.5] and by_id["5"]["domain"] == "ai2d"
     assert by_id["6"]["mc"] == [1.0]
     e = tiny_prm.encode(meta[0])
-    assert len(e.step_ends) == 3 and e.pixel_values is not None
+    assert len(e.step_ends) == 3 and e.images is not None
 
 
 def test_our_jsonl_records_read(tmp_path, images):

@@ -129,7 +129,7 @@ def test_image_limit_bounds_the_image_tokens(tmp_path, backbone_dir):
             model.image_cache.clear()
             e = model.encode({"question": QUESTION, "steps": ["Step 1: a"], "_image": path})
             n = int((e.input_ids == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
-            assert n == int(e.image_grid_thw.prod()) // 4
+            assert n == int(e.images["image_grid_thw"].prod()) // 4
             tokens[(w, side)] = n
     assert tokens[(1920, 512)] == 180                              # the README's figure
     assert tokens[(1920, None)] == 2691 and tokens[(3000, None)] == 7597
@@ -238,16 +238,19 @@ def test_qwen25_vl_backbone_scores_alike_three_ways(qwen25_dir, images):
     assert (v - v_ref)[m].abs().max() <= 1e-5 and (v - v_shared)[m].abs().max() <= 1e-4 and v[m].std() > 1e-3
 
 
-def test_unsupported_backbone_stops_at_load(tmp_path, backbone_dir):
-    d = str(tmp_path / "internvl")
+@pytest.mark.parametrize("model_type,why", [("mllama", "feeds the image to cross-attention layers"),
+                                            ("paligemma", "")])
+def test_unsupported_backbone_stops_at_load(tmp_path, backbone_dir, model_type, why):
+    d = str(tmp_path / model_type)
     shutil.copytree(backbone_dir, d)
     config = json.load(open(os.path.join(d, "config.json")))
-    config["model_type"] = "internvl"
+    config["model_type"] = model_type
     json.dump(config, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(prm.DataError) as info:
         prm.PRM.from_backbone(d)
     msg = str(info.value)
-    assert "model type 'internvl' is not supported" in msg and "qwen2_vl, qwen2_5_vl" in msg and "text-only" in msg
+    assert f"model type '{model_type}' is not supported" in msg and why in msg and "text-only" in msg
+    assert "qwen2_vl, qwen2_5_vl, qwen3_vl, internvl, llava_onevision, gemma3, idefics3, smolvlm" in msg
 
 
 def test_hf_policy_on_a_text_only_lm(tmp_path, text_lm_dir):
@@ -265,6 +268,6 @@ def test_encode_takes_a_line_of_a_cots_file(tmp_path, images, tiny_prm):
     row = dict(labels_row("q", "Q?", os.path.basename(images[0])))
     (read,), _ = prm.read_cots(write_jsonl(tmp_path / "c.jsonl", [row]), "labels")
     a, b = tiny_prm.encode(row, image_root=str(tmp_path)), tiny_prm.encode(read)
-    assert torch.equal(a.input_ids, b.input_ids) and a.pixel_values is not None
+    assert torch.equal(a.input_ids, b.input_ids) and a.images is not None
     with pytest.raises(prm.DataError, match="no such image file"):
         tiny_prm.encode(row, image_root=str(tmp_path / "nowhere"))
