@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import MISSING, dataclass, field, fields, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn as nn
@@ -638,7 +638,7 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
     vision = check_backbone(path)
     check_safetensors(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    backbone = load_weights(AutoModel, path, "the backbone", ("lm_head.",), dtype=dtype,
+    backbone = load_weights(AutoModel, path, "the backbone", ("lm_head",), dtype=dtype,
                             trust_remote_code=trust_remote_code, **extra)
     with _load_errors(path, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -654,13 +654,13 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
 def load_weights(auto, path, what, may_leave=(), **kwargs):
     """auto.from_pretrained(path) from safetensors, strictly: weights that do not match the model's
     config (missing, unexpected, wrong shape) are one DataError, never a freshly initialised tensor.
-    `may_leave`: prefixes of checkpoint tensors this model class has no place for (a base model
-    loaded from a checkpoint with an LM head leaves the head out)."""
+    `may_leave`: names of checkpoint modules this model class has no place for (a base model loaded
+    from a checkpoint with an LM head leaves the head out, wherever the family's checkpoint puts it)."""
     with _load_errors(path, what):
         model, info = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
                                            use_safetensors=True, **kwargs)
     bad = {"missing": sorted(info["missing_keys"]),
-           "unexpected": sorted(k for k in info["unexpected_keys"] if not k.startswith(tuple(may_leave))),
+           "unexpected": sorted(k for k in info["unexpected_keys"] if not set(k.split(".")) & set(may_leave)),
            "wrong shape": sorted(" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
                                  for k in info["mismatched_keys"])}
     if any(bad.values()):
@@ -911,7 +911,10 @@ guess Hmm wait seems correct wrong answer value equals is are was in on at and o
 """
 
 
-def _tiny_tokenizer(vocab_size=512):
+def _tiny_tokenizer(vocab_size=512, special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>",
+                    pad="<|endoftext|>", named=None):
+    """A BPE tokenizer learned from _TOKENIZER_CORPUS, with a family's special tokens, its chat
+    template, and `named` special tokens (tokenizer attributes its processor reads, e.g. boi_token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -921,18 +924,23 @@ def _tiny_tokenizer(vocab_size=512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", model_max_length=32768)
+    tok.add_special_tokens(special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, eos_token=eos, pad_token=pad,
+                                   model_max_length=32768, **({"extra_special_tokens": named} if named else {}))
 
 
-def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1):
-    """A small randomly initialised Qwen2-VL (Qwen2VLForConditionalGeneration, so it can also
-    generate as a policy), its locally built tokenizer and a Pillow image processor.
+def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1, family="qwen2_vl"):
+    """A small randomly initialised image-text model of a family (default Qwen2-VL; any of
+    FAMILIES), as its ForConditionalGeneration class (so it can also generate as a policy), its
+    locally built tokenizer and a Pillow image processor.
 
     Deterministic for a seed. Returns (model, tokenizer, image_processor); save all three with
     save_pretrained into one directory (`save_tiny_backbone`) and load them like any checkpoint.
     """
+    if family == "qwen2_5_vl":
+        return _tiny_qwen2_5_vl(seed, hidden_size, layers, heads)
+    if family != "qwen2_vl":
+        return _tiny_family_backbone(family, seed, hidden_size, layers, heads)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     tokenizer = _tiny_tokenizer()
@@ -958,6 +966,173 @@ def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1):
     # Small images: 56x56 to 112x112 pixels, 4 to 16 image tokens after the 2x2 merge.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     return model, tokenizer, image_processor
+
+
+# The other families' tiny backbones: each family's own special tokens and a chat template reduced
+# from its published one (a user turn with an optional image, the assistant header), a model of the
+# family's own classes at the tiny size, and its Pillow image processor at small image sizes.
+_QWEN_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _chat_template(turn, image, end, assistant):
+    """A chat template: `turn` opens a user turn ('{role}' is the role), `image` is what it writes
+    for an image, `end` closes the turn, `assistant` opens the assistant's."""
+    return ("{% for message in messages %}" + turn.replace("{role}", "{{ message['role'] }}")
+            + "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+            "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}" + end + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
+
+
+def _tiny_text(tok, hidden, layers, heads, **extra):
+    """A small decoder's config fields (the language model inside each family)."""
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+
+
+def _tiny_vision(hidden, image_size, model_type=None):
+    """A one-layer ViT's config fields (SigLIP-like), on image_size pixels in 14-pixel patches."""
+    return dict(hidden_size=hidden // 2, num_hidden_layers=1, num_attention_heads=2, intermediate_size=hidden,
+                image_size=image_size, patch_size=14, **({"model_type": model_type} if model_type else {}))
+
+
+def _tiny_qwen3_vl(tok, hidden, layers, heads):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tid, half = tok.convert_tokens_to_ids, hidden // heads // 2
+    config = Qwen3VLConfig(
+        text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=[half - 2 * (half // 3), half // 3, half // 3],
+            mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    # 64x64 to 128x128 pixels: 4 to 16 image tokens after the 2x2 merge of 16-pixel patches.
+    return config, Qwen3VLForConditionalGeneration, Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _tiny_internvl(tok, hidden, layers, heads):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    config = InternVLConfig(vision_config=dict(_tiny_vision(hidden, 56), intermediate_size=hidden),
+                            text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                            downsample_ratio=0.5)
+    # 56-pixel tiles (4 tokens each after the pixel shuffle), up to 4 tiles and a thumbnail.
+    return config, InternVLForConditionalGeneration, GotOcr2ImageProcessorPil(
+        size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4)
+
+
+def _tiny_llava_onevision(tok, hidden, layers, heads):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = LlavaOnevisionConfig(vision_config=_tiny_vision(hidden, 28, "siglip_vision_model"),
+                                  text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints)
+    # 28-pixel base image (4 tokens) and anyres grids up to 2x2 such patches.
+    return config, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil(
+        size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
+
+
+def _tiny_gemma3(tok, hidden, layers, heads):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    tid = tok.convert_tokens_to_ids
+    config = Gemma3Config(text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, sliding_window=512,
+                                                 bos_token_id=tid("<bos>")),
+                          vision_config=_tiny_vision(hidden, 56), mm_tokens_per_image=4,
+                          boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
+                          image_token_index=tid("<image_soft_token>"))
+    # 56x56 images: 16 patches pooled to 4 soft tokens.
+    return config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+
+
+def _tiny_idefics3(tok, hidden, layers, heads, smol=False):
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    Config, Model, Processor = (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil) if smol else \
+        (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil)
+    config = Config(vision_config=_tiny_vision(hidden, 56), text_config=dict(_tiny_text(tok, hidden, layers, heads),
+                                                                            model_type="llama"),
+                    scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    # Images up to 112 pixels split into 56-pixel tiles (4 tokens each) and the global image.
+    return config, Model, Processor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+
+
+_ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+_IDEFICS3_TINY = dict(special=["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                               "<global-img>"] + _ROWS_COLS,
+                      template=_chat_template("<|im_start|>{{ message['role'] | capitalize }}:", "<image>",
+                                              "<end_of_utterance>\n", "Assistant:"),
+                      eos="<end_of_utterance>", pad="<|endoftext|>",
+                      named=dict(image_token="<image>", fake_image_token="<fake_token_around_image>",
+                                 global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>"))
+# family -> its tokenizer's special tokens, chat template, eos and pad tokens, named special tokens
+# (tokenizer attributes its processor reads), and the builder of its config, model class and image processor.
+TINY_FAMILIES = {
+    "qwen3_vl": dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", named={},
+                     build=_tiny_qwen3_vl),
+    "internvl": dict(special=_QWEN_CHAT + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+                     template=_chat_template("<|im_start|>{role}\n", "<IMG_CONTEXT>\n", "<|im_end|>\n",
+                                             "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
+                     named=dict(start_image_token="<img>", end_image_token="</img>",
+                                context_image_token="<IMG_CONTEXT>", video_token="<video>"),
+                     build=_tiny_internvl),
+    "llava_onevision": dict(special=_QWEN_CHAT + ["<image>", "<video>"],
+                            template=_chat_template("<|im_start|>{role}\n", "<image>\n", "<|im_end|>\n",
+                                                    "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
+                            named=dict(image_token="<image>", video_token="<video>"), build=_tiny_llava_onevision),
+    "gemma3": dict(special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                            "<end_of_image>", "<image_soft_token>"],
+                   template="<bos>" + _chat_template("<start_of_turn>{role}\n", "<start_of_image>", "<end_of_turn>\n",
+                                                     "<start_of_turn>model\n").replace(
+                       "{{ message['role'] }}", "{{ 'model' if message['role'] == 'assistant' else message['role'] }}"),
+                   eos="<end_of_turn>", pad="<pad>",
+                   named=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"),
+                   build=_tiny_gemma3),
+    "idefics3": dict(_IDEFICS3_TINY, build=_tiny_idefics3),
+    "smolvlm": dict(_IDEFICS3_TINY, build=partial(_tiny_idefics3, smol=True)),
+}
+
+
+def _tiny_family_backbone(family, seed, hidden_size, layers, heads):
+    """tiny_backbone of a family other than Qwen2-VL (TINY_FAMILIES)."""
+    spec = TINY_FAMILIES[family]
+    tokenizer = _tiny_tokenizer(special=spec["special"], template=spec["template"], eos=spec["eos"], pad=spec["pad"],
+                                named=spec["named"])
+    config, model_class, image_processor = spec["build"](tokenizer, hidden_size, layers, heads)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer, image_processor
+
+
+def _tiny_qwen2_5_vl(seed, hidden, layers, heads):
+    """Qwen2.5-VL: Qwen2-VL's tokenizer and image processor, window attention in the vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tok = _tiny_tokenizer()
+    tid, half = tok.convert_tokens_to_ids, hidden // heads // 2
+    config = Qwen2_5_VLConfig(
+        text_config=_tiny_text(tok, hidden, layers, heads, bos_token_id=tid("<|endoftext|>"), rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=[half - 2 * (half // 3), half // 3, half // 3])),
+        vision_config=dict(depth=1, hidden_size=hidden // 2, out_hidden_size=hidden, num_heads=2, intermediate_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                           window_size=112),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    return model, tok, Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
 
 
 def save_tiny_backbone(path, seed=0, **kwargs):
