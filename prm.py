@@ -15,11 +15,14 @@ Read from the top; every stage imports this file and none re-implements it:
                      tokenization: every step end is an exact token position), `collate`,
                      `PRM` (backbone + Linear(hidden, 1) head), `step_values` (packed),
                      `prefix_values` (reference), `shared_prefix_values` (a question's N CoTs
-                     with the image and question encoded once), `aggregate`.
+                     with the image and question encoded once), `aggregate`; `Family` and
+                     `FAMILIES`: what differs between image-text backbones (Qwen2/2.5/3-VL,
+                     InternVL, LLaVA-OneVision, Gemma 3, Idefics3, SmolVLM), chosen at load.
   2. Loading, saving `PRM.from_backbone`, `PRM.from_pretrained`, `PRM.save_pretrained`:
                      safetensors and JSON only, strict checks, a model card.
-  3. Tiny backbone   `tiny_backbone`: a small randomly initialised Qwen2-VL with a locally built
-                     tokenizer and Pillow image processor, for tests and the toy world.
+  3. Tiny backbone   `tiny_backbone`: a small randomly initialised model of a family (Qwen2-VL by
+                     default) with a locally built tokenizer and Pillow image processor, for tests
+                     and the toy world.
   4. Records, formats `read_cots`: one reader for our JSON Lines, the published DreamPRM JSON,
                      TRL stepwise supervision and VisualProcessBench (`FORMATS`), each record
                      validated by `check_record`, with errors that name file, line and field.

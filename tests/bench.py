@@ -4,6 +4,7 @@
     python tests/bench.py --size small --only shared       # (4) on a 10 M backbone, compute-bound on CPU
     python tests/bench.py --size 2b --device cuda          # Qwen2-VL-2B architecture, random weights
     python tests/bench.py --budget                         # (0) only: the 2B memory budget, any machine
+    python tests/bench.py --only families                  # (5) only: shared-prefix scoring on every family
 
 Prints, for the chosen size and device:
  (0) with --size 2b (or --budget, on any machine): the memory budget of a 2B bi-level run per memory
@@ -18,7 +19,9 @@ Prints, for the chosen size and device:
      iteration against U plain lower steps (CUDA: torch.cuda.max_memory_allocated; CPU: the weights
      plus the profiler's peak of the tensors the iterations allocate);
  (4) packed against shared-prefix training at N = 4 and 8 CoTs per question, CoTs and tokens per
-     second, and the bi-level outer iteration against U plain steps for both, timed in turns.
+     second, and the bi-level outer iteration against U plain steps for both, timed in turns;
+ (5) with --only families: packed against shared-prefix scoring on each backbone family's tiny
+     model (prm.FAMILIES), timed in turns.
 On CUDA, training uses bf16 autocast on fp32 master weights (what --precision bf16 does), so no
 update is rounded away. Needs only torch and transformers; no weights are downloaded.
 """
@@ -129,8 +132,26 @@ def make_cots(model, n, steps, step_words, image_size, question_words):
         k = max(4, step_words - 2 + (b % 5) - 2)
         cots.append(prm.encode_cot(model.tokenizer, question,
                                    [f"Step {i + 1}: " + " ".join(words[(b + j) % len(words)] for j in range(k))
-                                    for i in range(steps)], str(b), image, model.image_processor))
+                                    for i in range(steps)], str(b), image, model.image_processor,
+                                   family=model.family))
     return cots
+
+
+def family_rows(args):
+    """(5) scoring one question's N CoTs on each family's tiny backbone: packed against
+    shared-prefix, timed in turns, with the largest difference between their values."""
+    print(f"(5) scoring one question ({args.n} CoTs with an image) on each family's tiny backbone")
+    tmp = tempfile.mkdtemp()
+    for family in prm.FAMILIES:
+        model = prm.PRM.from_backbone(prm.save_tiny_backbone(os.path.join(tmp, family), family=family)).eval()
+        cots = make_cots(model, args.n, args.steps, 12, 112, 45)
+        with torch.no_grad():
+            t_packed, t_shared = interleaved([lambda: prm.step_values(model, cots),
+                                              lambda: prm.shared_prefix_values(model, cots)], args.repeats, "cpu")
+            (v, mask), (v_shared, _) = prm.step_values(model, cots), prm.shared_prefix_values(model, cots)
+        print(f"    {family:16s} prompt {cots[0].prompt_len:4d} tokens   packed {t_packed * 1e3:8.2f} ms   shared-prefix "
+              f"{t_shared * 1e3:8.2f} ms   packed / shared = {t_packed / t_shared:.2f}x   max |difference| "
+              f"{(v - v_shared)[mask].abs().max():.1e}")
 
 
 def train_packed(model, opt, cots, autocast):
@@ -409,8 +430,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="CoTs per training step (train and meta)")
     ap.add_argument("--iterations", type=int, default=3, help="timed outer iterations per option in (3), median reported")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats in (1) and (2), median reported")
-    ap.add_argument("--only", choices=["budget", "options", "shared"], default=None,
-                    help="budget: the 2B memory budget (0) only (any machine); options: (3) only; shared: (4) only")
+    ap.add_argument("--only", choices=["budget", "options", "shared", "families"], default=None,
+                    help="budget: the 2B memory budget (0) only (any machine); options: (3) only; shared: (4) only; "
+                         "families: (5) only")
     ap.add_argument("--budget", action="store_true", help="the same as --only budget")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -419,6 +441,9 @@ def main(argv=None):
         sys.exit(2)
     torch.manual_seed(0)
     only = "budget" if args.budget else args.only
+    if only == "families":
+        family_rows(args)
+        return
     if only == "budget" or (args.size == "2b" and only is None):
         memory_budget()
         if only == "budget":

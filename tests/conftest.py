@@ -17,6 +17,14 @@ def backbone_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_dir(tmp_path_factory, backbone_dir):
+    """family (a model_type of prm.FAMILIES) -> the directory of its tiny backbone, written once per session."""
+    root = tmp_path_factory.mktemp("families")
+    return lambda family: backbone_dir if family == "qwen2_vl" else \
+        prm.save_tiny_backbone(str(root / family), family=family)
+
+
+@pytest.fixture(scope="session")
 def tiny_prm(backbone_dir):
     return prm.PRM.from_backbone(backbone_dir).eval()
 

@@ -33,13 +33,16 @@ def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, offload=Fal
 
 
 
-@pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net", "domain-instance"])
-def test_hypergradient_matches_double_backward(backbone_dir, mode):
+@pytest.mark.parametrize("mode,family", [("domain", "qwen2_vl"), ("instance-table", "qwen2_vl"),
+                                         ("instance-net", "qwen2_vl"), ("domain-instance", "qwen2_vl"),
+                                         ("domain", "gemma3")])
+def test_hypergradient_matches_double_backward(family_dir, mode, family):
     """The finite difference g_a against -xi d/da [grad_phi L_tr(phi, a) . v] by double backward,
-    for domain weights, the Instance Table and the Instance Net's parameters."""
+    for domain weights, the Instance Table and the Instance Net's parameters, on Qwen2-VL; and for
+    domain weights on another family (Gemma 3: other attention masks, other positions)."""
     torch.manual_seed(0)
     train, meta = bt.synthetic_data(0, 8, 8)
-    model = prm.PRM.from_backbone(backbone_dir, attn_implementation="eager").double()
+    model = prm.PRM.from_backbone(family_dir(family), attn_implementation="eager").double()
     phi = list(model.parameters())
     records, m_records = train[::3][:8], meta[:6]
     domain_keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
