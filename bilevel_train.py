@@ -1346,6 +1346,27 @@ def finish_run(run):
             print("AUC of the weights, clean-key against corrupted-key CoTs: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
+    note = saturation_note(model, train[:64], run.autocast, args.lr)
+    if note:
+        print(note)
+
+
+def saturation_note(model, records, autocast, lr):
+    """One line when the PRM's step values have collapsed to 0 or 1 (at least 90% of them within
+    1e-3 of either, on the first training CoTs) while their labels have not: a lower lr that is too
+    high for the backbone drives every value to one side, and the run would otherwise finish
+    silently with a PRM that ranks nothing. None when the values are not saturated."""
+    with torch.no_grad():
+        values, mask = forward(model, records, autocast)                      # (B, S)
+    p, p_mask = label_tensors(records, values.shape[1], values.device)
+    V, m = values.float()[mask & p_mask], mask & p_mask
+    saturated = ((V < 1e-3) | (V > 1 - 1e-3)).float().mean().item() if V.numel() else 0.0
+    label_mean = p[m].mean().item() if m.any() else 0.5
+    if saturated < 0.9 or not 0.05 < label_mean < 0.95:
+        return None
+    return (f"warning: the PRM's step values saturate: {100 * saturated:.0f}% of them lie within 0.001 of 0 or 1 "
+            f"(mean {V.mean().item():.3g}, mean label {label_mean:.2f}, on {len(records)} training CoTs); the lower lr is "
+            f"likely too high for this backbone: rerun with a smaller --lr (now {lr:g}) and --overwrite")
 
 
 def optimizer_tensors(opt, prefix):

@@ -60,13 +60,18 @@ def score_question(model, records, how, batch_size=16, shared_prefix=True):
     """Step values and A(V) for the CoTs of one question.
 
     shared_prefix: prm.shared_prefix_values (image and question encoded once); otherwise packed
-    batches of batch_size CoTs (prm.step_values). A CoT longer than the PRM's max_length is not
-    scored. Returns (scores [float or None per CoT], values [list of step values or None per CoT]).
+    batches of batch_size CoTs (prm.step_values), on a CPU in forwards of at most
+    prm.CPU_TOKENS_PER_FORWARD tokens (prm.token_batches). A CoT longer than the PRM's max_length is
+    not scored. Returns (scores [float or None per CoT], values [list of step values or None per CoT]).
     """
     encoded = [model.encode(r) for r in records]
     idx = [i for i, e in enumerate(encoded) if model.fits(e)]
     scores, values = [None] * len(records), [None] * len(records)
-    batches = [idx] if shared_prefix else [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    budget = prm.CPU_TOKENS_PER_FORWARD if model.device.type == "cpu" else None
+    batches = [idx] if shared_prefix else []
+    for k in range(0, 0 if shared_prefix else len(idx), batch_size):
+        chunk = idx[k:k + batch_size]
+        batches += [[chunk[j] for j in group] for group in prm.token_batches([encoded[i] for i in chunk], budget)]
     with torch.no_grad():
         for batch in batches:
             if not batch:

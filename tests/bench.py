@@ -5,6 +5,7 @@
     python tests/bench.py --size 2b --device cuda          # Qwen2-VL-2B architecture, random weights
     python tests/bench.py --budget                         # (0) only: the 2B memory budget, any machine
     python tests/bench.py --only families                  # (5) only: shared-prefix scoring on every family
+    python tests/bench.py --size small --only packing      # (6) only: packed scoring against one forward per CoT
 
 Prints, for the chosen size and device:
  (0) with --size 2b (or --budget, on any machine): the memory budget of a 2B bi-level run per memory
@@ -21,7 +22,9 @@ Prints, for the chosen size and device:
  (4) packed against shared-prefix training at N = 4 and 8 CoTs per question, CoTs and tokens per
      second, and the bi-level outer iteration against U plain steps for both, timed in turns;
  (5) with --only families: packed against shared-prefix scoring on each backbone family's tiny
-     model (prm.FAMILIES), timed in turns.
+     model (prm.FAMILIES), timed in turns;
+ (6) with --only packing: scoring a question's N text CoTs at a short and a long prompt, one forward
+     per CoT (TRL's way) against packed, packed in token-bounded forwards and shared-prefix.
 On CUDA, training uses bf16 autocast on fp32 master weights (what --precision bf16 does), so no
 update is rounded away. Needs only torch and transformers; no weights are downloaded.
 """
@@ -135,6 +138,28 @@ def make_cots(model, n, steps, step_words, image_size, question_words):
                                     for i in range(steps)], str(b), image, model.image_processor,
                                    family=model.family))
     return cots
+
+
+def packing_rows(model, args, device):
+    """(6) scoring one question's N text-only CoTs at a short and a long prompt: one forward per CoT
+    (as TRL's PRM pipeline scores), packed in one forward, packed in forwards of at most
+    prm.CPU_TOKENS_PER_FORWARD tokens (what rerank.py does on a CPU), and shared-prefix; timed in turns."""
+    words = "we read the image and count the red circles then add the blue squares to get the total".split()
+    print(f"(6) scoring one question's {args.n} text CoTs: per CoT, against one forward per CoT")
+    for question_words in (20, 330):
+        question = " ".join(words[i % len(words)] for i in range(question_words)) + "?"
+        cots = [prm.encode_cot(model.tokenizer, question, [f"Step {i + 1}: " + " ".join(
+            words[(b + j) % len(words)] for j in range(8 + b % 3)) for i in range(args.steps)], str(b))
+            for b in range(args.n)]
+        budget = prm.CPU_TOKENS_PER_FORWARD if device == "cpu" else None
+        fns = [lambda: [prm.step_values(model, [c]) for c in cots], lambda: prm.step_values(model, cots),
+               lambda: [prm.step_values(model, [cots[i] for i in g]) for g in prm.token_batches(cots, budget)],
+               lambda: prm.shared_prefix_values(model, cots)]
+        with torch.no_grad():
+            t = interleaved(fns, args.repeats, device)
+        print(f"    prompt {cots[0].prompt_len:4d}, CoT {len(cots[0].input_ids):4d} tokens: one per CoT {t[0] * 1e3:8.1f} ms; "
+              f"packed {t[0] / t[1]:.2f}x, packed in {budget or 'any'}-token forwards {t[0] / t[2]:.2f}x, "
+              f"shared-prefix {t[0] / t[3]:.2f}x")
 
 
 def family_rows(args):
@@ -430,9 +455,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="CoTs per training step (train and meta)")
     ap.add_argument("--iterations", type=int, default=3, help="timed outer iterations per option in (3), median reported")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats in (1) and (2), median reported")
-    ap.add_argument("--only", choices=["budget", "options", "shared", "families"], default=None,
+    ap.add_argument("--only", choices=["budget", "options", "shared", "families", "packing"], default=None,
                     help="budget: the 2B memory budget (0) only (any machine); options: (3) only; shared: (4) only; "
-                         "families: (5) only")
+                         "families: (5) only; packing: (6) only")
     ap.add_argument("--budget", action="store_true", help="the same as --only budget")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -465,6 +490,9 @@ def main(argv=None):
         return
     if only == "shared":
         shared_training(model, args, device, autocast, step_words, image_size, question_words)
+        return
+    if only == "packing":
+        packing_rows(model.eval(), args, device)
         return
 
     model.eval()

@@ -284,3 +284,32 @@ def test_rerank_takes_the_threshold_protocol(tmp_path, backbone_dir, capsys):
         rerank.main(args + ["--step-threshold", "best"])
     assert info.value.code == 2 and "argument --step-threshold: 'best' is not a number; give a number in [0, 1], or " \
         "best:SUBSET" in capsys.readouterr().err
+
+
+def test_a_run_whose_values_saturate_says_so(backbone_dir, capsys):
+    """A PRM whose step values sit at 0 or 1 while its labels do not: one line naming --lr."""
+    train, _ = bt.synthetic_data(0, 4, 4)
+    model = prm.PRM.from_backbone(backbone_dir).eval()
+    autocast = torch.autocast("cpu", enabled=False)
+    assert bt.saturation_note(model, train[:8], autocast, 1e-4) is None
+    with torch.no_grad():
+        model.head.bias.fill_(-40.0)                                 # every value ~0, labels mixed
+    note = bt.saturation_note(model, train[:8], autocast, 1e-4)
+    assert note.startswith("warning: the PRM's step values saturate: 100% of them lie within 0.001 of 0 or 1") \
+        and "rerun with a smaller --lr (now 0.0001) and --overwrite" in note
+
+
+def test_token_batches_bound_a_forward_and_keep_the_values(tiny_prm):
+    steps = ["Step 1: Read 3 and 4.", "Step 2: Add them: 3 + 4 = 7.", "Step 3: The sum is 7."]
+    cots = [tiny_prm.encode(dict(question="Q" + "?" * k, steps=steps[:1 + k % 3], final="7", image=None))
+            for k in range(7)]
+    groups = prm.token_batches(cots, 60)
+    assert [i for g in groups for i in g] == list(range(7)) and len(groups) > 1
+    assert all(len(g) == 1 or max(len(cots[i].input_ids) for i in g) * len(g) <= 60 for g in groups)
+    assert prm.token_batches(cots, None) == [list(range(7))]
+    with torch.no_grad():
+        v, m = prm.step_values(tiny_prm, cots)
+        for g in groups:
+            vg, mg = prm.step_values(tiny_prm, [cots[i] for i in g])
+            for j, i in enumerate(g):
+                assert (vg[j][mg[j]] - v[i][m[i]]).abs().max() <= 1e-6
