@@ -24,7 +24,8 @@ B data, C the run configuration (every flag: its default, presets and help), D t
 (setup, the end of an iteration, checkpoints), E optimizer options (gradient accumulation, the lr
 schedule, memory), F the forward.
 
-Run the toy demo (no data arguments; a small synthetic set if the toy world is not built):
+Run the toy demo (no data arguments: the toy world is built first when toy/ is missing; --synthetic
+trains on a small text-only set instead):
     python bilevel_train.py
 Real data:
     python bilevel_train.py --train labels.jsonl --meta meta.jsonl --domains ai2d,m3cot \\
@@ -1469,7 +1470,7 @@ def upper_optimizer(a, lr=0.01, weight_decay=0.0):
     return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
 
 
-def accumulated_lower_step(forward, opt_phi, w, records, keys, clip=0.0, accum=2):
+def accumulated_lower_step(forward, opt_phi, w, records, keys, clip, accum):
     """lower_step in `accum` micro-batches (--grad-accum), one forward and backward each, gradients
     summed before one optimizer step: the same step as one batch, with a fraction of its activation
     memory. Each micro-batch's loss is divided by the whole batch's labelled steps, and the weights

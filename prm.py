@@ -23,9 +23,12 @@ Read from the top; every stage imports this file and none re-implements it:
   3. Tiny backbone   `tiny_backbone`: a small randomly initialised model of a family (Qwen2-VL by
                      default) with a locally built tokenizer and Pillow image processor, for tests
                      and the toy world.
-  4. Records, formats `read_cots`: one reader for our JSON Lines, the published DreamPRM JSON,
-                     TRL stepwise supervision and VisualProcessBench (`FORMATS`), each record
-                     validated by `check_record`, with errors that name file, line and field.
+  4. Records, formats `read_cots`: one reader for our JSON Lines and nine public formats (`FORMATS`:
+                     PRM800K, ProcessBench, Math-Shepherd, DreamPRM-1.5, VisualPRM400K, RLHFlow,
+                     TRL stepwise supervision, the published DreamPRM JSON, VisualProcessBench),
+                     each record validated by `check_record`, with errors that name file, line
+                     and field; the answer logic every stage uses (`extract_answer`,
+                     `match_answer`, the vote).
   5. Plumbing        `DataError`, the argument parser, atomic files, locks, the PNG line chart:
                      a reader of the method can stop before it.
 
@@ -1900,13 +1903,6 @@ def _skip_or(rec, several):
     return rec
 
 
-def _roles(obj):
-    """The role names of a record's conversations (for telling chat formats apart)."""
-    turns = obj.get("conversations")
-    return {t.get("from", t.get("role")) for t in turns if isinstance(t, dict)} if isinstance(turns, list) else \
-        ({"from"} if isinstance(turns, str) and "'from'" in turns else set())
-
-
 # name: (converter, the fields that identify it, what a file of this format holds). Detection takes
 # the first format whose identifying fields the first record has (in this order: specific first).
 FORMATS = {
@@ -1970,14 +1966,9 @@ def _load_items(path):
 
 
 def _has(obj, spec):
-    """Whether a record has an identifying field: 'a' (present), 'a.b' (nested), 'a|b' (either),
-    'conversations@from' (chat turns keyed from/value) or 'conversations@role' (role/content)."""
+    """Whether a record has an identifying field: 'a' (present), 'a.b' (nested) or 'a|b' (either)."""
     if "|" in spec:
         return any(_has(obj, s) for s in spec.split("|"))
-    if "@" in spec:
-        field, key = spec.split("@")
-        turns = obj.get(field)
-        return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and key in turns[0]
     head, _, rest = spec.partition(".")
     return head in obj and (not rest or (isinstance(obj[head], dict) and rest in obj[head]))
 
