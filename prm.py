@@ -533,11 +533,11 @@ def step_values(prm, cots):
     return prm.value(h_steps), batch["step_mask"]                # (B, S), (B, S)
 
 
-# Tokens per packed scoring forward on a CPU: past a few hundred tokens a batch's activations leave
-# the caches and its elementwise work and attention run slower per token than one CoT's (measured:
-# 8 CoTs of 645 tokens in one forward 1.80 s, one forward each 1.64 s, on the 9.8 M bench backbone).
-# A GPU takes the whole batch.
-CPU_TOKENS_PER_FORWARD = 512
+# Tokens per packed scoring forward on a CPU, per thread: past a few hundred tokens a thread's share
+# of a batch's activations leaves the caches, and its elementwise work and attention run slower per
+# token than one CoT's (one thread, 8 CoTs of 645 tokens on the 9.8 M bench backbone: one forward
+# 1.80 s, one forward each 1.64 s; tests/bench.py --only packing). A GPU takes the whole batch.
+CPU_TOKENS_PER_THREAD = 512
 
 
 def token_batches(cots, budget):

@@ -61,13 +61,14 @@ def score_question(model, records, how, batch_size=16, shared_prefix=True):
 
     shared_prefix: prm.shared_prefix_values (image and question encoded once); otherwise packed
     batches of batch_size CoTs (prm.step_values), on a CPU in forwards of at most
-    prm.CPU_TOKENS_PER_FORWARD tokens (prm.token_batches). A CoT longer than the PRM's max_length is
-    not scored. Returns (scores [float or None per CoT], values [list of step values or None per CoT]).
+    prm.CPU_TOKENS_PER_THREAD tokens per thread (prm.token_batches). A CoT longer than the PRM's
+    max_length is not scored. Returns (scores [float or None per CoT], values [list of step values or
+    None per CoT]).
     """
     encoded = [model.encode(r) for r in records]
     idx = [i for i, e in enumerate(encoded) if model.fits(e)]
     scores, values = [None] * len(records), [None] * len(records)
-    budget = prm.CPU_TOKENS_PER_FORWARD if model.device.type == "cpu" else None
+    budget = prm.CPU_TOKENS_PER_THREAD * torch.get_num_threads() if model.device.type == "cpu" else None
     batches = [idx] if shared_prefix else []
     for k in range(0, 0 if shared_prefix else len(idx), batch_size):
         chunk = idx[k:k + batch_size]

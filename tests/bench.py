@@ -143,7 +143,7 @@ def make_cots(model, n, steps, step_words, image_size, question_words):
 def packing_rows(model, args, device):
     """(6) scoring one question's N text-only CoTs at a short and a long prompt: one forward per CoT
     (as TRL's PRM pipeline scores), packed in one forward, packed in forwards of at most
-    prm.CPU_TOKENS_PER_FORWARD tokens (what rerank.py does on a CPU), and shared-prefix; timed in turns."""
+    prm.CPU_TOKENS_PER_THREAD tokens per thread (what rerank.py does on a CPU), and shared-prefix; timed in turns."""
     words = "we read the image and count the red circles then add the blue squares to get the total".split()
     print(f"(6) scoring one question's {args.n} text CoTs: per CoT, against one forward per CoT")
     for question_words in (20, 330):
@@ -151,7 +151,7 @@ def packing_rows(model, args, device):
         cots = [prm.encode_cot(model.tokenizer, question, [f"Step {i + 1}: " + " ".join(
             words[(b + j) % len(words)] for j in range(8 + b % 3)) for i in range(args.steps)], str(b))
             for b in range(args.n)]
-        budget = prm.CPU_TOKENS_PER_FORWARD if device == "cpu" else None
+        budget = prm.CPU_TOKENS_PER_THREAD * torch.get_num_threads() if device == "cpu" else None
         fns = [lambda: [prm.step_values(model, [c]) for c in cots], lambda: prm.step_values(model, cots),
                lambda: [prm.step_values(model, [cots[i] for i in g]) for g in prm.token_batches(cots, budget)],
                lambda: prm.shared_prefix_values(model, cots)]
