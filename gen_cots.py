@@ -516,22 +516,6 @@ def _drive_threads(policy, s, concurrency):
     return peak
 
 
-def check_params(out_path, params):
-    """The parameters that shape an output's records live beside it (OUT.params.json); a rerun with
-    other values would mix two experiments in one file, so it stops with one line naming them. An
-    output that holds no record yet (a first run that failed) takes the new parameters."""
-    path = out_path + ".params.json"
-    if os.path.isfile(path) and holds_records(out_path):
-        with open(path) as f:
-            stored = json.load(f)
-        differ = sorted(k for k in set(stored) | set(params) if not prm.same_setting(k, stored.get(k), params.get(k)))
-        if differ:
-            raise prm.DataError("the output was written with other parameters: " + ", ".join(
-                f"{k} {stored.get(k)!r} -> {params.get(k)!r}" for k in differ) + "; choose another --out", file=out_path)
-    else:
-        prm.write_json_atomic(path, params)
-
-
 def policy_params(args):
     """The flags of the policy that shape every sampled text (shared by gen_cots and mc_label)."""
     model = {"toy": None, "hf": args.model, "openai": args.model_name}[args.policy]
@@ -597,14 +581,6 @@ def make_policy(args):
 # Crash-safe output
 # --------------------------------------------------------------------------------------------
 
-def done_records(path, key):
-    """{key: record} of the records already in an output file (a torn last line is cut off first)."""
-    prm.drop_torn_tail(path)
-    if not os.path.isfile(path):
-        return {}
-    return {key(o): o for _, o in prm.iter_jsonl(path)}
-
-
 def read_questions(path, outside_images=False):
     """The questions of a questions.jsonl (ours), ids unique; records without steps are skipped (a
     line saying so), and a file with no question left is an error."""
@@ -615,39 +591,6 @@ def read_questions(path, outside_images=False):
         raise prm.DataError("no questions in the file", file=path)
     prm.check_unique(questions, lambda q: q["id"], "question id")
     return questions
-
-
-def check_output(out_path, inputs):
-    """Refuse an output that is one of the inputs (appending to it would corrupt it), and an output
-    that already holds records but no OUT.params.json (written by something else: its records
-    could not be checked against this run's parameters)."""
-    for path in inputs:
-        if os.path.exists(out_path) and os.path.exists(path) and os.path.samefile(out_path, path):
-            raise prm.DataError("the output is the input file; choose another --out", file=out_path, field="--out")
-    if os.path.isdir(out_path):
-        raise prm.DataError("a directory, where an output file is expected", file=out_path, field="--out")
-    if not os.path.isfile(out_path + ".params.json") and holds_records(out_path):
-        raise prm.DataError("holds records but no .params.json beside it (not written by this stage, or its "
-                            "parameters were lost); choose another --out", file=out_path, field="--out")
-
-
-def holds_records(path):
-    """Whether an output file exists with something in it."""
-    return os.path.isfile(path) and os.path.getsize(path) > 0
-
-
-def check_keys(done, items, key, what):
-    """Records already in an output must have been made from the same input: the same value of each
-    field in `what` (the answer key; for labels also the correctness); a changed input stops
-    instead of keeping stale records."""
-    current = {key(x): x for x in items}
-    for k, old in done.items():
-        new = current.get(k)
-        changed = next((f for f in what if old.get(f) != new.get(f)), None) if new is not None else None
-        if changed:
-            raise prm.DataError(f"the output's record for {k!r} was made with another {changed} "
-                                f"({old.get(changed)!r}, now {new.get(changed)!r}): the input changed since; "
-                                "choose another --out", *new.get("_src", (None, None)), changed)
 
 
 def sample_task(q, missing, seed, policy_name):
@@ -662,9 +605,9 @@ def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
     One writer per output (a lock), and the parameters that shape the records must match the
     output's stored ones. Returns the number of CoTs sampled (0: all were there already)."""
     with prm.output_lock(out_path):
-        check_params(out_path, params or {})
-        done = done_records(out_path, lambda o: (o["id"], o["sample"]))
-        check_keys({k[0]: o for k, o in done.items()}, questions, lambda q: q["id"], ("answer", "choices"))
+        prm.check_params(out_path, params or {})
+        done = prm.done_records(out_path, lambda o: (o["id"], o["sample"]))
+        prm.check_keys({k[0]: o for k, o in done.items()}, questions, lambda q: q["id"], ("answer", "choices"))
         todo = [(q, [i for i in range(n) if (q["id"], i) not in done]) for q in questions]
         todo = [(q, missing) for q, missing in todo if missing]
         with open(out_path, "a", encoding="utf-8") as f, \
@@ -705,7 +648,7 @@ def main(argv=None):
         print(f"toy world written to {args.toy_dir}/ (questions, images, CoTs for train, meta and test)")
         return 0
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.questions)), "cots.jsonl")
-    check_output(out, [args.questions])
+    prm.check_output(out, [args.questions])
     questions = read_questions(args.questions, args.allow_outside_images)
     policy = make_policy(args)
     if generate(questions, out, policy, args.n, args.seed, args.concurrency, policy_params(args)):

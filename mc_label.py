@@ -120,7 +120,7 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cots)),
                                    os.path.basename(args.cots).replace("cots", "labels")
                                    if "cots" in os.path.basename(args.cots) else "labels.jsonl")
-    gen_cots.check_output(out, [args.cots])
+    prm.check_output(out, [args.cots])
     cots, skips = prm.read_cots(args.cots, "cots", **prm.reading(args))
     prm.check_unique(cots, lambda c: (c["id"], c["sample"]), "question id and sample")   # what a rerun skips by
     no_key = next((c for c in cots if not c["answer"].strip()), None)
@@ -131,11 +131,11 @@ def main(argv=None):
         print(f"{args.cots}: {prm.skip_report(skips, [c['id'] for c in cots])}; not labelled")
     t0, n_rollouts = time.perf_counter(), 0
     with prm.output_lock(out):
-        gen_cots.check_params(out, dict(gen_cots.policy_params(args), rollouts=args.rollouts,
+        prm.check_params(out, dict(gen_cots.policy_params(args), rollouts=args.rollouts,
                                         min_rollouts=args.min_rollouts, zero_stop=args.zero_stop,
                                         max_steps=args.max_steps))
-        done = gen_cots.done_records(out, lambda o: (o["id"], o["sample"]))
-        gen_cots.check_keys(done, cots, lambda c: (c["id"], c["sample"]), ("answer", "correct"))
+        done = prm.done_records(out, lambda o: (o["id"], o["sample"]))
+        prm.check_keys(done, cots, lambda c: (c["id"], c["sample"]), ("answer", "correct"))
         todo = [c for c in cots if (c["id"], c["sample"]) not in done]
         with open(out, "a", encoding="utf-8") as f, \
                 prm.progress(total=len(cots), initial=len(cots) - len(todo), desc="mc_label", unit="cot") as bar:

@@ -2639,6 +2639,65 @@ class output_lock:
             self.f.close()
 
 
+# -- Outputs of the data stages: checked before a rerun appends, resumed by key ---------------
+
+def check_output(out_path, inputs):
+    """Refuse an output that is one of the inputs (appending to it would corrupt it), and an output
+    that already holds records but no OUT.params.json (written by something else: its records
+    could not be checked against this run's parameters)."""
+    for path in inputs:
+        if os.path.exists(out_path) and os.path.exists(path) and os.path.samefile(out_path, path):
+            raise DataError("the output is the input file; choose another --out", file=out_path, field="--out")
+    if os.path.isdir(out_path):
+        raise DataError("a directory, where an output file is expected", file=out_path, field="--out")
+    if not os.path.isfile(out_path + ".params.json") and holds_records(out_path):
+        raise DataError("holds records but no .params.json beside it (not written by this stage, or its "
+                            "parameters were lost); choose another --out", file=out_path, field="--out")
+
+
+def holds_records(path):
+    """Whether an output file exists with something in it."""
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def check_params(out_path, params):
+    """The parameters that shape an output's records live beside it (OUT.params.json); a rerun with
+    other values would mix two experiments in one file, so it stops with one line naming them. An
+    output that holds no record yet (a first run that failed) takes the new parameters."""
+    path = out_path + ".params.json"
+    if os.path.isfile(path) and holds_records(out_path):
+        with open(path) as f:
+            stored = json.load(f)
+        differ = sorted(k for k in set(stored) | set(params) if not same_setting(k, stored.get(k), params.get(k)))
+        if differ:
+            raise DataError("the output was written with other parameters: " + ", ".join(
+                f"{k} {stored.get(k)!r} -> {params.get(k)!r}" for k in differ) + "; choose another --out", file=out_path)
+    else:
+        write_json_atomic(path, params)
+
+
+def done_records(path, key):
+    """{key: record} of the records already in an output file (a torn last line is cut off first)."""
+    drop_torn_tail(path)
+    if not os.path.isfile(path):
+        return {}
+    return {key(o): o for _, o in iter_jsonl(path)}
+
+
+def check_keys(done, items, key, what):
+    """Records already in an output must have been made from the same input: the same value of each
+    field in `what` (the answer key; for labels also the correctness); a changed input stops
+    instead of keeping stale records."""
+    current = {key(x): x for x in items}
+    for k, old in done.items():
+        new = current.get(k)
+        changed = next((f for f in what if old.get(f) != new.get(f)), None) if new is not None else None
+        if changed:
+            raise DataError(f"the output's record for {k!r} was made with another {changed} "
+                                f"({old.get(changed)!r}, now {new.get(changed)!r}): the input changed since; "
+                                "choose another --out", *new.get("_src", (None, None)), changed)
+
+
 # Recorded settings that name a file or folder: two spellings of one path are one setting.
 PATH_SETTINGS = ("model", "model_dir", "train", "meta", "eval", "image_root", "out")
 
