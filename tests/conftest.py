@@ -59,28 +59,9 @@ def text_lm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def qwen25_dir(tmp_path_factory):
+def qwen25_dir(family_dir):
     """A tiny Qwen2.5-VL (window attention in the vision tower) with the tiny tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tok = prm._tiny_tokenizer()
-    tid = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
-        vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
-                           window_size=112),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("qwen25") / "vl")
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(path)
-    return path
+    return family_dir("qwen2_5_vl")
 
 
 @pytest.fixture
