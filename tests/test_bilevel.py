@@ -493,7 +493,10 @@ def test_2b_memory_budget_is_measured_from_the_real_modules():
         n = row["trainable"]
         compact = name in ("--compact-states (not exact)", "both")
         assert row["weights"] == 4 * every and row["adamw"] == (4 if compact else 8) * n and row["v"] == 4 * n
-        assert row["step"] < 2 ** 28 if compact else True        # chunk temporaries: under 0.25 GiB
+        if compact:
+            assert 0 < row["step"] < 2 ** 28                        # chunk temporaries: under 0.25 GiB
+        else:                                                        # foreach: sqrt(v_hat) of all of phi; fused: none
+            assert row["step"] == (0 if "fused" in name or "freeze" in name else 4 * n), name
         assert row["peak"] == max(row["lower"], row["hyper"])
     per_parameter = {k: row["peak"] / every for k, row in table.items()}
     assert per_parameter["torch defaults: foreach AdamW, grads kept"] == 24   # w, g, m, s, v, restore
@@ -726,5 +729,34 @@ def test_held_out_evaluation_is_logged(tmp_path):
                     "--meta-batch", "4", "--eval", held, "--eval-every", "2"]) == 0
     evals = [json.loads(x) for x in open(f"{out}/eval.jsonl")]
     assert [e["iteration"] for e in evals] == [2, 4] and evals[0]["eval/questions"] == 2
-    assert all(0 <= e["eval/step_auc"] <= 1 and 0 <= e["eval/step_accuracy"] <= 1 and 0 <= e["eval/best_of_n"] <= 1
-               for e in evals)
+    # The figures as computed by hand from the saved PRM's values on the held-out CoTs.
+    model = prm.PRM.from_pretrained(out).eval()
+    records, _ = prm.read_cots(held, "labels")
+    with torch.no_grad():
+        values, mask = prm.step_values(model, [model.encode(r) for r in records])
+    pairs = [(x, p) for r, v, m in zip(records, values, mask) for x, p in zip(v[m].tolist(), r["mc"])]
+    A = prm.aggregate(values, mask).tolist()
+    best = [max(range(2), key=lambda i: A[q + i]) for q in (0, 2)]
+    by_hand = {"eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / len(pairs),
+               "eval/step_auc": bt.auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
+               "eval/best_of_n": sum(records[q + i]["correct"] for q, i in zip((0, 2), best)) / 2}
+    for key, value in by_hand.items():
+        assert evals[-1][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_dreamprm_domain_weighting_is_alpha_of_each_cot_domain():
+    """Section 1's domain_weighting: a raw weight per domain, starting uniform; each CoT's w_b is its
+    domain's alpha (as cot_weights' domain mode gives it); the upper batch is the latest lower batch."""
+    train, _ = bt.synthetic_data(0, 4, 4)
+    domains = sorted({r["domain"] for r in train})
+    w = bt.domain_weighting(train, domains, "cpu")
+    assert [x.shape for x in w.a] == [(len(domains),)] and not w.a[0].detach().any() and w.moves
+    assert w.keys.tolist() == [domains.index(r["domain"]) for r in train]
+    with torch.no_grad():
+        w.a[0].copy_(torch.tensor([0.5, -1.0, 2.0]))
+    idx = torch.tensor([0, 5, 9, 11])
+    batch = bt.TrainBatch([train[i] for i in idx], w.keys[idx], None, None, None, None, None)
+    expected = bt.domain_weights(w.a[0])[w.keys[idx]]
+    assert torch.equal(w.weights(w.a, batch), expected)
+    assert torch.equal(w.weights(w.a, batch), bt.cot_weights(w.a, w.keys[idx], "domain"))
+    assert w.upper_batch(3, batch) is batch
