@@ -1222,7 +1222,7 @@ def load_held_out(args):
     labels = [p >= 0.5 for r in records for p in r["mc"] if p is not None]
     unmeasured = ["no step is labelled: step AUC and step accuracy are not measured"] if not labels else \
         ["the labelled steps are of one class: the step AUC is not measured"] if len(set(labels)) == 1 else []
-    if not any(all(isinstance(r.get("correct"), bool) for r in q) for q in held_out_questions(records).values()):
+    if not held_out_questions(records):
         unmeasured.append("no question has `correct` on every CoT: best of N is not measured")
     for why in unmeasured:
         print(f"{args.eval}: {why} (null in eval.jsonl)")
@@ -1230,11 +1230,12 @@ def load_held_out(args):
 
 
 def held_out_questions(records):
-    """{(domain, id): [records]} of the held-out split."""
+    """The questions best of N is measured on: each (domain, id)'s record indices, in first-seen
+    order, for the questions whose CoTs all carry `correct`."""
     questions = {}
-    for r in records:
-        questions.setdefault((r["domain"], r["id"]), []).append(r)
-    return questions
+    for i, r in enumerate(records):
+        questions.setdefault((r["domain"], r["id"]), []).append(i)
+    return [q for q in questions.values() if all(isinstance(records[i].get("correct"), bool) for i in q)]
 
 
 def evaluate_held_out(model, records, autocast, batch_size):
@@ -1250,13 +1251,11 @@ def evaluate_held_out(model, records, autocast, batch_size):
             scores += prm.aggregate(values, mask, "mean_logit").tolist()
             for r, v, m in zip(records[i:i + batch_size], values, mask):
                 pairs += [(x, p) for x, p in zip(v[m].tolist(), r["mc"]) if p is not None]
-    questions = {}
-    for r, A in zip(records, scores):
-        questions.setdefault((r["domain"], r["id"]), []).append((A, r.get("correct")))
     picks = []
-    for q in (q for q in questions.values() if all(isinstance(c, bool) for _, c in q)):
-        best = max(A for A, _ in q)
-        picks.append(prm.uniform_choice([float(c) for _, c in q], [[i] for i, (A, _) in enumerate(q) if A == best]))
+    for q in held_out_questions(records):
+        best = max(scores[i] for i in q)
+        picks.append(prm.uniform_choice([float(records[i]["correct"]) for i in q],
+                                        [[j] for j, i in enumerate(q) if scores[i] == best]))
     return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
             "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / len(pairs) if pairs else None,
             "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}

@@ -152,13 +152,14 @@ class Family:
     placeholder: str
     image_token: str
     image_text: object                 # image_text(tensors, numbers) -> str
-    numbers: object                    # numbers(config, image_processor) -> dict, what image_text needs
+    numbers_of: object                 # numbers_of(config, image_processor) -> dict, what image_text needs
     tensors: tuple = ("pixel_values",)
     tiles: tuple = ()
     token_types: str = None
     mrope: bool = False
     processor_kwargs: tuple = ()       # (name, value) pairs for the image processor
     pixels_in_processor: bool = False  # min/max pixels bound the processor's own resize (Qwen), else ours
+    numbers: dict = None               # numbers_of's values for one backbone (bind_family)
 
 
 def _side(x):
@@ -242,7 +243,7 @@ FAMILIES = {
 def bind_family(config, image_processor):
     """The Family of an image-text config, with its numbers (tokens per image or tile, ...)."""
     family = FAMILIES[config.model_type]
-    return replace(family, numbers=family.numbers(config, image_processor))
+    return replace(family, numbers=family.numbers_of(config, image_processor))
 
 
 # -- Encoding: chat template + segment-wise steps ----------------------------------------------
@@ -318,7 +319,7 @@ def encode_prompt(tokenizer, question, images=None, family=None):
 def qwen_family(image_processor=None):
     """Qwen2-VL's Family bound to an image processor's merge size (2 without one): the tiny
     backbone's, for callers that name no family."""
-    return replace(FAMILIES["qwen2_vl"], numbers=FAMILIES["qwen2_vl"].numbers(None, image_processor))
+    return replace(FAMILIES["qwen2_vl"], numbers=FAMILIES["qwen2_vl"].numbers_of(None, image_processor))
 
 
 def encode_cot(tokenizer, question, steps, final="", image=None, image_processor=None, image_cache=None,
@@ -538,6 +539,12 @@ def step_values(prm, cots):
 # token than one CoT's (one thread, 8 CoTs of 645 tokens on the 9.8 M bench backbone: one forward
 # 1.80 s, one forward each 1.64 s; tests/bench.py --only packing). A GPU takes the whole batch.
 CPU_TOKENS_PER_THREAD = 512
+
+
+def scoring_budget(device):
+    """Tokens per packed scoring forward on `device`: CPU_TOKENS_PER_THREAD per thread on a CPU,
+    None (the whole batch) elsewhere."""
+    return CPU_TOKENS_PER_THREAD * torch.get_num_threads() if torch.device(device).type == "cpu" else None
 
 
 def token_batches(cots, budget):
@@ -963,17 +970,13 @@ def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1, fam
     Deterministic for a seed. Returns (model, tokenizer, image_processor); save all three with
     save_pretrained into one directory (`save_tiny_backbone`) and load them like any checkpoint.
     """
-    if family == "qwen2_5_vl":
-        return _tiny_qwen2_5_vl(seed, hidden_size, layers, heads)
     if family != "qwen2_vl":
         return _tiny_family_backbone(family, seed, hidden_size, layers, heads)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     tokenizer = _tiny_tokenizer()
     tid = tokenizer.convert_tokens_to_ids
-    head_dim = hidden_size // heads
-    half = head_dim // 2                                         # M-RoPE splits head_dim/2 over (t, h, w)
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    mrope = _mrope_section(hidden_size // heads)
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
@@ -1009,6 +1012,12 @@ def _chat_template(turn, image, end, assistant):
             "{% endfor %}{% endif %}" + end + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
 
 
+def _mrope_section(head_dim):
+    """M-RoPE's split of head_dim / 2 rotary frequencies over (t, h, w), Qwen's proportions."""
+    half = head_dim // 2
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
 def _tiny_text(tok, hidden, layers, heads, **extra):
     """A small decoder's config fields (the language model inside each family)."""
     return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -1025,10 +1034,10 @@ def _tiny_vision(hidden, image_size, model_type=None):
 def _tiny_qwen3_vl(tok, hidden, layers, heads):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tid, half = tok.convert_tokens_to_ids, hidden // heads // 2
+    tid = tok.convert_tokens_to_ids
     config = Qwen3VLConfig(
         text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=[half - 2 * (half // 3), half // 3, half // 3],
+            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads),
             mrope_interleaved=True)),
         vision_config=dict(depth=1, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
@@ -1038,6 +1047,22 @@ def _tiny_qwen3_vl(tok, hidden, layers, heads):
     # 64x64 to 128x128 pixels: 4 to 16 image tokens after the 2x2 merge of 16-pixel patches.
     return config, Qwen3VLForConditionalGeneration, Qwen2VLImageProcessorPil(
         patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _tiny_qwen2_5_vl(tok, hidden, layers, heads):
+    """Qwen2.5-VL: Qwen2-VL's tokenizer and image processor, window attention in the vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tid = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=_tiny_text(tok, hidden, layers, heads, bos_token_id=tid("<|endoftext|>"), rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads))),
+        vision_config=dict(depth=1, hidden_size=hidden // 2, out_hidden_size=hidden, num_heads=2, intermediate_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                           window_size=112),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    return config, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
 
 
 def _tiny_internvl(tok, hidden, layers, heads):
@@ -1102,9 +1127,10 @@ _IDEFICS3_TINY = dict(special=["<|endoftext|>", "<|im_start|>", "<end_of_utteran
                                  global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>"))
 # family -> its tokenizer's special tokens, chat template, eos and pad tokens, named special tokens
 # (tokenizer attributes its processor reads), and the builder of its config, model class and image processor.
+_QWEN_TINY = dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", named={})
 TINY_FAMILIES = {
-    "qwen3_vl": dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", named={},
-                     build=_tiny_qwen3_vl),
+    "qwen2_5_vl": dict(_QWEN_TINY, build=_tiny_qwen2_5_vl),
+    "qwen3_vl": dict(_QWEN_TINY, build=_tiny_qwen3_vl),
     "internvl": dict(special=_QWEN_CHAT + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
                      template=_chat_template("<|im_start|>{role}\n", "<IMG_CONTEXT>\n", "<|im_end|>\n",
                                              "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
@@ -1139,26 +1165,6 @@ def _tiny_family_backbone(family, seed, hidden_size, layers, heads):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer, image_processor
-
-
-def _tiny_qwen2_5_vl(seed, hidden, layers, heads):
-    """Qwen2.5-VL: Qwen2-VL's tokenizer and image processor, window attention in the vision tower."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tok = _tiny_tokenizer()
-    tid, half = tok.convert_tokens_to_ids, hidden // heads // 2
-    config = Qwen2_5_VLConfig(
-        text_config=_tiny_text(tok, hidden, layers, heads, bos_token_id=tid("<|endoftext|>"), rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=[half - 2 * (half // 3), half // 3, half // 3])),
-        vision_config=dict(depth=1, hidden_size=hidden // 2, out_hidden_size=hidden, num_heads=2, intermediate_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
-                           window_size=112),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    return model, tok, Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
 
 
 def save_tiny_backbone(path, seed=0, **kwargs):
@@ -2383,10 +2389,12 @@ class naming:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = self.path
-        elif exc is not None and not isinstance(exc, OSError) and write_limit(exc):
-            raise OSError(write_limit(exc), os.strerror(write_limit(exc)), self.path) from None
+        if isinstance(exc, OSError):
+            if exc.filename is None:
+                exc.filename = self.path
+        elif exc is not None and write_limit(exc):
+            code = write_limit(exc)
+            raise OSError(code, os.strerror(code), self.path) from None
         return False
 
 
@@ -2652,7 +2660,7 @@ def check_output(out_path, inputs):
         raise DataError("a directory, where an output file is expected", file=out_path, field="--out")
     if not os.path.isfile(out_path + ".params.json") and holds_records(out_path):
         raise DataError("holds records but no .params.json beside it (not written by this stage, or its "
-                            "parameters were lost); choose another --out", file=out_path, field="--out")
+                        "parameters were lost); choose another --out", file=out_path, field="--out")
 
 
 def holds_records(path):
@@ -2694,8 +2702,8 @@ def check_keys(done, items, key, what):
         changed = next((f for f in what if old.get(f) != new.get(f)), None) if new is not None else None
         if changed:
             raise DataError(f"the output's record for {k!r} was made with another {changed} "
-                                f"({old.get(changed)!r}, now {new.get(changed)!r}): the input changed since; "
-                                "choose another --out", *new.get("_src", (None, None)), changed)
+                            f"({old.get(changed)!r}, now {new.get(changed)!r}): the input changed since; "
+                            "choose another --out", *new.get("_src", (None, None)), changed)
 
 
 # Recorded settings that name a file or folder: two spellings of one path are one setting.

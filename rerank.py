@@ -68,11 +68,12 @@ def score_question(model, records, how, batch_size=16, shared_prefix=True):
     encoded = [model.encode(r) for r in records]
     idx = [i for i, e in enumerate(encoded) if model.fits(e)]
     scores, values = [None] * len(records), [None] * len(records)
-    budget = prm.CPU_TOKENS_PER_THREAD * torch.get_num_threads() if model.device.type == "cpu" else None
-    batches = [idx] if shared_prefix else []
-    for k in range(0, 0 if shared_prefix else len(idx), batch_size):
-        chunk = idx[k:k + batch_size]
-        batches += [[chunk[j] for j in group] for group in prm.token_batches([encoded[i] for i in chunk], budget)]
+    if shared_prefix:
+        batches = [idx]
+    else:
+        chunks = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+        batches = [[chunk[j] for j in group] for chunk in chunks
+                   for group in prm.token_batches([encoded[i] for i in chunk], prm.scoring_budget(model.device))]
     with torch.no_grad():
         for batch in batches:
             if not batch:
@@ -186,9 +187,9 @@ def benchmark_report(judged, threshold=0.5, rule="fixed"):
 PROCESSBENCH_SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
 
 
-def best_threshold(cots, name):
+def best_threshold(cots):
     """ProcessBench's protocol for a PRM that gives scalar step values (its section 4.1): the
-    threshold, among the step values observed on the judged CoTs of subset `name`, at which that
+    threshold, among the step values observed on the judged CoTs of one subset, at which that
     subset's F1 is highest (the lowest such value on a tie). Vectorised over the candidates; the
     same figures as benchmark_report at each. Returns (threshold, its F1)."""
     labelled = [[x if p is not None else math.inf for x, p in zip(v, mc)] for v, mc in cots if v is not None]
@@ -218,7 +219,7 @@ def resolve_threshold(spec, judged, prm_name):
     if name not in judged:
         raise prm.DataError(f"--step-threshold {spec}: the file holds no judged CoT of subset {name!r} (subsets: "
                             f"{', '.join(sorted(judged)) or 'none'})", field="--step-threshold")
-    threshold, f1 = best_threshold(judged[name], name)
+    threshold, f1 = best_threshold(judged[name])
     if threshold is None:
         raise prm.DataError(f"--step-threshold {spec}: subset {name!r} needs erroneous and correct CoTs, scored, "
                             "for an F1 to choose by", field="--step-threshold")

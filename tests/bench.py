@@ -151,7 +151,7 @@ def packing_rows(model, args, device):
         cots = [prm.encode_cot(model.tokenizer, question, [f"Step {i + 1}: " + " ".join(
             words[(b + j) % len(words)] for j in range(8 + b % 3)) for i in range(args.steps)], str(b))
             for b in range(args.n)]
-        budget = prm.CPU_TOKENS_PER_THREAD * torch.get_num_threads() if device == "cpu" else None
+        budget = prm.scoring_budget(device)
         fns = [lambda: [prm.step_values(model, [c]) for c in cots], lambda: prm.step_values(model, cots),
                lambda: [prm.step_values(model, [cots[i] for i in g]) for g in prm.token_batches(cots, budget)],
                lambda: prm.shared_prefix_values(model, cots)]

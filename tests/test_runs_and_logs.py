@@ -248,7 +248,7 @@ def test_best_threshold_is_the_best_f1_over_the_observed_values():
         v = torch.rand(n, generator=g).tolist() if k % 9 else None           # some CoTs unscored
         rows.append(("gsm8k" if k % 3 else "math", mc, v))
     j = judged(rows)
-    t, f1 = rerank.best_threshold(j["gsm8k"], "gsm8k")
+    t, f1 = rerank.best_threshold(j["gsm8k"])
     brute = {x: rerank.benchmark_report({"gsm8k": j["gsm8k"]}, x)["subsets"]["gsm8k"]["f1"] or -1
              for _, mc, v in rows if v is not None for x, p in zip(v, mc) if p is not None}
     best = max(brute.values())
