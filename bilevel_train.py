@@ -916,9 +916,6 @@ def parse_args(argv):
     if args.lr * args.weight_decay >= 1:
         raise prm.DataError(f"{args.weight_decay:g} with --lr {args.lr:g}: each step would scale phi by 1 - lr x weight "
                             f"decay = {1 - args.lr * args.weight_decay:g}, which must stay above 0", field="--weight-decay")
-    if args.group_by_question and args.grad_checkpointing:
-        raise prm.DataError("shared-prefix training keeps each question's cache, which gradient checkpointing "
-                            "does not allow; choose one", field="--group-by-question")
     if args.out is None:
         args.out = default_out(args)
     return args
@@ -1595,9 +1592,15 @@ def lower_optimizer(phi, lr, weight_decay=0.0, fused=None, compact=False, seed=0
 
 
 def enable_checkpointing(model):
-    """Recompute activations in backward (transformers renamed the method in 5.2x; use what exists)."""
+    """Recompute activations in backward, layer by layer (non-reentrant, transformers' default; the
+    method was renamed in 5.2x, so use what exists). Layers keep the shared-prefix cache when they
+    run again in backward: its updates give the same keys and values on every run
+    (prm.prefix_writer, prm.prefix_reader), and the packed forward has no cache."""
     bb = model.backbone
     (getattr(bb, "activation_checkpointing_enable", None) or bb.gradient_checkpointing_enable)()
+    for layer in bb.modules():
+        if hasattr(layer, "_can_checkpoint_with_cache"):
+            layer._can_checkpoint_with_cache = True
 
 
 # ==============================================================================================

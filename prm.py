@@ -37,6 +37,7 @@ Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 
 import argparse
 import ast
+import copy
 import difflib
 import errno
 import hashlib
@@ -596,21 +597,62 @@ def shared_prefix_values(prm, cots):
                                                           image_grid_thw=kwargs["image_grid_thw"])
             kwargs["position_ids"] = position_ids                                 # (3, 1, P)
             start = int(position_ids.max()) + 1
-    out = prm.backbone(**kwargs)
-    cache = getattr(out, "cache", None)                                        # transformers >= 5.2x
-    cache = cache if cache is not None else out.past_key_values
-    cache.batch_repeat_interleave(N)                                            # the prefix, N times
+    # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes.
+    cache_kw = "cache" if "cache" in inspect.signature(prm.backbone.forward).parameters else "past_key_values"
+    prefix_cache = prefix_writer(prm.backbone.config)
+    prm.backbone(**kwargs, **{cache_kw: prefix_cache})
+    cache = prefix_reader(prefix_cache, N)                                      # the prefix, N times, read-only
     cont, cont_mask = pad_rows([c.input_ids[P:] for c in cots], prm.pad_id)     # (N, L) the continuations
     L = cont.shape[1]
     attention_mask = torch.cat([torch.ones(N, P, dtype=torch.long), cont_mask.long()], 1)   # (N, P + L)
     position_ids = (start + torch.arange(L)).expand(N, L)                       # (N, L), same on t, h, w
-    # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes.
-    cache_kw = "cache" if "cache" in inspect.signature(prm.backbone.forward).parameters else "past_key_values"
     h = prm.backbone(input_ids=cont.to(device), attention_mask=attention_mask.to(device),
                      position_ids=position_ids.to(device), use_cache=True, **{cache_kw: cache}).last_hidden_state
     ends, mask = pad_rows([c.step_ends - P for c in cots])                       # (N, S)
     h_steps = torch.gather(h, 1, ends.to(device).unsqueeze(-1).expand(-1, -1, h.shape[-1]))   # (N, S, H)
     return prm.value(h_steps), mask.to(device)
+
+
+# The prefix cache under gradient checkpointing. A checkpointed layer runs its forward again in
+# backward, cache update included: a plain cache would append the prefix (or a continuation) a
+# second time. These two updates give the same keys and values however often a layer runs, so
+# transformers may keep the cache in checkpointed layers (bilevel_train.enable_checkpointing).
+
+def prefix_writer(config):
+    """The cache the prompt's forward fills: each layer's keys and values are stored by its first
+    update; a replay returns its input, as the first update on the empty layer did."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=config)
+    update = cache.update
+
+    def write_once(keys, values, layer_idx, *args, **kwargs):
+        if layer_idx < len(cache.layers) and cache.layers[layer_idx].is_initialized:
+            return keys, values
+        return update(keys, values, layer_idx, *args, **kwargs)
+    cache.update = write_once
+    return cache
+
+
+def prefix_reader(writer, n):
+    """The cache the N continuations attend to: the prompt's keys and values repeated n times, in
+    layer objects of its own (the writer keeps its own for replays). An update returns the prefix
+    and the new states joined and leaves the layer as it was, so every run of a layer reads the
+    same prefix."""
+    from transformers import DynamicCache
+    cache = copy.copy(writer)
+    cache.layers = [copy.copy(layer) for layer in writer.layers]
+    cache.batch_repeat_interleave(n)
+
+    def read_only(keys, values, layer_idx, *args, **kwargs):
+        layer = cache.layers[layer_idx]
+        state = dict(vars(layer))
+        try:
+            return DynamicCache.update(cache, keys, values, layer_idx, *args, **kwargs)
+        finally:
+            vars(layer).clear()
+            vars(layer).update(state)
+    cache.update = read_only
+    return cache
 
 
 def aggregate(values, mask, how="mean_logit"):

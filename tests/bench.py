@@ -318,17 +318,18 @@ def image_records(cots, batch):
     """batch training CoTs (three domains, MC labels) and batch meta CoTs (correct or not) made of
     encoded CoTs, for outer iterations on image data."""
     g = torch.Generator().manual_seed(0)
-    train = [{"domain": ["clean", "noisy", "random"][b % 3], "_enc": c, "_image": None,
+    train = [{"domain": ["clean", "noisy", "random"][b % 3], "_enc": c, "_image": None, "_question": "q",
               "mc": torch.rand(len(c.step_ends), generator=g).round().tolist()} for b, c in enumerate(cots[:batch])]
-    meta = [{"domain": "meta", "_enc": c, "_image": None, "correct": b % 2 == 0}
+    meta = [{"domain": "meta", "_enc": c, "_image": None, "_question": "q", "correct": b % 2 == 0}
             for b, c in enumerate(cots[batch:2 * batch])]
     return train, meta
 
 
-def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, autocast):
-    """U lower steps on the training batch, then (bilevel) the upper step on the meta batch."""
+def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, autocast, shared=False):
+    """U lower steps on the training batch, then (bilevel) the upper step on the meta batch
+    (shared: the shared-prefix forward, the batch's CoTs being of one question)."""
     keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a[0].device)
-    fwd, w = partial(bt.forward, model, autocast=autocast), bt.weighting_from(a, keys, "domain")
+    fwd, w = partial(bt.forward, model, autocast=autocast, shared=shared), bt.weighting_from(a, keys, "domain")
     for _ in range(U):
         last = bt.lower_step(fwd, opt_phi, w, train, keys)
     if bilevel:
@@ -393,6 +394,7 @@ OPTIONS = [("foreach AdamW, restore on the device", {}),
            ("  + --offload-restore", dict(offload=True)),
            ("  + fused AdamW", dict(fused=True)),
            ("  + --grad-checkpointing", dict(checkpointing=True)),
+           ("  + --group-by-question (one question)", dict(shared=True)),
            ("  + --compact-states (not exact)", dict(compact=True)),
            ("  + --freeze-vision", dict(freeze=True))]
 
@@ -406,7 +408,7 @@ def memory_options(model, cots, args, device, autocast):
     print(f"(3) bi-level outer iteration, U={args.U}, {args.batch} train and {args.batch} meta image CoTs "
           f"({sum(len(r['_enc'].input_ids) for r in train) // args.batch} tokens each on average)")
     print(f"    {'option':40s} {'peak ' + unit:>9s} {'bi-level s':>11s} {'U plain s':>10s}  bi-level / plain")
-    o = dict(fused=False, offload=False, checkpointing=False, compact=False, freeze=False)
+    o = dict(fused=False, offload=False, checkpointing=False, shared=False, compact=False, freeze=False)
     for name, change in OPTIONS:
         o.update(change)
         if change.get("checkpointing"):
@@ -420,7 +422,7 @@ def memory_options(model, cots, args, device, autocast):
             torch.optim.AdamW(phi, lr=1e-7, foreach=True)
         opt_a = torch.optim.Adam(a, lr=0.01)
         run = lambda bilevel: outer_iteration(model, opt_phi, opt_a, a, train, meta, args.U, bilevel,  # noqa: E731
-                                              o["offload"], autocast)
+                                              o["offload"], autocast, o["shared"])
         try:
             if device == "cuda":
                 top = peak(lambda: (run(True), run(True)), device)[1]

@@ -331,7 +331,8 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
 
 @pytest.mark.parametrize("flags", [["--weighting", "instance"], ["--weighting", "domain-instance"], ["--no-aggregation"],
                                    ["--upper-loss", "bce"],
-                                   ["--weighting", "fixed"], ["--compact-states"], ["--group-by-question"]])
+                                   ["--weighting", "fixed"], ["--compact-states"],
+                                   ["--group-by-question", "--grad-checkpointing"]])
 def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
     out = str(tmp_path / "run")
     assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--iterations", "4", "--unroll-steps", "2",
@@ -655,10 +656,12 @@ def grouped_records(images, with_images=True):
     return [records[i] for i in (0, 3, 1, 5, 4, 2)]                     # questions interleaved
 
 
-@pytest.mark.parametrize("backbone,with_images", [("vl", True), ("vl", False), ("text", False)])
-def test_shared_prefix_training_equals_packed(request, images, backbone, with_images):
+@pytest.mark.parametrize("backbone,with_images,checkpointing", [("vl", True, False), ("vl", True, True),
+                                                                ("vl", False, False), ("text", False, False)])
+def test_shared_prefix_training_equals_packed(request, images, backbone, with_images, checkpointing):
     """The lower loss and every parameter's gradient, shared-prefix against packed, to 1e-5; and the
-    hypergradient through both, to 1e-5."""
+    hypergradient through both, to 1e-5. checkpointing: the shared-prefix side recomputes each layer
+    in backward (--grad-checkpointing), its prefix cache kept and read again."""
     path = request.getfixturevalue("backbone_dir" if backbone == "vl" else "text_lm_dir")
     records = grouped_records(images, with_images)
     keys = torch.tensor([DOMAINS.index(r["domain"]) for r in records])
@@ -667,6 +670,9 @@ def test_shared_prefix_training_equals_packed(request, images, backbone, with_im
     for shared in (False, True):
         torch.manual_seed(0)
         model = prm.PRM.from_backbone(path).train()
+        if shared and checkpointing:
+            bt.enable_checkpointing(model)
+            assert model.backbone.language_model.gradient_checkpointing
         values, mask = bt.forward(model, records, off, shared)
         p, p_mask = bt.label_tensors(records, values.shape[1], "cpu")
         L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([torch.tensor([0.3, -0.2, 0.1])], keys, "domain"))
