@@ -17,12 +17,12 @@ The math (symbols as in the paper; the README's "The math" explains each):
 
 Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
 upper step, (4) the training loop (`bilevel`; `main`, at the end, runs it for the flags). The
-variants sit behind seams chosen once before the loop (`setup_run`): the Weighting (raw weights a,
-keys, w_b(a), the upper step's batch), the forward (packed or shared-prefix), the lower step (plain
-or accumulated). Appendices after the method: A instance weights (DreamPRM-1.5) and fixed weights,
-B data, C the run configuration (every flag: its default, presets and help), D the run directory
-(setup, the end of an iteration, checkpoints), E optimizer options (gradient accumulation, the lr
-schedule, memory), F the forward.
+variants sit behind seams chosen once before the loop and named above it: the forward (packed or
+shared-prefix), the weighting (DreamPRM's DomainWeighting, or one picked by `make_weighting`), the
+lower step (plain or accumulated). Appendices after the method: A the other weightings (fixed,
+DreamPRM-1.5's instance weights) and the choice among them, B data, C the run configuration (every
+flag: its default, presets and help), D the run directory (setup, the end of an iteration,
+checkpoints), E optimizer options (gradient accumulation, the lr schedule, memory), F the forward.
 
 Run the toy demo (no data arguments: the toy world is built first when toy/ is missing; --synthetic
 trains on a small text-only set instead):
@@ -46,8 +46,9 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -72,26 +73,57 @@ def domain_weights(a):
     return s / s.mean()
 
 
-@dataclass
 class Weighting:
-    """How the training CoTs are weighted, chosen once before the loop: the method sees only this.
-    DreamPRM's is domain_weighting below; the variants (fixed weights, DreamPRM-1.5's) are built in
-    Appendix A behind the same fields."""
-    a: list                 # the raw weights, tensors with requires_grad: the upper level's parameters
-    keys: torch.Tensor      # (N, ...) each training CoT's index into a (for DreamPRM: its domain)
-    weights: object         # weights(a, batch, steps=None) -> (B,) w_b before the 1 / sum_b n_b of L_tr
-    upper_batch: object     # upper_batch(it, latest) -> the train batch the hypergradient goes through
-    moves: bool = True      # False: weights fixed, no upper level
+    """How the training CoTs are weighted, chosen once before the loop (make_weighting, Appendix A):
+    the method calls only weights() and upper_batch(). DreamPRM's is DomainWeighting below; the
+    variants (fixed weights, DreamPRM-1.5's instance weights) are its siblings in Appendix A.
+    a: the raw weights, a list of tensors with requires_grad (the upper level's parameters);
+    keys (N, ...): each training CoT's index into a (for DreamPRM, its domain)."""
+    moves = True            # False: the weights stay fixed, no upper level
+    per_cot = False         # True: one weight per training CoT (written to instance_weights.safetensors)
+
+    def __init__(self, a, keys):
+        self.a, self.keys = a, keys
+
+    def weights(self, a, batch):
+        """(B,) each CoT's weight at raw weights a; w_b(a) of L_tr is it divided by sum_b n_b."""
+        raise NotImplementedError
+
+    def upper_batch(self, it, latest):
+        """The train batch the hypergradient goes through: the latest lower batch."""
+        return latest
+
+    def of_all(self):
+        """(N,) the weight of every training CoT, for the logs."""
+        return self.weights(detached(self.a), SimpleNamespace(keys=self.keys))
+
+    def per_domain(self, w_all, train, domains):
+        """{domain: the mean weight of its CoTs in w_all}, for the logs."""
+        of = domain_keys(train, domains, w_all.device)
+        return {d: w_all[of == k].mean().item() for k, d in enumerate(domains)}
+
+
+class DomainWeighting(Weighting):
+    """DreamPRM: one raw weight a_k per domain; a CoT's weight is its domain's alpha."""
+
+    def weights(self, a, batch):
+        return domain_weights(a[0])[batch.keys]                         # (B,) alpha_d(b)
+
+    def per_domain(self, w_all, train, domains):
+        alpha = domain_weights(self.a[0].detach())                      # (K,)
+        return {d: alpha[k].item() for k, d in enumerate(domains)}
+
+
+def domain_keys(train, domains, device):
+    """(N,) the index of each training CoT's domain."""
+    index = {d: k for k, d in enumerate(domains)}
+    return torch.tensor([index[r["domain"]] for r in train], device=device)
 
 
 def domain_weighting(train, domains, device):
-    """DreamPRM: one raw weight a_k per domain, w_b = alpha_d(b); the hypergradient goes through the
-    latest lower batch."""
-    index = {d: k for k, d in enumerate(domains)}
-    keys = torch.tensor([index[r["domain"]] for r in train], device=device)            # (N,)
-    a = [torch.zeros(len(domains), device=device, requires_grad=True)]                 # (K,): uniform
-    return Weighting(a, keys, lambda a, batch, steps=None: domain_weights(a[0])[batch.keys],
-                     lambda it, latest: latest)
+    """DreamPRM's weighting: a = 0 (uniform alpha), keyed by domain."""
+    return DomainWeighting([torch.zeros(len(domains), device=device, requires_grad=True)],     # (K,)
+                           domain_keys(train, domains, device))
 
 
 def detached(a):
@@ -114,7 +146,7 @@ def lower_loss(values, mask, p, p_mask, alpha_b):
     return (alpha_b * l).sum() / n.sum().clamp(min=1), l, n
 
 
-def meta_loss(values, mask, r, loss="mse", aggregation=True, p=None, p_mask=None):
+def meta_loss(values, mask, r, loss, aggregation, p=None, p_mask=None):
     """Upper loss on whole meta CoTs.
 
     aggregation: L_meta = mean_m (A(V_m1..n) - r_m)^2 with A = prm.aggregate (mean_logit); BCE optional.
@@ -134,7 +166,7 @@ def meta_loss(values, mask, r, loss="mse", aggregation=True, p=None, p_mask=None
 # 2. The hypergradient (finite difference, as DARTS and Betty's "darts" method)
 # ==============================================================================================
 
-def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01, offload=False):
+def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r, offload):
     """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
 
     phi: list of trainable tensors; a: list of raw-weight tensors (requires_grad).
@@ -172,7 +204,7 @@ def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=0.01,
     return g_a, L_meta.item()
 
 
-def restore_copy(phi, offload=False):
+def restore_copy(phi, offload):
     """The exact copy of phi that the hypergradient restores from: beside phi on its device, or
     (--offload-restore) in CPU memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the
     same bits restored."""
@@ -191,12 +223,14 @@ def restore_copy(phi, offload=False):
 class TrainBatch:
     """The latest lower step's batch: the hypergradient re-evaluates its per-CoT losses."""
     records: list
-    keys: torch.Tensor      # (B, ...) index into a of each CoT (its domain)
-    p: torch.Tensor         # (B, S) MC labels
-    p_mask: torch.Tensor    # (B, S) labelled steps
-    L_tr: torch.Tensor      # the weighted loss (scalar, detached)
-    l: torch.Tensor         # (B,) per-CoT losses
-    n: torch.Tensor         # (B,) labelled steps per CoT
+    keys: torch.Tensor              # (B, ...) index into a of each CoT (its domain)
+    p: torch.Tensor                 # (B, S) MC labels
+    p_mask: torch.Tensor            # (B, S) labelled steps
+    L_tr: torch.Tensor = None       # the weighted loss (scalar, detached)
+    l: torch.Tensor = None          # (B,) per-CoT losses
+    n: torch.Tensor = None          # (B,) labelled steps per CoT
+    values: torch.Tensor = None     # (B, S) the lower step's step values, detached (the Instance Net reads them)
+    mask: torch.Tensor = None       # (B, S) their mask
 
 
 def set_xi(opt_phi, xi):
@@ -206,14 +240,14 @@ def set_xi(opt_phi, xi):
     return xi
 
 
-def lower_step(forward, opt_phi, w, records, keys, clip=0.0):
+def lower_step(forward, opt_phi, weighting, records, keys, clip):
     """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached), its gradient's norm clipped
     to `clip` first when clip > 0. A non-finite L_tr stops the run (Diverged) before the step, so the
     last checkpoint stays good."""
     values, mask = forward(records)                                       # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)    # (B, S)
-    batch = TrainBatch(records, keys, p, p_mask, None, None, None)       # the losses filled in below
-    alpha_b = w.weights(detached(w.a), batch, (values.float(), p, mask & p_mask))    # (B,)
+    batch = TrainBatch(records, keys, p, p_mask, values=values.detach().float(), mask=mask)
+    alpha_b = weighting.weights(detached(weighting.a), batch)             # (B,)
     L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
     if not torch.isfinite(L_tr):
         raise Diverged(f"the lower loss L_tr is {L_tr.item()}", "lower")
@@ -224,7 +258,7 @@ def lower_step(forward, opt_phi, w, records, keys, clip=0.0):
     return batch
 
 
-def optimizer_step(opt_phi, clip=0.0):
+def optimizer_step(opt_phi, clip):
     """The step on the gradients in phi: clipped to norm `clip` first when clip > 0, then freed (they
     are spent, and the hypergradient needs the memory)."""
     if clip:
@@ -234,7 +268,7 @@ def optimizer_step(opt_phi, clip=0.0):
     opt_phi.zero_grad(set_to_none=True)
 
 
-def meta_batch_loss(forward, m_records, upper_loss="mse", aggregation=True):
+def meta_batch_loss(forward, m_records, upper_loss, aggregation):
     """L_meta on a meta batch, with autograd: mean_m (A(V_m) - r_m)^2 (or the ablations of meta_loss)."""
     values, mask = forward(m_records)                                     # (M, S)
     r = torch.tensor([float(x["correct"]) for x in m_records], device=values.device)   # (M,)
@@ -248,33 +282,34 @@ def batch_losses(forward, batch):
     return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]
 
 
-def batch_weights(w, a, batch):
-    """w_b(a) = cot weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b."""
-    return w.weights(a, batch) / batch.n.sum().clamp(min=1)
+def batch_weights(weighting, a, batch):
+    """w_b(a) = the CoT's weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b."""
+    return weighting.weights(a, batch) / batch.n.sum().clamp(min=1)
 
 
 @dataclass
 class Upper:
     """The upper level's settings: its loss, and the finite difference's radius r and restore copy."""
-    loss: str = "mse"            # mse (as published) or bce
-    aggregation: bool = True     # False: the w/o-AFL ablation (step-level upper loss)
-    r: float = 0.01              # eps = r / ||v||
-    offload: bool = False        # the restore copy in CPU memory
+    loss: str                    # mse (as published) or bce
+    aggregation: bool            # False: the w/o-AFL ablation (step-level upper loss)
+    r: float                     # eps = r / ||v||
+    offload: bool                # the restore copy in CPU memory
 
 
-def upper_step(forward, phi, w, opt_a, batch, m_records, xi, upper):
+def upper_step(forward, phi, weighting, opt_a, batch, m_records, xi, upper):
     """a <- Adam step on the finite-difference hypergradient g_a of L_meta, through L_tr on `batch`.
     Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
     meta_loss_fn = partial(meta_batch_loss, forward, m_records, upper.loss, upper.aggregation)   # L_meta
     train_losses_fn = partial(batch_losses, forward, batch)                                   # l_b(phi), (B,)
-    weights_fn = partial(batch_weights, w, batch=batch)                                       # w_b(a), (B,)
-    g_a, L_meta = hypergradient(phi, w.a, meta_loss_fn, train_losses_fn, weights_fn, xi, upper.r, upper.offload)
+    weights_fn = partial(batch_weights, weighting, batch=batch)                               # w_b(a), (B,)
+    g_a, L_meta = hypergradient(phi, weighting.a, meta_loss_fn, train_losses_fn, weights_fn, xi, upper.r,
+                                upper.offload)
     if not math.isfinite(L_meta):
         raise Diverged(f"the upper loss L_meta is {L_meta}", "upper")
     if not all(torch.isfinite(g).all() for g in g_a):
         raise Diverged(f"the hypergradient holds non-finite values (L_meta {L_meta:.4g})", "upper")
     opt_a.zero_grad(set_to_none=True)
-    for x, g in zip(w.a, g_a):
+    for x, g in zip(weighting.a, g_a):
         x.grad = g
     opt_a.step()
     return L_meta
@@ -287,6 +322,10 @@ def upper_step(forward, phi, w, opt_a, batch, m_records, xi, upper):
 def bilevel(args):
     """One bi-level training run: the PRM phi and the raw weights a, trained as the flags ask."""
     with open_run(args) as run:       # Appendix D: lock --out, data, PRM, seams, resume; on leaving, save the PRM
+        # The seams, each chosen once by the flags (setup_run):
+        forward = run.forward         # packed prm.step_values, or shared-prefix (--group-by-question): Appendix F
+        weighting = run.weighting     # DreamPRM's DomainWeighting (section 1), or --weighting's (Appendix A)
+        step = run.lower_step         # lower_step (section 3), or accumulated_lower_step (--grad-accum, Appendix E)
         U = args.unroll_steps
         for it in run.bar:                                          # range(start, iterations), with a bar
             t0, batches, L_meta = time.perf_counter(), [], None
@@ -294,12 +333,12 @@ def bilevel(args):
             for u in range(U):
                 xi = set_xi(run.opt_phi, run.schedule(it * U + u))
                 idx = run.draw_train(it, u)
-                batches.append(run.lower_step(run.forward, run.opt_phi, run.w, [run.train[i] for i in idx],
-                                              run.w.keys[idx], args.grad_clip))
+                batches.append(step(forward, run.opt_phi, weighting, [run.train[i] for i in idx],
+                                    weighting.keys[idx], args.grad_clip))
             # One upper step after the cold start: a <- Adam(g_a), the hypergradient through a train batch.
-            if run.w.moves and it >= args.cold_start:
+            if weighting.moves and it >= args.cold_start:
                 m_records = [run.meta[i] for i in run.draw_meta(it)]
-                L_meta = upper_step(run.forward, run.phi, run.w, run.opt_a, run.w.upper_batch(it, batches[-1]),
+                L_meta = upper_step(forward, run.phi, weighting, run.opt_a, weighting.upper_batch(it, batches[-1]),
                                     m_records, xi, run.upper)
             # Logs, held-out figures and checkpoints, each at its own period (Appendix D).
             end_of_iteration(run, it + 1, batches, L_meta, time.perf_counter() - t0)
@@ -310,7 +349,7 @@ def bilevel(args):
 # The method ends above. The appendices hold what a run needs around it.
 # ==============================================================================================
 
-def bounded(x, w_max=3.0):
+def bounded(x, w_max):
     """Instance weights from raw values: w = w_max * sigmoid(x + logit(1 / w_max)), in (0, w_max)
     and exactly 1 at x = 0 (the published Instance Table starts at 1). Smooth, so a weight at its
     bound still gets a gradient (a clip would freeze it), and never negative (a negative weight
@@ -340,111 +379,106 @@ def init_instance_net(hidden, seed, device):
     return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
 
 
-def cot_weights(a, keys, mode, steps=None, w_max=3.0):
-    """w_b before the 1 / sum_b n_b of L_tr for every weighting: the weight of each CoT of a batch (B,).
-
-    a: the raw weights, always a list of tensors: [a (K,)] per domain (domain, fixed),
-    [a (N,)] per training CoT (instance-table), the Instance Net's theta (instance-net), or both
-    (domain-instance). keys (B,): each CoT's index into a[0] (its domain, or itself). domain:
-    alpha_d(b); fixed: 1; instance modes below (steps: (values, p, mask), each (B, S), for the net).
-    """
-    if mode == "domain":
-        return domain_weights(a[0])[keys]
-    if mode == "domain-instance":
-        return domain_instance_weights(a, keys, w_max)
-    if has_instances(mode):
-        return normalised_instance_weights(a, keys, mode, steps, w_max)
-    return torch.ones(len(keys), dtype=a[0].dtype, device=a[0].device)
-
-
-def make_weighting(args, train, domains, device, forward):
-    """The Weighting the flags ask for: DreamPRM's (section 1), or fixed, instance-table,
-    instance-net or domain-instance weights, whose upper steps move the weights of a fresh sample
-    of --instance-batch training CoTs."""
-    if args.weighting == "domain":
-        return domain_weighting(train, domains, device)
-    a = init_raw_weights(args.weighting, len(domains), len(train), args.net_hidden, args.seed, device)
-    keys = weight_keys(args.weighting, train, domains, device)
-    fresh = partial(instance_batch, train, keys, args.instance_batch, args.seed, device=device) \
-        if has_instances(args.weighting) else None
-    return weighting_from(a, keys, args.weighting, forward, args.weight_max, fresh)
-
-
-def weighting_from(a, keys, mode, forward=None, w_max=3.0, fresh=None):
-    """A Weighting over raw weights a and keys for any mode of cot_weights. The Instance Net reads
-    the batch's step values: those of the caller's forward when given, else its own no-grad pass.
-    fresh(it): the upper step's batch (default: the latest lower batch)."""
-    def weights(a, batch, steps=None):
-        if mode == "instance-net" and steps is None:
-            steps = net_inputs(forward, batch)
-        return cot_weights(a, batch.keys, mode, steps, w_max)
-    upper_batch = (lambda it, latest: fresh(it=it)) if fresh else (lambda it, latest: latest)
-    return Weighting(a, keys, weights, upper_batch, moves=mode != "fixed")
-
-
 def has_instances(weighting):
-    """Whether a weighting moves one weight per training CoT (DreamPRM-1.5, or domain x instance)."""
+    """Whether a --weighting moves one weight per training CoT (DreamPRM-1.5, or domain x instance)."""
     return weighting in ("instance-table", "instance-net", "domain-instance")
 
 
-def init_raw_weights(weighting, n_domains, n_train, net_hidden, seed, device):
-    """The raw weights a, a list of tensors that all start uniform (every weight 1): one entry per
-    domain (domain, fixed), one per training CoT (instance-table), the Instance Net's theta, or
-    both a domain and a CoT table (domain-instance)."""
-    if weighting == "instance-net":
-        return init_instance_net(net_hidden, seed, device)
-    if weighting == "domain-instance":
-        return [torch.zeros(n, device=device, requires_grad=True) for n in (n_domains, n_train)]
-    n = n_train if weighting == "instance-table" else n_domains
-    return [torch.zeros(n, device=device, requires_grad=True)]
+def make_weighting(args, train, domains, device, forward):
+    """The one place the weighting is chosen: DreamPRM's (section 1), fixed weights, or one of
+    DreamPRM-1.5's instance weightings, every weight starting at 1."""
+    if args.weighting == "domain":
+        return domain_weighting(train, domains, device)
+    domain, cot = domain_keys(train, domains, device), torch.arange(len(train), device=device)       # (N,), (N,)
+    zeros = lambda n: torch.zeros(n, device=device, requires_grad=True)                            # noqa: E731
+    if args.weighting == "fixed":
+        return FixedWeighting([zeros(len(domains))], domain)
+    keys = torch.stack([cot, domain], 1) if args.weighting == "domain-instance" else cot           # (N, 2) or (N,)
+    fresh = partial(instance_batch, train, keys, args.instance_batch, args.seed, device=device)
+    if args.weighting == "instance-table":
+        return InstanceTable([zeros(len(train))], keys, args.weight_max, fresh)
+    if args.weighting == "instance-net":
+        return InstanceNet(init_instance_net(args.net_hidden, args.seed, device), keys, args.weight_max, fresh,
+                           forward, train, args.train_batch)
+    return DomainInstance([zeros(len(domains)), zeros(len(train))], keys, args.weight_max, fresh)
 
 
-def weight_keys(weighting, train, domains, device):
-    """(N,) each training CoT's index into a[0]: its domain, or (instance modes) itself; (N, 2), itself
-    and its domain, for domain-instance."""
-    index = {d: k for k, d in enumerate(domains)}
-    domain = torch.tensor([index[r["domain"]] for r in train], device=device)
-    if weighting == "domain-instance":
-        return torch.stack([torch.arange(len(train), device=device), domain], 1)
-    return torch.arange(len(train), device=device) if has_instances(weighting) else domain
+class FixedWeighting(Weighting):
+    """--weighting fixed: every CoT weighs 1 and no upper step runs (the vanilla PRM)."""
+    moves = False
+
+    def weights(self, a, batch):
+        return torch.ones(len(batch.keys), dtype=a[0].dtype, device=a[0].device)
+
+    def per_domain(self, w_all, train, domains):
+        return {d: 1.0 for d in domains}
 
 
-def instance_weights(a, keys, mode, steps=None, w_max=3.0):
-    """Unnormalised instance weights w_b in (0, w_max): a CoT's table entry (instance-table) or the
-    Instance Net's output on its steps (instance-net). (B,)"""
-    if mode == "instance-table":
-        return bounded(a[0][keys], w_max)
-    values, p, mask = steps
-    return bounded(instance_net(a, values.detach(), p, mask), w_max)
+class InstanceWeighting(Weighting):
+    """One weight per training CoT (DreamPRM-1.5), bounded in (0, w_max) and divided by the batch's
+    mean. Dividing by the mean, as domain weights are normalised, keeps only the relative weights: a
+    common drift of all weights (up or down) would otherwise act as a second, uncontrolled learning
+    rate of the lower level (seen on the toy world: the net drove every weight to 0, the table
+    every weight up). An upper step moves the weights of a fresh sample of training CoTs (fresh(it)),
+    not only those of the latest lower batch."""
+    per_cot = True
+
+    def __init__(self, a, keys, w_max, fresh):
+        super().__init__(a, keys)
+        self.w_max, self.fresh = w_max, fresh
+
+    def weights(self, a, batch):
+        w = self.bounded_weights(a, batch)                                  # (B,)
+        return w / w.mean()
+
+    def upper_batch(self, it, latest):
+        return self.fresh(it=it)
 
 
-def normalised_instance_weights(a, keys, mode, steps=None, w_max=3.0):
-    """Instance weights divided by their batch's mean. Dividing by the mean, as domain weights are
-    normalised, keeps only the relative weights: a common drift of all weights (up or down) would
-    otherwise act as a second, uncontrolled learning rate of the lower level (seen on the toy
-    world: the net drove every weight to 0, the table every weight up). (B,)"""
-    w = instance_weights(a, keys, mode, steps, w_max)
-    return w / w.mean()
+class InstanceTable(InstanceWeighting):
+    """--weighting instance-table: a raw weight per training CoT; keys (N,): each CoT's own index."""
+
+    def bounded_weights(self, a, batch):
+        return bounded(a[0][batch.keys], self.w_max)
 
 
-def domain_instance_weights(a, keys, w_max=3.0):
-    """Domain x instance weights (--weighting domain-instance): w_b = alpha_d(b) x u_b, with alpha the
-    domain weights of DreamPRM and u_b a CoT's bounded table weight divided by the mean u of the
-    batch's CoTs of its domain, so the domain weight alone sets a domain's share and the instance
-    weights only rank CoTs inside it. a = [a (K,), table (N,)]; keys (B, 2): CoT and domain index. (B,)"""
-    cot, dom = keys[:, 0], keys[:, 1]
-    alpha = domain_weights(a[0])[dom]                                                  # (B,)
-    u = bounded(a[1][cot], w_max)                                                      # (B,)
-    total = torch.zeros_like(a[0]).index_add(0, dom, u)                                # (K,) per domain
-    count = torch.zeros_like(a[0]).index_add(0, dom, torch.ones_like(u))
-    return alpha * u / (total / count.clamp(min=1))[dom]
+class InstanceNet(InstanceWeighting):
+    """--weighting instance-net: the Instance Net's output on a CoT's step values and labels. It
+    reads the values of the lower step's forward when the batch has them, else (the upper step's
+    fresh batch, the logs) a no-grad forward of its own at the current phi."""
+
+    def __init__(self, a, keys, w_max, fresh, forward, train, batch_size):
+        super().__init__(a, keys, w_max, fresh)
+        self.forward, self.train, self.batch_size = forward, train, batch_size
+
+    def bounded_weights(self, a, batch):
+        if batch.values is None:
+            with torch.no_grad():
+                values, mask = self.forward(batch.records)                      # (B, S) at the current phi
+            batch = replace(batch, values=values.float(), mask=mask)
+        return bounded(instance_net(a, batch.values, batch.p, batch.mask & batch.p_mask), self.w_max)
+
+    def of_all(self):
+        """One no-grad pass over the training CoTs, the weights normalised over all of them."""
+        w = torch.cat([self.bounded_weights(detached(self.a),
+                                            label_batch(self.train[i:i + self.batch_size], None, self.keys.device))
+                       for i in range(0, len(self.train), self.batch_size)])                 # (N,)
+        return w / w.mean()
 
 
-def net_inputs(forward, batch):
-    """What the Instance Net reads of a batch: (values, p, labelled-step mask), each (B, S), at phi."""
-    with torch.no_grad():
-        values, mask = forward(batch.records)
-    return values.float(), batch.p, mask & batch.p_mask
+class DomainInstance(InstanceWeighting):
+    """--weighting domain-instance: w_b = alpha_d(b) x u_b, with alpha the domain weights of DreamPRM
+    and u_b a CoT's bounded table weight divided by the mean u of the batch's CoTs of its domain, so
+    the domain weight alone sets a domain's share and the instance weights only rank CoTs inside it.
+    a = [a (K,), table (N,)]; keys (N, 2): CoT and domain index."""
+
+    def weights(self, a, batch):
+        cot, dom = batch.keys[:, 0], batch.keys[:, 1]
+        alpha = domain_weights(a[0])[dom]                                                  # (B,)
+        u = bounded(a[1][cot], self.w_max)                                                 # (B,)
+        total = torch.zeros_like(a[0]).index_add(0, dom, u)                                # (K,) per domain
+        count = torch.zeros_like(a[0]).index_add(0, dom, torch.ones_like(u))
+        return alpha * u / (total / count.clamp(min=1))[dom]
 
 
 def instance_batch(train, keys, size, seed, it, device):
@@ -452,33 +486,6 @@ def instance_batch(train, keys, size, seed, it, device):
     those of the latest lower batch."""
     idx = sample(len(train), size, seed, "instance", it)
     return label_batch([train[i] for i in idx], keys[idx], device)
-
-
-def weights_of_all(a, weighting, train, keys, model, autocast, w_max, batch_size):
-    """The weight of every training CoT (N,); instance weights normalised to mean 1 over all of
-    them (instance-net: one no-grad pass over the data)."""
-    if weighting != "instance-net":
-        return cot_weights(detached(a), keys, weighting, w_max=w_max)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(train), batch_size):
-            values, mask = forward(model, train[i:i + batch_size], autocast)
-            p, p_mask = label_tensors(train[i:i + batch_size], values.shape[1], values.device)
-            out.append(instance_weights(detached(a), None, weighting, (values.float(), p, mask & p_mask), w_max))
-    w = torch.cat(out)
-    return w / w.mean()
-
-
-def weights_per_domain(a, weighting, w, train, domains):
-    """{domain: weight}: alpha_k (domain), the mean weight of the domain's CoTs in w (instance
-    modes), or 1 (fixed)."""
-    if weighting == "domain":
-        alpha = domain_weights(a[0].detach())
-        return {d: alpha[k].item() for k, d in enumerate(domains)}
-    if has_instances(weighting):
-        of = weight_keys("domain", train, domains, w.device)
-        return {d: w[of == k].mean().item() for k, d in enumerate(domains)}
-    return {d: 1.0 for d in domains}
 
 
 def save_instance_weights(run_dir, w, train):
@@ -515,7 +522,7 @@ def key_auc(weights, train):
 # Appendix B. Data: the toy world, reading and checking the inputs, label tensors, batches
 # ==============================================================================================
 
-def synthetic_data(seed=0, n_per_domain=48, n_meta=32):
+def synthetic_data(seed, n_per_domain=48, n_meta=32):
     """A small labelled set made on the spot (text only), for runs with no data and for tests.
 
     Each CoT has 1 to 4 steps; a step either "checks out" or "fails", and a CoT is correct when no
@@ -712,7 +719,7 @@ def label_batch(records, keys, device):
     """A TrainBatch of records without a forward pass: what the hypergradient re-evaluates."""
     S = max(len(r["steps"]) for r in records)
     p, p_mask = label_tensors(records, S, device)
-    return TrainBatch(records, keys, p, p_mask, None, None, p_mask.sum(-1).float())
+    return TrainBatch(records, keys, p, p_mask, n=p_mask.sum(-1).float())
 
 
 def sample(n, k, seed, *key):
@@ -1114,7 +1121,7 @@ class Run:
     held_out: list
     autocast: object
     forward: object          # forward(records) -> (B, S) values, (B, S) mask
-    w: Weighting
+    weighting: Weighting
     lower_step: object       # lower_step, or accumulated_lower_step (--grad-accum)
     upper: Upper
     opt_phi: object
@@ -1143,18 +1150,20 @@ def setup_run(args, run_lock):
     phi = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     fwd = partial(forward, model, autocast=autocast, shared=args.group_by_question)
-    w = make_weighting(args, train, domains, device, fwd)
-    opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, compact=args.compact_states, seed=args.seed)
-    opt_a = upper_optimizer(w.a, args.meta_lr, args.meta_weight_decay)
+    weighting = make_weighting(args, train, domains, device, fwd)
+    opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, args.compact_states, args.seed)
+    opt_a = upper_optimizer(weighting.a, args.meta_lr, args.meta_weight_decay)
     train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
-    step = lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum)
-    start, history = resume_or_start(args.out, start, model, w.a, opt_phi, opt_a, domains)
-    bar = prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel")
-    return Run(args, model, phi, train, meta, domains, held_out, autocast, fwd, w, step,
-               Upper(args.upper_loss, not args.no_aggregation, args.fd_radius, args.offload_restore), opt_phi, opt_a,
-               lr_schedule(args), lambda it, u: draw(len(train), train_q, args.train_batch, args.seed, "train", it, u),
-               lambda it: draw(len(meta), meta_q, args.meta_batch, args.seed, "meta", it), bar, history, n_long,
-               run_lock, new_sums(), start)
+    start, history = resume_or_start(args.out, start, model, weighting.a, opt_phi, opt_a, domains)
+    return Run(args=args, model=model, phi=phi, train=train, meta=meta, domains=domains, held_out=held_out,
+               autocast=autocast, forward=fwd, weighting=weighting,
+               lower_step=lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum),
+               upper=Upper(args.upper_loss, not args.no_aggregation, args.fd_radius, args.offload_restore),
+               opt_phi=opt_phi, opt_a=opt_a, schedule=lr_schedule(args),
+               draw_train=partial(draw, len(train), train_q, args.train_batch, args.seed, "train"),
+               draw_meta=partial(draw, len(meta), meta_q, args.meta_batch, args.seed, "meta"),
+               bar=prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel"),
+               history=history, n_long=n_long, run_lock=run_lock, sums=new_sums(), done=start)
 
 
 def end_of_iteration(run, done, batches, L_meta, seconds):
@@ -1171,21 +1180,21 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
         sums["upper"] += L_meta
         sums["upper_n"] += 1
     sums["n"] += 1
+    weighting = run.weighting
     if done % args.log_every == 0 or done == args.iterations:
-        w = run.w_all = weights_of_all(run.w.a, args.weighting, run.train, run.w.keys, run.model, run.autocast,
-                                       args.weight_max, args.train_batch)
-        alpha = weights_per_domain(run.w.a, args.weighting, w, run.train, run.domains)
-        log_iteration(args.out, done, sums, seconds, alpha, key_auc(w.tolist(), run.train), args, run.history)
-        if has_instances(args.weighting):
-            save_instance_weights(args.out, w, run.train)
+        w_all = run.w_all = weighting.of_all()                                                      # (N,)
+        alpha = weighting.per_domain(w_all, run.train, run.domains)
+        log_iteration(args.out, done, sums, seconds, alpha, key_auc(w_all.tolist(), run.train), args, run.history)
+        if weighting.per_cot:
+            save_instance_weights(args.out, w_all, run.train)
         run.sums = new_sums()
         show_weights(run.bar, alpha, args.weighting)
     elif args.weighting == "domain":                            # cheap: on the bar at every iteration
-        show_weights(run.bar, weights_per_domain(run.w.a, args.weighting, None, run.train, run.domains), args.weighting)
+        show_weights(run.bar, weighting.per_domain(None, run.train, run.domains), args.weighting)
     if run.held_out and (done % args.eval_every == 0 or done == args.iterations):
         log_eval(args.out, done, evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch))
     if done % args.save_every == 0 or done == args.iterations:
-        save_checkpoint(args.out, run.model, run.w.a, run.opt_phi, run.opt_a, done, run.run_lock)
+        save_checkpoint(args.out, run.model, weighting.a, run.opt_phi, run.opt_a, done, run.run_lock)
 
 
 def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
@@ -1243,7 +1252,7 @@ def evaluate_held_out(model, records, autocast, batch_size):
     pairs, scores = [], []
     with torch.no_grad():
         for i in range(0, len(records), batch_size):
-            values, mask = forward(model, records[i:i + batch_size], autocast)          # (b, S)
+            values, mask = forward(model, records[i:i + batch_size], autocast, shared=False)   # (b, S)
             values = values.float()
             scores += prm.aggregate(values, mask, "mean_logit").tolist()
             for r, v, m in zip(records[i:i + batch_size], values, mask):
@@ -1316,11 +1325,10 @@ def finish_run(run):
         run.history, run.n_long
     w = run.w_all           # logged at the last iteration; computed here when a resumed run had none left
     if w is None:
-        w = weights_of_all(run.w.a, args.weighting, train, run.w.keys, model, run.autocast, args.weight_max,
-                           args.train_batch)
-    alpha = weights_per_domain(run.w.a, args.weighting, w, train, domains)
+        w = run.weighting.of_all()
+    alpha = run.weighting.per_domain(w, train, domains)
     check_still_ours(run.run_lock)
-    instance = has_instances(args.weighting)
+    instance = run.weighting.per_cot
     learned = ", ".join(f"{d} {x:.3f}" for d, x in sorted(alpha.items(), key=lambda x: -x[1]))
     card = [f"- DreamPRM bi-level training (weighting: {args.weighting}), {args.iterations} outer iterations of "
             f"{args.unroll_steps} lower steps; lower lr {args.lr}, meta lr {args.meta_lr}, precision {args.precision}",
@@ -1354,7 +1362,7 @@ def saturation_note(model, records, autocast, lr):
     high for the backbone drives every value to one side, and the run would otherwise finish
     silently with a PRM that ranks nothing. None when the values are not saturated."""
     with torch.no_grad():
-        values, mask = forward(model, records, autocast)                      # (B, S)
+        values, mask = forward(model, records, autocast, shared=False)        # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)
     V, m = values.float()[mask & p_mask], mask & p_mask
     saturated = ((V < 1e-3) | (V > 1 - 1e-3)).float().mean().item() if V.numel() else 0.0
@@ -1461,20 +1469,20 @@ def plot_weights(history, names, path):
 # Appendix E. Optimizer options: the raw weights' Adam, accumulation, the lr schedule, memory
 # ==============================================================================================
 
-def upper_optimizer(a, lr=0.01, weight_decay=0.0):
+def upper_optimizer(a, lr, weight_decay):
     """The optimizer of the raw weights a: Adam, as the paper's (weight decay as L2 in the gradient)."""
     return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
 
 
-def accumulated_lower_step(forward, opt_phi, w, records, keys, clip, accum):
+def accumulated_lower_step(forward, opt_phi, weighting, records, keys, clip, accum):
     """lower_step in `accum` micro-batches (--grad-accum), one forward and backward each, gradients
     summed before one optimizer step: the same step as one batch, with a fraction of its activation
     memory. Each micro-batch's loss is divided by the whole batch's labelled steps, and the weights
     are the whole batch's (the Instance Net's need every value first: not with accumulation)."""
     p, p_mask = label_tensors(records, max(len(r["steps"]) for r in records), keys.device)      # (B, S)
     n = p_mask.sum(-1).float()                                                                   # (B,)
-    batch = TrainBatch(records, keys, p, p_mask, None, None, n)          # the losses filled in below
-    alpha_b = w.weights(detached(w.a), batch)                                                   # (B,)
+    batch = TrainBatch(records, keys, p, p_mask, n=n)                    # the losses filled in below
+    alpha_b = weighting.weights(detached(weighting.a), batch)                                   # (B,)
     opt_phi.zero_grad(set_to_none=True)
     L_tr, ls = 0.0, []
     for chunk in torch.arange(len(records)).chunk(accum):
@@ -1491,7 +1499,7 @@ def accumulated_lower_step(forward, opt_phi, w, records, keys, clip, accum):
     return batch
 
 
-def lr_factor(t, total, schedule="constant", warmup=0.0, lr_step=5000, lr_gamma=0.5):
+def lr_factor(t, total, schedule, warmup, lr_step, lr_gamma):
     """The lower lr at lower step t (0-based, of `total`) as a fraction of --lr: a linear rise over the
     first warmup * total steps, then constant, cosine (to 0 at the last step) or step (x lr_gamma
     every lr_step steps). A pure function of t, so a resumed run follows the same schedule."""
@@ -1542,7 +1550,7 @@ class CompactAdamW(torch.optim.Optimizer):
 
     CHUNK = 1 << 22
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=0):
+    def __init__(self, params, lr, weight_decay, seed, betas=(0.9, 0.999), eps=1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
 
@@ -1576,7 +1584,7 @@ class CompactAdamW(torch.optim.Optimizer):
                     w.addcdiv_(m, s.sqrt_().div_(c2).add_(group["eps"]), value=-group["lr"] / c1)
 
 
-def lower_optimizer(phi, lr, weight_decay=0.0, fused=None, compact=False, seed=0):
+def lower_optimizer(phi, lr, weight_decay, compact, seed, fused=None):
     """AdamW on phi. fused (default: when phi is on CUDA) runs one kernel per step that updates
     every tensor in place. torch's default on CUDA, foreach, first computes sqrt(v_hat) for all of
     phi at once: a temporary of 4 bytes per parameter that is alive while phi, its gradients and
@@ -1607,7 +1615,7 @@ def enable_checkpointing(model):
 # Appendix F. The forward: packed, or shared-prefix (--group-by-question: a question's image and question encoded once)
 # ==============================================================================================
 
-def forward(model, records, autocast, shared=False):
+def forward(model, records, autocast, shared):
     """Packed step values of a list of records: (B, S) values, (B, S) mask. shared: the CoTs of one
     question run as one shared-prefix batch, its image and question encoded once; the same values
     and gradients at less cost. The method calls partial(forward, model, autocast=..., shared=...)."""

@@ -20,16 +20,18 @@ Read from the top; every stage imports this file and none re-implements it:
                      InternVL, LLaVA-OneVision, Gemma 3, Idefics3, SmolVLM), chosen at load.
   2. Loading, saving `PRM.from_backbone`, `PRM.from_pretrained`, `PRM.save_pretrained`:
                      safetensors and JSON only, strict checks, a model card.
-  3. Tiny backbone   `tiny_backbone`: a small randomly initialised model of a family (Qwen2-VL by
-                     default) with a locally built tokenizer and Pillow image processor, for tests
-                     and the toy world.
-  4. Records, formats `read_cots`: one reader for our JSON Lines and nine public formats (`FORMATS`:
+  3. Answers         `extract_answer`, `match_answer`, `top_answers` and `uniform_choice` (the
+                     vote with fair ties): the answer logic every stage uses.
+  4. Records         our JSON Lines fields, `check_record` (errors that name file, line and
+                     field), record keys.
+  5. Formats         `read_cots`: one reader for our JSON Lines and nine public formats (`FORMATS`:
                      PRM800K, ProcessBench, Math-Shepherd, DreamPRM-1.5, VisualPRM400K, RLHFlow,
                      TRL stepwise supervision, the published DreamPRM JSON, VisualProcessBench),
-                     each record validated by `check_record`, with errors that name file, line
-                     and field; the answer logic every stage uses (`extract_answer`,
-                     `match_answer`, the vote).
-  5. Plumbing        `DataError`, the argument parser, atomic files, locks, the PNG line chart:
+                     each record validated by `check_record`.
+  6. Tiny backbones  `tiny_backbone`: a small randomly initialised model of a family (Qwen2-VL by
+                     default) with a locally built tokenizer and Pillow image processor, for tests
+                     and the toy world.
+  7. Plumbing        `DataError`, the argument parser, atomic files, locks, the PNG line chart:
                      a reader of the method can stop before it.
 
 Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
@@ -956,300 +958,102 @@ def model_card(meta, lines):
 
 
 # ==============================================================================================
-# 3. The tiny backbone (tests and the toy world; nothing is downloaded)
+# 3. Answers: the answer a CoT gives, matching it to a key, the vote with fair ties
 # ==============================================================================================
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# The answer line a CoT ends with, in the forms the public formats write it.
+_ANSWER_RES = [re.compile(r"^[ \t]*#+[ \t]*Answer[ \t]*\n\s*(\S[^\n]*)", re.IGNORECASE | re.MULTILINE),    # PRM800K
+               re.compile(r"^[ \t]*(?:\*\*)?Answer(?:\*\*)?[ \t]*[:：][ \t]*(\S[^\n]*)", re.IGNORECASE | re.MULTILINE),
+               re.compile(r"\bthe answer is[ \t]*[:：]?[ \t]*(\S[^\n]*)", re.IGNORECASE)]
 
 
-# Qwen2-VL's chat template, reduced to what this project uses: a user turn with an optional image.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def extract_answer(text):
+    """The answer a CoT gives, one rule for every format: the first line after the last 'Final
+    answer:'; else the line after a '# Answer' heading (PRM800K), after 'Answer:', or after 'The
+    answer is' (Math-Shepherd), the last one in the text; else the CoT's last non-empty line."""
+    final = split_steps(text).final
+    if final:
+        return final.splitlines()[0].strip()
+    for pattern in _ANSWER_RES:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip().rstrip(".").strip()
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ""
 
 
-# Text the tiny tokenizer's BPE merges are learned from: the words of the structured prompt and
-# of the toy world, so toy CoTs are a few dozen tokens rather than hundreds of bytes.
-_TOKENIZER_CORPUS = """Question: Options: Step 1: Restate the question. Step 2: Gather evidence from the image.
-Step 3: Identify any background knowledge needed. Step 4: Reason with the current evidence.
-Step 5: Summarize and conclude with all the information. Final answer: the answer is
-The image shows a red green blue yellow circle square triangle shapes digits number count sum
-add plus minus total how many what is which color of the left right top bottom largest smallest
-We need to count compute the result so therefore hence check this carefully I think maybe
-guess Hmm wait seems correct wrong answer value equals is are was in on at and or not a an
-"""
+
+_NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
-def _tiny_tokenizer(vocab_size=512, special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>",
-                    pad="<|endoftext|>", named=None):
-    """A BPE tokenizer learned from _TOKENIZER_CORPUS, with a family's special tokens, its chat
-    template, and `named` special tokens (tokenizer attributes its processor reads, e.g. boi_token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
-    tok.add_special_tokens(special)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, eos_token=eos, pad_token=pad,
-                                   model_max_length=32768, **({"extra_special_tokens": named} if named else {}))
+def normalize(s):
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.\-]", " ", str(s).lower())).strip()
 
 
-def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1, family="qwen2_vl"):
-    """A small randomly initialised image-text model of a family (default Qwen2-VL; any of
-    FAMILIES), as its ForConditionalGeneration class (so it can also generate as a policy), its
-    locally built tokenizer and a Pillow image processor.
+def to_number(s):
+    m = _NUM_RE.search(str(s))
+    return float(m.group().replace(",", "")) if m else None
 
-    Deterministic for a seed. Returns (model, tokenizer, image_processor); save all three with
-    save_pretrained into one directory (`save_tiny_backbone`) and load them like any checkpoint.
+
+def match_answer(pred, answer, choices=None, rel_tol=1e-3):
+    """Whether pred matches the answer key.
+
+    Multiple choice: pred is read as a letter ('B', '(B)', 'B.', 'B: dog'), else as the option its
+    text equals or contains, else the nearest option text (difflib ratio >= 0.5); the key is read
+    the same way. Numbers: equal within rel_tol, or equal once rounded to the key's decimals
+    ('3.14159' matches '3.14'; '1,000' matches '1000'; a unit after the key is allowed).
+    Otherwise the normalized strings (case, punctuation, whitespace) must be equal.
     """
-    if family != "qwen2_vl":
-        return _tiny_family_backbone(family, seed, hidden_size, layers, heads)
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tokenizer = _tiny_tokenizer()
-    tid = tokenizer.convert_tokens_to_ids
-    mrope = _mrope_section(hidden_size // heads)
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=4096, bos_token_id=tid("<|endoftext|>"),
-                         eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope)),
-        vision_config=dict(depth=vision_depth, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-    )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tid("<|endoftext|>")
-    model.generation_config.eos_token_id = tid("<|im_end|>")
-    # Small images: 56x56 to 112x112 pixels, 4 to 16 image tokens after the 2x2 merge.
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return model, tokenizer, image_processor
+    pred_n, ans_n = normalize(pred), normalize(answer)
+    if choices:
+        letters = [chr(65 + i) for i in range(len(choices))]
+
+        def as_letter(s, raw):
+            m = re.fullmatch(r"\(?([a-z])\)?\.?", s)
+            if m and m.group(1).upper() in letters:
+                return m.group(1).upper()
+            m = re.match(r"^\(?([A-Z])\)[ .:]", raw.strip()) or re.match(r"^([A-Z])[.:] ", raw.strip())
+            if m and m.group(1) in letters:
+                return m.group(1)
+            opts = [normalize(c) for c in choices]
+            if s in opts:
+                return letters[opts.index(s)]
+            close = [i for i, o in enumerate(opts) if o and (o in s or s in o)]
+            if len(close) == 1:
+                return letters[close[0]]
+            ratios = [difflib.SequenceMatcher(None, s, o).ratio() for o in opts]
+            best = max(ratios)
+            return letters[ratios.index(best)] if best >= 0.5 and ratios.count(best) == 1 else None
+
+        a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
+        if a is not None:
+            return p == a
+    ans_raw = str(answer).strip().lower()
+    x, y = to_number(str(pred)), to_number(ans_raw)
+    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_raw):
+        digits = len(ans_raw.split(".")[1].split()[0]) if "." in ans_raw.split()[0] else 0
+        return abs(x - y) <= rel_tol * max(1.0, abs(y)) or round(x, digits) == y
+    return pred_n == ans_n
 
 
-# The other families' tiny backbones: each family's own special tokens and a chat template reduced
-# from its published one (a user turn with an optional image, the assistant header), a model of the
-# family's own classes at the tiny size, and its Pillow image processor at small image sizes.
-_QWEN_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+def top_answers(preds):
+    """The most-voted answers (normalized), each as the indices of its CoTs, in first-seen order:
+    several lists when the vote is tied."""
+    keys = [normalize(p) for p in preds]
+    counts = Counter(keys)                                       # insertion order: first seen first
+    best = max(counts.values())
+    return [[i for i, k in enumerate(keys) if k == answer] for answer, n in counts.items() if n == best]
 
 
-def _chat_template(turn, image, end, assistant):
-    """A chat template: `turn` opens a user turn ('{role}' is the role), `image` is what it writes
-    for an image, `end` closes the turn, `assistant` opens the assistant's."""
-    return ("{% for message in messages %}" + turn.replace("{role}", "{{ message['role'] }}")
-            + "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-            "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}" + end + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
-
-
-def _mrope_section(head_dim):
-    """M-RoPE's split of head_dim / 2 rotary frequencies over (t, h, w), Qwen's proportions."""
-    half = head_dim // 2
-    return [half - 2 * (half // 3), half // 3, half // 3]
-
-
-def _tiny_text(tok, hidden, layers, heads, **extra):
-    """A small decoder's config fields (the language model inside each family)."""
-    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
-
-
-def _tiny_vision(hidden, image_size, model_type=None):
-    """A one-layer ViT's config fields (SigLIP-like), on image_size pixels in 14-pixel patches."""
-    return dict(hidden_size=hidden // 2, num_hidden_layers=1, num_attention_heads=2, intermediate_size=hidden,
-                image_size=image_size, patch_size=14, **({"model_type": model_type} if model_type else {}))
-
-
-def _tiny_qwen3_vl(tok, hidden, layers, heads):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tid = tok.convert_tokens_to_ids
-    config = Qwen3VLConfig(
-        text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads),
-            mrope_interleaved=True)),
-        vision_config=dict(depth=1, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    # 64x64 to 128x128 pixels: 4 to 16 image tokens after the 2x2 merge of 16-pixel patches.
-    return config, Qwen3VLForConditionalGeneration, Qwen2VLImageProcessorPil(
-        patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
-def _tiny_qwen2_5_vl(tok, hidden, layers, heads):
-    """Qwen2.5-VL: Qwen2-VL's tokenizer and image processor, window attention in the vision tower."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tid = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=_tiny_text(tok, hidden, layers, heads, bos_token_id=tid("<|endoftext|>"), rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads))),
-        vision_config=dict(depth=1, hidden_size=hidden // 2, out_hidden_size=hidden, num_heads=2, intermediate_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
-                           window_size=112),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    return config, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-
-
-def _tiny_internvl(tok, hidden, layers, heads):
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-    config = InternVLConfig(vision_config=dict(_tiny_vision(hidden, 56), intermediate_size=hidden),
-                            text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
-                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
-                            downsample_ratio=0.5)
-    # 56-pixel tiles (4 tokens each after the pixel shuffle), up to 4 tiles and a thumbnail.
-    return config, InternVLForConditionalGeneration, GotOcr2ImageProcessorPil(
-        size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4)
-
-
-def _tiny_llava_onevision(tok, hidden, layers, heads):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
-    config = LlavaOnevisionConfig(vision_config=_tiny_vision(hidden, 28, "siglip_vision_model"),
-                                  text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
-                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
-                                  video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints)
-    # 28-pixel base image (4 tokens) and anyres grids up to 2x2 such patches.
-    return config, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil(
-        size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
-
-
-def _tiny_gemma3(tok, hidden, layers, heads):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-    tid = tok.convert_tokens_to_ids
-    config = Gemma3Config(text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, sliding_window=512,
-                                                 bos_token_id=tid("<bos>")),
-                          vision_config=_tiny_vision(hidden, 56), mm_tokens_per_image=4,
-                          boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
-                          image_token_index=tid("<image_soft_token>"))
-    # 56x56 images: 16 patches pooled to 4 soft tokens.
-    return config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
-
-
-def _tiny_idefics3(tok, hidden, layers, heads, smol=False):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
-                              SmolVLMForConditionalGeneration)
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    Config, Model, Processor = (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil) if smol else \
-        (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil)
-    config = Config(vision_config=_tiny_vision(hidden, 56), text_config=dict(_tiny_text(tok, hidden, layers, heads),
-                                                                            model_type="llama"),
-                    scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
-    # Images up to 112 pixels split into 56-pixel tiles (4 tokens each) and the global image.
-    return config, Model, Processor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
-
-
-_ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
-_IDEFICS3_TINY = dict(special=["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
-                               "<global-img>"] + _ROWS_COLS,
-                      template=_chat_template("<|im_start|>{{ message['role'] | capitalize }}:", "<image>",
-                                              "<end_of_utterance>\n", "Assistant:"),
-                      eos="<end_of_utterance>", pad="<|endoftext|>",
-                      named=dict(image_token="<image>", fake_image_token="<fake_token_around_image>",
-                                 global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>"))
-# family -> its tokenizer's special tokens, chat template, eos and pad tokens, named special tokens
-# (tokenizer attributes its processor reads), and the builder of its config, model class and image processor.
-_QWEN_TINY = dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", named={})
-TINY_FAMILIES = {
-    "qwen2_5_vl": dict(_QWEN_TINY, build=_tiny_qwen2_5_vl),
-    "qwen3_vl": dict(_QWEN_TINY, build=_tiny_qwen3_vl),
-    "internvl": dict(special=_QWEN_CHAT + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
-                     template=_chat_template("<|im_start|>{role}\n", "<IMG_CONTEXT>\n", "<|im_end|>\n",
-                                             "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
-                     named=dict(start_image_token="<img>", end_image_token="</img>",
-                                context_image_token="<IMG_CONTEXT>", video_token="<video>"),
-                     build=_tiny_internvl),
-    "llava_onevision": dict(special=_QWEN_CHAT + ["<image>", "<video>"],
-                            template=_chat_template("<|im_start|>{role}\n", "<image>\n", "<|im_end|>\n",
-                                                    "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
-                            named=dict(image_token="<image>", video_token="<video>"), build=_tiny_llava_onevision),
-    "gemma3": dict(special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                            "<end_of_image>", "<image_soft_token>"],
-                   template="<bos>" + _chat_template("<start_of_turn>{role}\n", "<start_of_image>", "<end_of_turn>\n",
-                                                     "<start_of_turn>model\n").replace(
-                       "{{ message['role'] }}", "{{ 'model' if message['role'] == 'assistant' else message['role'] }}"),
-                   eos="<end_of_turn>", pad="<pad>",
-                   named=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"),
-                   build=_tiny_gemma3),
-    "idefics3": dict(_IDEFICS3_TINY, build=_tiny_idefics3),
-    "smolvlm": dict(_IDEFICS3_TINY, build=partial(_tiny_idefics3, smol=True)),
-}
-
-
-def _tiny_family_backbone(family, seed, hidden_size, layers, heads):
-    """tiny_backbone of a family other than Qwen2-VL (TINY_FAMILIES)."""
-    spec = TINY_FAMILIES[family]
-    tokenizer = _tiny_tokenizer(special=spec["special"], template=spec["template"], eos=spec["eos"], pad=spec["pad"],
-                                named=spec["named"])
-    config, model_class, image_processor = spec["build"](tokenizer, hidden_size, layers, heads)
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer, image_processor
-
-
-def save_tiny_backbone(path, seed=0, **kwargs):
-    """Write tiny_backbone(seed) into `path` (once; reused if it is already there). Returns path."""
-    recover_dir(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    model, tokenizer, image_processor = tiny_backbone(seed, **kwargs)
-    _quiet_transformers()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # A folder of this process's own, renamed into place: two runs that start at once each write
-    # their own copy, and the second rename finds the first's (the same bytes) and is dropped.
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path.rstrip("/")) + ".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    os.chmod(tmp, 0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        readable(tmp)
-        os.replace(tmp, path)
-    except OSError:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def resolve_model(model, cache_dir="runs/tiny-backbone"):
-    """--model argument -> a local directory. 'tiny' means the tiny backbone, written on first use."""
-    if model == "tiny":
-        return save_tiny_backbone(cache_dir)
-    if not os.path.isdir(model):
-        raise DataError("no such model directory (weights are never downloaded; give a local "
-                        "directory written by save_pretrained, or 'tiny')", file=model)
-    return model
+def uniform_choice(correct, groups):
+    """Expected accuracy of a uniform choice among tied candidates: each group (a tied answer, or a
+    tied CoT) is equally likely and scores the mean correctness of its CoTs."""
+    return sum(sum(correct[i] for i in g) / len(g) for g in groups) / len(groups)
 
 
 # ==============================================================================================
-# 4. Records and data formats
+# 4. Records: our fields, validation and keys
 # ==============================================================================================
-
-# -- Our records: fields, validation, keys -----------------------------------------------------
 
 # Required fields per record kind and their types.
 _FIELDS = {
@@ -1405,104 +1209,15 @@ def _short_id(*parts):
     return hashlib.sha1("\0".join(str(p) for p in parts).encode()).hexdigest()[:12]
 
 
-# The answer line a CoT ends with, in the forms the public formats write it.
-_ANSWER_RES = [re.compile(r"^[ \t]*#+[ \t]*Answer[ \t]*\n\s*(\S[^\n]*)", re.IGNORECASE | re.MULTILINE),    # PRM800K
-               re.compile(r"^[ \t]*(?:\*\*)?Answer(?:\*\*)?[ \t]*[:：][ \t]*(\S[^\n]*)", re.IGNORECASE | re.MULTILINE),
-               re.compile(r"\bthe answer is[ \t]*[:：]?[ \t]*(\S[^\n]*)", re.IGNORECASE)]
+# ==============================================================================================
+# 5. The public formats: each one small converter into our records, then one reader
+# ==============================================================================================
 
-
-def extract_answer(text):
-    """The answer a CoT gives, one rule for every format: the first line after the last 'Final
-    answer:'; else the line after a '# Answer' heading (PRM800K), after 'Answer:', or after 'The
-    answer is' (Math-Shepherd), the last one in the text; else the CoT's last non-empty line."""
-    final = split_steps(text).final
-    if final:
-        return final.splitlines()[0].strip()
-    for pattern in _ANSWER_RES:
-        found = pattern.findall(text)
-        if found:
-            return found[-1].strip().rstrip(".").strip()
-    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
-    return lines[-1] if lines else ""
-
-
-# -- Formats: each public file format is one small converter into our records ------------------
-#
 # A converter takes (source record, file, where, opts) and returns our record (question, answer,
 # image, steps, final, pred, correct, mc, domain, id) or a Skip. Step labels become MC values in
 # [0, 1]: correct 1.0, wrong 0.0, a neutral or unrated step None (unlabelled: it teaches nothing,
 # rather than being read as right or wrong). `correct` is the CoT's final correctness where the
 # format states it, else None (unknown) unless opts["correct_from"] is "last-label".
-
-# -- Answers: rule-based matching, and the vote with fair ties --------------------------------------
-
-_NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-
-
-def normalize(s):
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.\-]", " ", str(s).lower())).strip()
-
-
-def to_number(s):
-    m = _NUM_RE.search(str(s))
-    return float(m.group().replace(",", "")) if m else None
-
-
-def match_answer(pred, answer, choices=None, rel_tol=1e-3):
-    """Whether pred matches the answer key.
-
-    Multiple choice: pred is read as a letter ('B', '(B)', 'B.', 'B: dog'), else as the option its
-    text equals or contains, else the nearest option text (difflib ratio >= 0.5); the key is read
-    the same way. Numbers: equal within rel_tol, or equal once rounded to the key's decimals
-    ('3.14159' matches '3.14'; '1,000' matches '1000'; a unit after the key is allowed).
-    Otherwise the normalized strings (case, punctuation, whitespace) must be equal.
-    """
-    pred_n, ans_n = normalize(pred), normalize(answer)
-    if choices:
-        letters = [chr(65 + i) for i in range(len(choices))]
-
-        def as_letter(s, raw):
-            m = re.fullmatch(r"\(?([a-z])\)?\.?", s)
-            if m and m.group(1).upper() in letters:
-                return m.group(1).upper()
-            m = re.match(r"^\(?([A-Z])\)[ .:]", raw.strip()) or re.match(r"^([A-Z])[.:] ", raw.strip())
-            if m and m.group(1) in letters:
-                return m.group(1)
-            opts = [normalize(c) for c in choices]
-            if s in opts:
-                return letters[opts.index(s)]
-            close = [i for i, o in enumerate(opts) if o and (o in s or s in o)]
-            if len(close) == 1:
-                return letters[close[0]]
-            ratios = [difflib.SequenceMatcher(None, s, o).ratio() for o in opts]
-            best = max(ratios)
-            return letters[ratios.index(best)] if best >= 0.5 and ratios.count(best) == 1 else None
-
-        a, p = as_letter(ans_n, str(answer)), as_letter(pred_n, str(pred))
-        if a is not None:
-            return p == a
-    ans_raw = str(answer).strip().lower()
-    x, y = to_number(str(pred)), to_number(ans_raw)
-    if x is not None and y is not None and re.fullmatch(r"-?[\d,]+(\.\d+)?\s*\w*", ans_raw):
-        digits = len(ans_raw.split(".")[1].split()[0]) if "." in ans_raw.split()[0] else 0
-        return abs(x - y) <= rel_tol * max(1.0, abs(y)) or round(x, digits) == y
-    return pred_n == ans_n
-
-
-def top_answers(preds):
-    """The most-voted answers (normalized), each as the indices of its CoTs, in first-seen order:
-    several lists when the vote is tied."""
-    keys = [normalize(p) for p in preds]
-    counts = Counter(keys)                                       # insertion order: first seen first
-    best = max(counts.values())
-    return [[i for i, k in enumerate(keys) if k == answer] for answer, n in counts.items() if n == best]
-
-
-def uniform_choice(correct, groups):
-    """Expected accuracy of a uniform choice among tied candidates: each group (a tied answer, or a
-    tied CoT) is equally likely and scores the mean correctness of its CoTs."""
-    return sum(sum(correct[i] for i in g) / len(g) for g in groups) / len(groups)
-
 
 @dataclass
 class Skip:
@@ -2238,7 +1953,297 @@ def skip_report(skips, questions):
 
 
 # ==============================================================================================
-# 5. Plumbing
+# 6. The tiny backbones (tests and the toy world; nothing is downloaded)
+# ==============================================================================================
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+# Qwen2-VL's chat template, reduced to what this project uses: a user turn with an optional image.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# Text the tiny tokenizer's BPE merges are learned from: the words of the structured prompt and
+# of the toy world, so toy CoTs are a few dozen tokens rather than hundreds of bytes.
+_TOKENIZER_CORPUS = """Question: Options: Step 1: Restate the question. Step 2: Gather evidence from the image.
+Step 3: Identify any background knowledge needed. Step 4: Reason with the current evidence.
+Step 5: Summarize and conclude with all the information. Final answer: the answer is
+The image shows a red green blue yellow circle square triangle shapes digits number count sum
+add plus minus total how many what is which color of the left right top bottom largest smallest
+We need to count compute the result so therefore hence check this carefully I think maybe
+guess Hmm wait seems correct wrong answer value equals is are was in on at and or not a an
+"""
+
+
+def _tiny_tokenizer(vocab_size=512, special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>",
+                    pad="<|endoftext|>", named=None):
+    """A BPE tokenizer learned from _TOKENIZER_CORPUS, with a family's special tokens, its chat
+    template, and `named` special tokens (tokenizer attributes its processor reads, e.g. boi_token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, eos_token=eos, pad_token=pad,
+                                   model_max_length=32768, **({"extra_special_tokens": named} if named else {}))
+
+
+def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1, family="qwen2_vl"):
+    """A small randomly initialised image-text model of a family (default Qwen2-VL; any of
+    FAMILIES), as its ForConditionalGeneration class (so it can also generate as a policy), its
+    locally built tokenizer and a Pillow image processor.
+
+    Deterministic for a seed. Returns (model, tokenizer, image_processor); save all three with
+    save_pretrained into one directory (`save_tiny_backbone`) and load them like any checkpoint.
+    """
+    if family != "qwen2_vl":
+        return _tiny_family_backbone(family, seed, hidden_size, layers, heads)
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = _tiny_tokenizer()
+    tid = tokenizer.convert_tokens_to_ids
+    mrope = _mrope_section(hidden_size // heads)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=4096, bos_token_id=tid("<|endoftext|>"),
+                         eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope)),
+        vision_config=dict(depth=vision_depth, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tid("<|endoftext|>")
+    model.generation_config.eos_token_id = tid("<|im_end|>")
+    # Small images: 56x56 to 112x112 pixels, 4 to 16 image tokens after the 2x2 merge.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return model, tokenizer, image_processor
+
+
+# The other families' tiny backbones: each family's own special tokens and a chat template reduced
+# from its published one (a user turn with an optional image, the assistant header), a model of the
+# family's own classes at the tiny size, and its Pillow image processor at small image sizes.
+_QWEN_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _chat_template(turn, image, end, assistant):
+    """A chat template: `turn` opens a user turn ('{role}' is the role), `image` is what it writes
+    for an image, `end` closes the turn, `assistant` opens the assistant's."""
+    return ("{% for message in messages %}" + turn.replace("{role}", "{{ message['role'] }}")
+            + "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+            "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}" + end + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
+
+
+def _mrope_section(head_dim):
+    """M-RoPE's split of head_dim / 2 rotary frequencies over (t, h, w), Qwen's proportions."""
+    half = head_dim // 2
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
+def _tiny_text(tok, hidden, layers, heads, **extra):
+    """A small decoder's config fields (the language model inside each family)."""
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+
+
+def _tiny_vision(hidden, image_size, model_type=None):
+    """A one-layer ViT's config fields (SigLIP-like), on image_size pixels in 14-pixel patches."""
+    return dict(hidden_size=hidden // 2, num_hidden_layers=1, num_attention_heads=2, intermediate_size=hidden,
+                image_size=image_size, patch_size=14, **({"model_type": model_type} if model_type else {}))
+
+
+def _tiny_qwen3_vl(tok, hidden, layers, heads):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tid = tok.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads),
+            mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    # 64x64 to 128x128 pixels: 4 to 16 image tokens after the 2x2 merge of 16-pixel patches.
+    return config, Qwen3VLForConditionalGeneration, Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _tiny_qwen2_5_vl(tok, hidden, layers, heads):
+    """Qwen2.5-VL: Qwen2-VL's tokenizer and image processor, window attention in the vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tid = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=_tiny_text(tok, hidden, layers, heads, bos_token_id=tid("<|endoftext|>"), rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads))),
+        vision_config=dict(depth=1, hidden_size=hidden // 2, out_hidden_size=hidden, num_heads=2, intermediate_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                           window_size=112),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    return config, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+def _tiny_internvl(tok, hidden, layers, heads):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    config = InternVLConfig(vision_config=dict(_tiny_vision(hidden, 56), intermediate_size=hidden),
+                            text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                            downsample_ratio=0.5)
+    # 56-pixel tiles (4 tokens each after the pixel shuffle), up to 4 tiles and a thumbnail.
+    return config, InternVLForConditionalGeneration, GotOcr2ImageProcessorPil(
+        size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4)
+
+
+def _tiny_llava_onevision(tok, hidden, layers, heads):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = LlavaOnevisionConfig(vision_config=_tiny_vision(hidden, 28, "siglip_vision_model"),
+                                  text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints)
+    # 28-pixel base image (4 tokens) and anyres grids up to 2x2 such patches.
+    return config, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil(
+        size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
+
+
+def _tiny_gemma3(tok, hidden, layers, heads):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    tid = tok.convert_tokens_to_ids
+    config = Gemma3Config(text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, sliding_window=512,
+                                                 bos_token_id=tid("<bos>")),
+                          vision_config=_tiny_vision(hidden, 56), mm_tokens_per_image=4,
+                          boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
+                          image_token_index=tid("<image_soft_token>"))
+    # 56x56 images: 16 patches pooled to 4 soft tokens.
+    return config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+
+
+def _tiny_idefics3(tok, hidden, layers, heads, smol=False):
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    Config, Model, Processor = (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil) if smol else \
+        (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil)
+    config = Config(vision_config=_tiny_vision(hidden, 56), text_config=dict(_tiny_text(tok, hidden, layers, heads),
+                                                                            model_type="llama"),
+                    scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    # Images up to 112 pixels split into 56-pixel tiles (4 tokens each) and the global image.
+    return config, Model, Processor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+
+
+_ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+_IDEFICS3_TINY = dict(special=["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                               "<global-img>"] + _ROWS_COLS,
+                      template=_chat_template("<|im_start|>{{ message['role'] | capitalize }}:", "<image>",
+                                              "<end_of_utterance>\n", "Assistant:"),
+                      eos="<end_of_utterance>", pad="<|endoftext|>",
+                      named=dict(image_token="<image>", fake_image_token="<fake_token_around_image>",
+                                 global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>"))
+# family -> its tokenizer's special tokens, chat template, eos and pad tokens, named special tokens
+# (tokenizer attributes its processor reads), and the builder of its config, model class and image processor.
+_QWEN_TINY = dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", named={})
+TINY_FAMILIES = {
+    "qwen2_5_vl": dict(_QWEN_TINY, build=_tiny_qwen2_5_vl),
+    "qwen3_vl": dict(_QWEN_TINY, build=_tiny_qwen3_vl),
+    "internvl": dict(special=_QWEN_CHAT + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+                     template=_chat_template("<|im_start|>{role}\n", "<IMG_CONTEXT>\n", "<|im_end|>\n",
+                                             "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
+                     named=dict(start_image_token="<img>", end_image_token="</img>",
+                                context_image_token="<IMG_CONTEXT>", video_token="<video>"),
+                     build=_tiny_internvl),
+    "llava_onevision": dict(special=_QWEN_CHAT + ["<image>", "<video>"],
+                            template=_chat_template("<|im_start|>{role}\n", "<image>\n", "<|im_end|>\n",
+                                                    "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
+                            named=dict(image_token="<image>", video_token="<video>"), build=_tiny_llava_onevision),
+    "gemma3": dict(special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                            "<end_of_image>", "<image_soft_token>"],
+                   template="<bos>" + _chat_template("<start_of_turn>{role}\n", "<start_of_image>", "<end_of_turn>\n",
+                                                     "<start_of_turn>model\n").replace(
+                       "{{ message['role'] }}", "{{ 'model' if message['role'] == 'assistant' else message['role'] }}"),
+                   eos="<end_of_turn>", pad="<pad>",
+                   named=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"),
+                   build=_tiny_gemma3),
+    "idefics3": dict(_IDEFICS3_TINY, build=_tiny_idefics3),
+    "smolvlm": dict(_IDEFICS3_TINY, build=partial(_tiny_idefics3, smol=True)),
+}
+
+
+def _tiny_family_backbone(family, seed, hidden_size, layers, heads):
+    """tiny_backbone of a family other than Qwen2-VL (TINY_FAMILIES)."""
+    spec = TINY_FAMILIES[family]
+    tokenizer = _tiny_tokenizer(special=spec["special"], template=spec["template"], eos=spec["eos"], pad=spec["pad"],
+                                named=spec["named"])
+    config, model_class, image_processor = spec["build"](tokenizer, hidden_size, layers, heads)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer, image_processor
+
+
+def save_tiny_backbone(path, seed=0, **kwargs):
+    """Write tiny_backbone(seed) into `path` (once; reused if it is already there). Returns path."""
+    recover_dir(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    model, tokenizer, image_processor = tiny_backbone(seed, **kwargs)
+    _quiet_transformers()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # A folder of this process's own, renamed into place: two runs that start at once each write
+    # their own copy, and the second rename finds the first's (the same bytes) and is dropped.
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path.rstrip("/")) + ".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        readable(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_model(model, cache_dir="runs/tiny-backbone"):
+    """--model argument -> a local directory. 'tiny' means the tiny backbone, written on first use."""
+    if model == "tiny":
+        return save_tiny_backbone(cache_dir)
+    if not os.path.isdir(model):
+        raise DataError("no such model directory (weights are never downloaded; give a local "
+                        "directory written by save_pretrained, or 'tiny')", file=model)
+    return model
+
+
+# ==============================================================================================
+# 7. Plumbing
 # A reader of the method can stop here: errors a user can cause, the command line, atomic
 # files, JSON Lines, output locks and the PNG line chart.
 # ==============================================================================================

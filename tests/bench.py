@@ -268,11 +268,11 @@ def memory_budget():
         its chunk temporaries, measured on CPU with a tensor of two chunks (they do not grow with
         the model)."""
         if o["compact"]:
-            opt = bt.CompactAdamW(phi, lr=1e-6)
+            opt = bt.CompactAdamW(phi, lr=1e-6, weight_decay=0.0, seed=0)
             states = nbytes(t for p in phi for t in opt.init_state(p).values() if t.dim() > 0)
             w = torch.zeros(2 * bt.CompactAdamW.CHUNK, requires_grad=True)
             w.grad = torch.ones_like(w)
-            return states, cpu_peak(bt.CompactAdamW([w], lr=1e-6).step)[1]
+            return states, cpu_peak(bt.CompactAdamW([w], lr=1e-6, weight_decay=0.0, seed=0).step)[1]
         for p in phi:
             p.grad = torch.zeros_like(p)
         opt = torch.optim.AdamW(phi, lr=1e-6, foreach=True)
@@ -329,12 +329,12 @@ def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, 
     """U lower steps on the training batch, then (bilevel) the upper step on the meta batch
     (shared: the shared-prefix forward, the batch's CoTs being of one question)."""
     keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a[0].device)
-    fwd, w = partial(bt.forward, model, autocast=autocast, shared=shared), bt.weighting_from(a, keys, "domain")
+    fwd, w = partial(bt.forward, model, autocast=autocast, shared=shared), bt.DomainWeighting(a, keys)
     for _ in range(U):
-        last = bt.lower_step(fwd, opt_phi, w, train, keys)
+        last = bt.lower_step(fwd, opt_phi, w, train, keys, 0.0)
     if bilevel:
         bt.upper_step(fwd, [p for p in model.parameters() if p.requires_grad], w, opt_a, last, meta, 1e-4,
-                      bt.Upper(offload=offload))
+                      bt.Upper("mse", True, 0.01, offload))
 
 
 def question_records(model, questions, n, args, step_words, image_size, question_words):
@@ -356,7 +356,8 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
     print(f"(4) shared-prefix training (--group-by-question), 8 CoTs per batch, U={args.U}")
     model.train()
     a = [torch.zeros(3, device=device, requires_grad=True)]
-    opt, opt_a = bt.lower_optimizer([p for p in model.parameters() if p.requires_grad], 1e-7), torch.optim.Adam(a)
+    opt = bt.lower_optimizer([p for p in model.parameters() if p.requires_grad], 1e-7, 0.0, False, 0)
+    opt_a = torch.optim.Adam(a)
     phi = [p for p in model.parameters() if p.requires_grad]
     for n in (4, 8):
         records = question_records(model, 8 // n, n, args, step_words, image_size, question_words)
@@ -364,16 +365,17 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
         keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records], device=device)
         tokens = sum(len(r["_enc"].input_ids) for r in records)
 
-        w = bt.weighting_from(a, keys, "domain")
+        w = bt.DomainWeighting(a, keys)
 
         def step(shared):
-            return bt.lower_step(partial(bt.forward, model, autocast=autocast, shared=shared), opt, w, records, keys)
+            return bt.lower_step(partial(bt.forward, model, autocast=autocast, shared=shared), opt, w, records, keys,
+                                  0.0)
 
         def outer(shared):
             for _ in range(args.U):
                 last = step(shared)
             bt.upper_step(partial(bt.forward, model, autocast=autocast, shared=shared), phi, w, opt_a, last, meta, 1e-7,
-                          bt.Upper())
+                          bt.Upper("mse", True, 0.01, False))
         # packed and shared-prefix, a plain step and an outer iteration each, timed in turns
         t = interleaved([partial(step, False), partial(step, True), partial(outer, False), partial(outer, True)],
                         args.repeats, device)
@@ -418,7 +420,7 @@ def memory_options(model, cots, args, device, autocast):
         phi = [p for p in model.parameters() if p.requires_grad]
         a = [torch.zeros(3, device=device, requires_grad=True)]
         # foreach is torch's default on CUDA (said explicitly, so a CPU run measures the same)
-        opt_phi = bt.lower_optimizer(phi, 1e-7, fused=True, compact=o["compact"]) if o["fused"] else \
+        opt_phi = bt.lower_optimizer(phi, 1e-7, 0.0, o["compact"], 0, fused=True) if o["fused"] else \
             torch.optim.AdamW(phi, lr=1e-7, foreach=True)
         opt_a = torch.optim.Adam(a, lr=0.01)
         run = lambda bilevel: outer_iteration(model, opt_phi, opt_a, a, train, meta, args.U, bilevel,  # noqa: E731
@@ -515,7 +517,7 @@ def main(argv=None):
           f"packed / shared = {t_packed / t_shared:.2f}x, max |difference| {(v_packed - v_shared)[mask].abs().max():.2e}")
 
     model.train()
-    opt = bt.lower_optimizer([p for p in model.parameters() if p.requires_grad], 1e-7)
+    opt = bt.lower_optimizer([p for p in model.parameters() if p.requires_grad], 1e-7, 0.0, False, 0)
     batch = (scored * ((args.batch + len(scored) - 1) // len(scored)))[:args.batch]
     t_train_prefix = timed(lambda: train_per_prefix(model, opt, batch, autocast), max(1, args.repeats // 2), device)
     t_train_packed = timed(lambda: train_packed(model, opt, batch, autocast), args.repeats, device)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,17 +20,17 @@ import prm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ["clean", "noisy", "random"]
 
-def lower_step(model, opt, a, records, keys, weighting, autocast, clip=0.0, shared=False, step=bt.lower_step):
-    """One lower step on raw weights a of a weighting mode, through the method's seams."""
+def lower_step(model, opt, weighting, records, autocast, clip=0.0, shared=False, step=bt.lower_step):
+    """One lower step on all the weighting's CoTs (records, keyed by weighting.keys), through the method's seams."""
     fwd = functools.partial(bt.forward, model, autocast=autocast, shared=shared)
-    return step(fwd, opt, bt.weighting_from(a, keys, weighting, fwd), records, keys, clip)
+    return step(fwd, opt, weighting, records, weighting.keys, clip)
 
 
 def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, offload=False, shared=False):
     """One upper step with DreamPRM's domain weights on raw weights a, through the method's seams."""
     fwd = functools.partial(bt.forward, model, autocast=autocast, shared=shared)
-    return bt.upper_step(fwd, phi, bt.weighting_from(a, batch.keys, "domain", fwd), opt_a, batch, m_records, xi,
-                         bt.Upper(offload=offload))
+    return bt.upper_step(fwd, phi, bt.DomainWeighting(a, batch.keys), opt_a, batch, m_records, xi,
+                         bt.Upper("mse", True, 0.01, offload))
 
 
 
@@ -68,16 +69,21 @@ def test_hypergradient_matches_double_backward(family_dir, mode, family):
     xi = 1e-3
 
     def meta_loss_fn():
-        return bt.meta_loss(*prm.step_values(model, m_enc), r)
+        return bt.meta_loss(*prm.step_values(model, m_enc), r, "mse", True)
 
     def train_losses_fn():
         return bt.step_losses(*prm.step_values(model, enc), p, p_mask)[0]
 
+    args = SimpleNamespace(weighting=mode, instance_batch=8, seed=0, weight_max=3.0, net_hidden=6, train_batch=8)
+    weighting = bt.make_weighting(args, records, DOMAINS, "cpu", None)           # the run's, for this mode
+    assert torch.equal(weighting.keys, keys) and [x.shape for x in weighting.a] == [x.shape for x in a]
+    batch = bt.TrainBatch(records, keys, p, p_mask, values=V, mask=M)
+
     def weights_fn(a_):
-        return bt.cot_weights(a_, keys, mode, (V, p, M & p_mask)) / N
+        return weighting.weights(a_, batch) / N
 
     before = [x.detach().clone() for x in phi]
-    g, _ = bt.hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r=1e-4)
+    g, _ = bt.hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, 1e-4, False)
     assert all(torch.equal(x, y) for x, y in zip(before, phi)), "phi must be restored bit for bit"
 
     def grads(loss, create_graph=False):
@@ -104,14 +110,14 @@ def test_lower_loss_is_the_weighted_mean():
     keys = torch.tensor([0, 1, 0])
     alpha = bt.domain_weights(a)
     assert torch.allclose(alpha.mean(), torch.tensor(1.0)) and (alpha > 0).all()
-    L, l, n = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([a], keys, "domain"))
+    L, l, n = bt.lower_loss(values, mask, p, p_mask, bt.domain_weights(a)[keys])
     sq = [(0.9 - 1) ** 2 + 0.2 ** 2, (0.7 - 1) ** 2 + (0.3 - 0.25) ** 2, 0.1 ** 2]
     w = [alpha[0], alpha[1], alpha[0]]
     by_hand = sum(wi * s for wi, s in zip(w, sq)) / 5
     assert torch.allclose(L, by_hand) and n.tolist() == [2, 2, 1]
     assert torch.allclose(bt.domain_weights(torch.zeros(4)), torch.ones(4))
     a.requires_grad_(True)
-    L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([a], keys, "domain"))
+    L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.domain_weights(a)[keys])
     L.backward()
     assert torch.isfinite(a.grad).all()
 
@@ -301,7 +307,7 @@ def test_bf16_compute_keeps_updates_far_below_bf16_resolution(backbone_dir):
             step()
         opt.step = recording_step
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        batch = lower_step(model, opt, a, records, keys, "domain", autocast)
+        batch = lower_step(model, opt, bt.DomainWeighting(a, keys), records, autocast)
         assert torch.isfinite(batch.L_tr)
         fractions[mode] = changed_fraction(model, before, grads)
         if mode == "master_fp32":
@@ -323,7 +329,7 @@ def test_gradient_checkpointing_gives_the_same_step(backbone_dir):
             bt.enable_checkpointing(model)
             assert model.backbone.language_model.gradient_checkpointing
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        lower_step(model, opt, a, records, keys, "domain", torch.autocast("cpu", enabled=False))
+        lower_step(model, opt, bt.DomainWeighting(a, keys), records, torch.autocast("cpu", enabled=False))
         params[ckpt] = [p.detach().clone() for p in model.parameters()]
     assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
     assert any((x != y0).any() for x, y0 in zip(params[False], prm.PRM.from_backbone(backbone_dir).parameters()))
@@ -350,6 +356,28 @@ def test_modes_run_and_write_their_outputs(backbone_dir, tmp_path, flags):
     prm.PRM.from_pretrained(out)
 
 
+@pytest.mark.parametrize("mode", ["instance-table", "domain-instance"])
+def test_an_upper_step_moves_instance_weights_the_right_way(backbone_dir, mode):
+    """Two training CoTs of the same steps, one labelled right (every step 1) and one wrong (every
+    step 0), and a meta CoT of those steps that is correct: one upper step raises the right CoT's
+    table weight and lowers the wrong one's."""
+    steps = ["We count the red circles: 3.", "We add the blue squares: 3 + 4 = 7."]
+    train = [{"id": f"t{k}", "domain": "d", "question": "How many shapes?", "steps": steps, "final": "7",
+              "mc": [label] * 2, "_image": None} for k, label in enumerate((1.0, 0.0))]
+    meta = [{"id": "m", "domain": "meta", "question": "How many shapes?", "steps": steps, "final": "7",
+             "correct": True, "_image": None}]
+    torch.manual_seed(0)
+    model = prm.PRM.from_backbone(backbone_dir).train()
+    args = SimpleNamespace(weighting=mode, instance_batch=2, seed=0, weight_max=3.0, net_hidden=6, train_batch=2)
+    weighting = bt.make_weighting(args, train, ["d"], "cpu", None)
+    fwd = functools.partial(bt.forward, model, autocast=torch.autocast("cpu", enabled=False), shared=False)
+    opt_a = torch.optim.Adam(weighting.a, lr=0.1)
+    bt.upper_step(fwd, [p for p in model.parameters() if p.requires_grad], weighting, opt_a,
+                  bt.label_batch(train, weighting.keys, "cpu"), meta, 1e-3, bt.Upper("mse", True, 0.01, False))
+    table = weighting.a[-1].detach()                                       # (2,) the CoTs' raw table weights
+    assert table[0] > 0 > table[1], table
+
+
 def test_instance_weights_are_bounded():
     """Table and net weights lie in (0, w_max), start at 1, and keep a gradient at the bounds."""
     x = torch.tensor([-1e4, -10.0, 0.0, 10.0, 1e4], requires_grad=True)
@@ -359,13 +387,14 @@ def test_instance_weights_are_bounded():
     w.sum().backward()
     assert (x.grad[1:4] > 0).all()
     theta = bt.init_instance_net(8, 0, "cpu")
-    values, mask = torch.rand(5, 4), torch.ones(5, 4, dtype=torch.bool)
-    steps = (values, torch.rand(5, 4), mask)
-    assert torch.allclose(bt.cot_weights(theta, None, "instance-net", steps), torch.ones(5))
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    batch = bt.TrainBatch([None] * 5, torch.arange(5), torch.rand(5, 4), mask, values=torch.rand(5, 4), mask=mask)
+    assert torch.allclose(bt.InstanceNet(theta, None, 3.0, None, None, None, 8).weights(theta, batch), torch.ones(5))
     big = [t.detach() * 0 + 50 for t in theta]
-    assert (bt.instance_weights(big, None, "instance-net", steps, w_max=2.0) <= 2.0).all()
+    assert (bt.InstanceNet(big, None, 2.0, None, None, None, 8).bounded_weights(big, batch) <= 2.0).all()
     # The weights a batch trains with have mean 1: only the relative weights count.
-    w = bt.cot_weights([torch.tensor([-2.0, 0.0, 1.0, 3.0])], torch.tensor([0, 1, 2, 3]), "instance-table")
+    a = [torch.tensor([-2.0, 0.0, 1.0, 3.0])]
+    w = bt.InstanceTable(a, torch.arange(4), 3.0, None).weights(a, SimpleNamespace(keys=torch.tensor([0, 1, 2, 3])))
     assert w.mean().item() == pytest.approx(1.0) and w[0] < w[1] < w[2] < w[3]
 
 
@@ -396,7 +425,7 @@ def test_memory_options_are_exact(backbone_dir):
         opt_a = torch.optim.Adam(a, lr=0.05)
         keys = torch.tensor([DOMAINS.index(r["domain"]) for r in train[::3][:8]])
         off = torch.autocast("cpu", enabled=False)
-        batch = lower_step(model, opt, a, train[::3][:8], keys, "domain", off)
+        batch = lower_step(model, opt, bt.DomainWeighting(a, keys), train[::3][:8], off)
         assert all(p.grad is None for p in phi)                       # freed before the hypergradient
         upper_step(model, phi, a, opt_a, batch, meta[:6], 1e-3, off, offload=offload)
         results.append([a[0].detach().clone()] + [p.detach().clone() for p in phi])
@@ -408,8 +437,8 @@ def test_memory_options_are_exact(backbone_dir):
     phi = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(phi, lr=1e-2)
     records = [dict(r, _image=None) for r in train[:4]]
-    lower_step(model, opt, [torch.zeros(3)], records, torch.zeros(4, dtype=torch.long), "domain",
-                  torch.autocast("cpu", enabled=False))
+    lower_step(model, opt, bt.DomainWeighting([torch.zeros(3)], torch.zeros(4, dtype=torch.long)), records,
+               torch.autocast("cpu", enabled=False))
     assert all(torch.equal(v, model.backbone.visual.state_dict()[k]) for k, v in vision.items())
     assert not all(torch.equal(v, model.backbone.language_model.state_dict()[k]) for k, v in text.items())
 
@@ -431,9 +460,9 @@ def assert_optimizer_resumes_exactly(backbone_dir, tmp_path, make_optimizer):
             bt.load_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a)
         else:
             for _ in range(2):
-                lower_step(model, opt, a, records, keys, "domain", off)
+                lower_step(model, opt, bt.DomainWeighting(a, keys), records, off)
             bt.save_checkpoint(str(tmp_path), model, [torch.zeros(3)], opt, opt_a, 2, prm.output_lock(str(tmp_path / "run")).hold())
-        lower_step(model, opt, a, records, keys, "domain", off)
+        lower_step(model, opt, bt.DomainWeighting(a, keys), records, off)
         runs.append([p.detach().clone() for p in phi])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
@@ -452,13 +481,13 @@ def test_fused_adamw_matches_the_per_tensor_loop_and_resumes(backbone_dir, tmp_p
     for fused in (False, True):
         model = prm.PRM.from_backbone(backbone_dir).train()
         phi = [p for p in model.parameters() if p.requires_grad]
-        opt = bt.lower_optimizer(phi, 1e-3, 0.01, fused=fused)
+        opt = bt.lower_optimizer(phi, 1e-3, 0.01, False, 0, fused=fused)
         assert bool(opt.defaults["fused"]) == fused and not opt.defaults["foreach"]
         for _ in range(5):
-            lower_step(model, opt, a, records, keys, "domain", off)
+            lower_step(model, opt, bt.DomainWeighting(a, keys), records, off)
         params[fused] = [p.detach().clone() for p in phi]
     assert max((x - y).abs().max().item() for x, y in zip(params[False], params[True])) <= 1e-6
-    assert_optimizer_resumes_exactly(backbone_dir, tmp_path, lambda phi: bt.lower_optimizer(phi, 1e-3, fused=True))
+    assert_optimizer_resumes_exactly(backbone_dir, tmp_path, lambda phi: bt.lower_optimizer(phi, 1e-3, 0.0, False, 0, fused=True))
 
 
 def test_allocation_counter_sees_the_foreach_temporary():
@@ -556,9 +585,9 @@ def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path
     for compact in (False, True):
         model = prm.PRM.from_backbone(backbone_dir).train()
         phi = list(model.parameters())
-        opt = bt.lower_optimizer(phi, 1e-3, 0.01, compact=compact)
+        opt = bt.lower_optimizer(phi, 1e-3, 0.01, compact, 0)
         for _ in range(20):
-            lower_step(model, opt, a, records, keys, "domain", off)
+            lower_step(model, opt, bt.DomainWeighting(a, keys), records, off)
         params[compact] = [p.detach().clone() for p in phi]
         if compact:
             assert all(st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16 for st in opt.state.values())
@@ -568,15 +597,16 @@ def test_compact_adamw_stays_within_its_bound_and_resumes(backbone_dir, tmp_path
     print(f"moved {moved:.4f}, compact off by {off_by:.5f} ({off_by / moved:.2%})")
     assert moved > 0.1 and off_by / moved < 0.03
     assert_optimizer_resumes_exactly(backbone_dir, tmp_path,
-                                     lambda phi: bt.lower_optimizer(phi, 1e-3, compact=True, seed=5))
+                                     lambda phi: bt.lower_optimizer(phi, 1e-3, 0.0, True, 5))
 
 
 def test_lr_schedules_by_hand():
-    f = bt.lr_factor
-    assert [f(t, 10) for t in (0, 9)] == [1.0, 1.0]
-    assert [f(t, 10, "constant", warmup=0.2) for t in (0, 1, 2)] == [0.5, 1.0, 1.0]          # 2 warm-up steps
-    assert f(0, 11, "cosine") == 1.0 and abs(f(5, 11, "cosine") - 0.5 * (1 + math.cos(math.pi * 5 / 11))) < 1e-12
-    assert [f(t, 100, "step", lr_step=10, lr_gamma=0.5) for t in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    f = bt.lr_factor                                     # (t, total, schedule, warmup, lr_step, lr_gamma)
+    assert [f(t, 10, "constant", 0.0, 5, 0.5) for t in (0, 9)] == [1.0, 1.0]
+    assert [f(t, 10, "constant", 0.2, 5, 0.5) for t in (0, 1, 2)] == [0.5, 1.0, 1.0]          # 2 warm-up steps
+    assert f(0, 11, "cosine", 0.0, 5, 0.5) == 1.0
+    assert abs(f(5, 11, "cosine", 0.0, 5, 0.5) - 0.5 * (1 + math.cos(math.pi * 5 / 11))) < 1e-12
+    assert [f(t, 100, "step", 0.0, 10, 0.5) for t in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
     args = bt.parse_args(["--synthetic", "--recipe", "dreamprm-1.5", "--warmup", "0.1"])
     assert (args.lr_schedule, args.warmup, args.grad_clip) == ("cosine", 0.1, 1.0)        # a flag beats the recipe
     args = bt.parse_args(["--synthetic", "--recipe", "dreamprm"])
@@ -621,7 +651,7 @@ def test_gradient_clipping_bounds_the_step(backbone_dir):
                                                                 if p.grad is not None])).item()
             step()
         opt.step = recording_step
-        lower_step(model, opt, [torch.zeros(3)], records, keys, "domain", torch.autocast("cpu", enabled=False),
+        lower_step(model, opt, bt.DomainWeighting([torch.zeros(3)], keys), records, torch.autocast("cpu", enabled=False),
                       clip=clip)
     assert norms[0.0] > 1e-3 and abs(norms[1e-3] - 1e-3) < 1e-6
 
@@ -675,7 +705,7 @@ def test_shared_prefix_training_equals_packed(request, images, backbone, with_im
             assert model.backbone.language_model.gradient_checkpointing
         values, mask = bt.forward(model, records, off, shared)
         p, p_mask = bt.label_tensors(records, values.shape[1], "cpu")
-        L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.cot_weights([torch.tensor([0.3, -0.2, 0.1])], keys, "domain"))
+        L, _, _ = bt.lower_loss(values, mask, p, p_mask, bt.domain_weights(torch.tensor([0.3, -0.2, 0.1]))[keys])
         L.backward()
         losses[shared] = L.item()
         grads[shared] = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
@@ -684,10 +714,10 @@ def test_shared_prefix_training_equals_packed(request, images, backbone, with_im
         batch = bt.label_batch(records, keys, "cpu")
         phi = [x for x in model.parameters() if x.requires_grad]
         fwd = functools.partial(bt.forward, model, autocast=off, shared=shared)
-        w = bt.weighting_from(a, keys, "domain")
-        g, _ = bt.hypergradient(phi, a, lambda: bt.meta_batch_loss(fwd, records[:4]),
+        w = bt.DomainWeighting(a, keys)
+        g, _ = bt.hypergradient(phi, a, lambda: bt.meta_batch_loss(fwd, records[:4], "mse", True),
                                 lambda: bt.batch_losses(fwd, batch),
-                                lambda a_: bt.batch_weights(w, a_, batch), 1e-3)
+                                lambda a_: bt.batch_weights(w, a_, batch), 1e-3, 0.01, False)
         hyper[shared] = g[0]
     assert abs(losses[True] - losses[False]) <= 1e-5
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
@@ -718,7 +748,8 @@ def test_gradient_accumulation_is_one_larger_batch(backbone_dir, images, weighti
         opt = torch.optim.SGD(model.parameters(), lr=1.0)       # the step is the gradient itself
         step = bt.lower_step if accum == 1 else functools.partial(bt.accumulated_lower_step, accum=accum)
         before = [p.detach().clone() for p in model.parameters()]
-        batch = lower_step(model, opt, a, records, keys, weighting, off, step=step)
+        w = bt.DomainWeighting(a, keys) if weighting == "domain" else bt.InstanceTable(a, keys, 3.0, None)
+        batch = lower_step(model, opt, w, records, off, step=step)
         out[accum] = (batch.L_tr, batch.l, batch.n, [b - p.detach() for b, p in zip(before, model.parameters())])
     (L1, l1, n1, g1), (L3, l3, n3, g3) = out[1], out[3]
     assert abs(L1 - L3) <= 1e-6 and torch.allclose(l1, l3, atol=1e-6) and torch.equal(n1, n3)
@@ -752,18 +783,21 @@ def test_held_out_evaluation_is_logged(tmp_path):
 
 
 def test_dreamprm_domain_weighting_is_alpha_of_each_cot_domain():
-    """Section 1's domain_weighting: a raw weight per domain, starting uniform; each CoT's w_b is its
-    domain's alpha (as cot_weights' domain mode gives it); the upper batch is the latest lower batch."""
+    """Section 1's domain_weighting, the one the run builds for --weighting domain: a raw weight per
+    domain, starting uniform; each CoT's weight is its domain's alpha; the upper batch is the latest
+    lower batch; the logs read alpha itself."""
     train, _ = bt.synthetic_data(0, 4, 4)
     domains = sorted({r["domain"] for r in train})
-    w = bt.domain_weighting(train, domains, "cpu")
+    w = bt.make_weighting(SimpleNamespace(weighting="domain"), train, domains, "cpu", None)
+    assert isinstance(w, bt.DomainWeighting)
     assert [x.shape for x in w.a] == [(len(domains),)] and not w.a[0].detach().any() and w.moves
     assert w.keys.tolist() == [domains.index(r["domain"]) for r in train]
     with torch.no_grad():
         w.a[0].copy_(torch.tensor([0.5, -1.0, 2.0]))
     idx = torch.tensor([0, 5, 9, 11])
-    batch = bt.TrainBatch([train[i] for i in idx], w.keys[idx], None, None, None, None, None)
-    expected = bt.domain_weights(w.a[0])[w.keys[idx]]
-    assert torch.equal(w.weights(w.a, batch), expected)
-    assert torch.equal(w.weights(w.a, batch), bt.cot_weights(w.a, w.keys[idx], "domain"))
+    batch = bt.TrainBatch([train[i] for i in idx], w.keys[idx], None, None)
+    alpha = torch.nn.functional.softplus(torch.tensor([0.5, -1.0, 2.0]))
+    alpha = alpha / alpha.mean()
+    assert torch.allclose(w.weights(w.a, batch), alpha[[domains.index(train[i]["domain"]) for i in idx]])
     assert w.upper_batch(3, batch) is batch
+    assert w.per_domain(None, train, domains) == pytest.approx(dict(zip(domains, alpha.tolist())))

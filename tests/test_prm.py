@@ -57,6 +57,21 @@ def test_step_ends_are_exact_token_positions(tiny_prm, images):
     assert e.input_ids[: e.prompt_len].tolist() == prm.encode_prompt(tok, QUESTION, e.images)
 
 
+def test_encoded_cot_is_pinned_to_the_token(tiny_prm):
+    """The step format that every stage trains and scores with, and every saved PRM reads, pinned
+    token by token on the tiny tokenizer: the chat template's user turn, then one step per line,
+    the final-answer line inside the last step; each step's value is read at its last token."""
+    tok = tiny_prm.tokenizer
+    e = prm.encode_cot(tok, "What is 3 + 4?", ["Three plus four.", "That makes 7."], "7")
+    assert tok.decode(e.input_ids) == ("<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
+                                       "Three plus four.\nThat makes 7.\nFinal answer: 7")
+    assert e.input_ids.tolist() == [513, 391, 276, 198, 54, 370, 300, 220, 18, 220, 10, 220, 19, 30, 514, 198, 513,
+                                    303, 82, 72, 82, 83, 64, 288, 198, 51, 71, 259, 68, 508, 220, 357, 84, 81, 13,
+                                    198, 51, 370, 318, 74, 263, 220, 22, 13, 198, 331, 275, 302, 25, 220, 22]
+    assert (e.prompt_len, e.step_ends.tolist()) == (25, [34, 50])
+    assert tok.decode(e.input_ids[:35]).endswith("four.") and tok.decode(e.input_ids[25:]).startswith("Three")
+
+
 def test_aggregate_mean_logit_by_hand():
     values = torch.tensor([[0.9, 0.2, 0.6], [0.7, 0.3, 0.0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
