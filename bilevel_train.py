@@ -15,8 +15,9 @@ The math (symbols as in the paper; the README's "The math" explains each):
   v = grad_phi L_meta(phi),  eps = r / ||v||
   g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
 
-Read the method top-down: (1) weights and losses, (2) the hypergradient, (3) one lower and one
-upper step, (4) the training loop (`bilevel`; `main`, at the end, runs it for the flags). The
+Read the method top-down: (1) the lower level: weights, L_tr and one lower step; (2) the upper
+level: L_meta, the hypergradient and one upper step; (3) the training loop (`bilevel`; `main`, at
+the end, runs it for the flags). The
 variants sit behind seams chosen once before the loop and named above it: the forward (packed or
 shared-prefix), the weighting (DreamPRM's DomainWeighting, or one picked by `make_weighting`), the
 lower step (plain or accumulated). Appendices after the method: A the other weightings (fixed,
@@ -64,7 +65,8 @@ TOY_META = "toy/meta_cots.jsonl"
 
 
 # ==============================================================================================
-# 1. Domain weights and the two losses
+# 1. The lower level: domain weights, step labels, the loss L_tr, one lower step
+# The method calls the PRM as forward(records) -> (B, S) values, (B, S) mask: partial(forward, ...), chosen once.
 # ==============================================================================================
 
 def domain_weights(a):
@@ -140,84 +142,27 @@ def step_losses(values, mask, p, p_mask):
     return ((values - p) ** 2 * m).sum(-1), m.sum(-1)
 
 
+def label_tensors(records, S, device, dtype=torch.float32):
+    """MC labels (B, S) and which steps are labelled (B, S)."""
+    p, _ = prm.pad_rows([[0.0 if x is None else x for x in r["mc"]] for r in records], 0.0, S, dtype)
+    p_mask, _ = prm.pad_rows([[x is not None for x in r["mc"]] for r in records], False, S, torch.bool)
+    return p.to(device), p_mask.to(device)
+
+
 def lower_loss(values, mask, p, p_mask, alpha_b):
     """L_tr = sum_b alpha_b l_b / sum_b n_b (each labelled step counts once). Returns (L_tr, l (B,), n (B,))."""
     l, n = step_losses(values, mask, p, p_mask)
     return (alpha_b * l).sum() / n.sum().clamp(min=1), l, n
 
 
-def meta_loss(values, mask, r, loss, aggregation, p=None, p_mask=None):
-    """Upper loss on whole meta CoTs.
+def forward(model, records, autocast, shared):
+    """Packed step values of a list of records (prm.step_values): (B, S) values, (B, S) mask.
+    shared (--group-by-question): the CoTs of each question run as one shared-prefix batch, its
+    image and question encoded once (Appendix F); the same values and gradients at less cost."""
+    encoded = [encode(model, r) for r in records]
+    with autocast:
+        return shared_prefix_forward(model, records, encoded) if shared else prm.step_values(model, encoded)
 
-    aggregation: L_meta = mean_m (A(V_m1..n) - r_m)^2 with A = prm.aggregate (mean_logit); BCE optional.
-    aggregation=False (the w/o-AFL ablation): step-level MSE against meta MC labels p where given,
-    else the last step against r (p_mask marks which steps have a target).
-    """
-    if aggregation:
-        A = prm.aggregate(values, mask, "mean_logit")           # (M,)
-        if loss == "bce":
-            return F.binary_cross_entropy(A.clamp(prm.V_CLAMP, 1 - prm.V_CLAMP), r)
-        return ((A - r) ** 2).mean()
-    l, n = step_losses(values, mask, p, p_mask)
-    return (l / n.clamp(min=1)).mean()
-
-
-# ==============================================================================================
-# 2. The hypergradient (finite difference, as DARTS and Betty's "darts" method)
-# ==============================================================================================
-
-def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r, offload):
-    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
-
-    phi: list of trainable tensors; a: list of raw-weight tensors (requires_grad).
-    meta_loss_fn(): L_meta at the current phi (with autograd graph).
-    train_losses_fn(): per-CoT losses l_b of the latest train batch (B,), run without autograd.
-    weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
-    Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
-    two forward passes, no backward through the network. phi is restored bit for bit, from a copy
-    (offload: kept in CPU memory). Returns (g_a, a list like a; L_meta value).
-    """
-    L_meta = meta_loss_fn()
-    grads = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
-    # Tensors the meta batch does not reach (e.g. the vision tower on text) have v = 0: skip them.
-    reached = [(p, g.detach()) for p, g in zip(phi, grads) if g is not None]
-    phi, v = [p for p, _ in reached], [g for _, g in reached]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
-        if v else 0.0                                           # ||v||_2, one device sync
-    if norm == 0:
-        return [torch.zeros_like(x) for x in a], L_meta.item()
-    eps = r / norm
-    saved = restore_copy(phi, offload)                          # exact restore, not p - eps v + eps v
-    with torch.no_grad():
-        for p, g in zip(phi, v):
-            p.add_(g, alpha=eps)                                # phi + eps v
-        l_plus = train_losses_fn()                              # (B,)
-        for p, s, g in zip(phi, saved, v):
-            p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
-        l_minus = train_losses_fn()                             # (B,)
-        for p, s in zip(phi, saved):
-            p.copy_(s)                                          # phi, bit for bit
-    with torch.enable_grad():
-        w = weights_fn(a)                                       # (B,)
-        s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
-        g_a = [-xi * g for g in torch.autograd.grad(s, a)]
-    return g_a, L_meta.item()
-
-
-def restore_copy(phi, offload):
-    """The exact copy of phi that the hypergradient restores from: beside phi on its device, or
-    (--offload-restore) in CPU memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the
-    same bits restored."""
-    if offload:
-        return [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True)
-                for p in phi]
-    return [p.detach().clone() for p in phi]
-
-
-# ==============================================================================================
-# 3. One lower step, one upper step
-# `forward(records) -> (B, S) values, (B, S) mask` is the PRM's packed forward, chosen once (Appendix F).
-# ==============================================================================================
 
 @dataclass
 class TrainBatch:
@@ -268,6 +213,27 @@ def optimizer_step(opt_phi, clip):
     opt_phi.zero_grad(set_to_none=True)
 
 
+# ==============================================================================================
+# 2. The upper level: the meta loss L_meta, the hypergradient (finite difference, as DARTS and
+#    Betty's "darts" method), one upper step
+# ==============================================================================================
+
+def meta_loss(values, mask, r, loss, aggregation, p=None, p_mask=None):
+    """Upper loss on whole meta CoTs.
+
+    aggregation: L_meta = mean_m (A(V_m1..n) - r_m)^2 with A = prm.aggregate (mean_logit); BCE optional.
+    aggregation=False (the w/o-AFL ablation): step-level MSE against meta MC labels p where given,
+    else the last step against r (p_mask marks which steps have a target).
+    """
+    if aggregation:
+        A = prm.aggregate(values, mask, "mean_logit")           # (M,)
+        if loss == "bce":
+            return F.binary_cross_entropy(A.clamp(prm.V_CLAMP, 1 - prm.V_CLAMP), r)
+        return ((A - r) ** 2).mean()
+    l, n = step_losses(values, mask, p, p_mask)
+    return (l / n.clamp(min=1)).mean()
+
+
 def meta_batch_loss(forward, m_records, upper_loss, aggregation):
     """L_meta on a meta batch, with autograd: mean_m (A(V_m) - r_m)^2 (or the ablations of meta_loss)."""
     values, mask = forward(m_records)                                     # (M, S)
@@ -282,9 +248,45 @@ def batch_losses(forward, batch):
     return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]
 
 
-def batch_weights(weighting, a, batch):
-    """w_b(a) = the CoT's weight / sum_b n_b (B,): L_tr = sum_b w_b(a) l_b."""
-    return weighting.weights(a, batch) / batch.n.sum().clamp(min=1)
+def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r, offload):
+    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
+
+    phi: list of trainable tensors; a: list of raw-weight tensors (requires_grad).
+    meta_loss_fn(): L_meta at the current phi (with autograd graph).
+    train_losses_fn(): per-CoT losses l_b of the latest train batch (B,), run without autograd.
+    weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
+    Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
+    two forward passes, no backward through the network. phi is restored bit for bit, from a copy
+    (offload: kept in CPU memory). Returns (g_a, a list like a; L_meta value).
+    """
+    L_meta = meta_loss_fn()
+    grads = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
+    # Tensors the meta batch does not reach (e.g. the vision tower on text) have v = 0: skip them.
+    reached = [(p, g.detach()) for p, g in zip(phi, grads) if g is not None]
+    phi, v = [p for p, _ in reached], [g for _, g in reached]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
+        if v else 0.0                                           # ||v||_2, one device sync
+    if norm == 0:
+        return [torch.zeros_like(x) for x in a], L_meta.item()
+    eps = r / norm
+    # phi comes back from an exact copy (not p - eps v + eps v): beside phi, or (offload) in CPU
+    # memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the same bits restored.
+    saved = [(p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True))
+             if offload else p.detach().clone() for p in phi]
+    with torch.no_grad():
+        for p, g in zip(phi, v):
+            p.add_(g, alpha=eps)                                # phi + eps v
+        l_plus = train_losses_fn()                              # (B,)
+        for p, s, g in zip(phi, saved, v):
+            p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
+        l_minus = train_losses_fn()                             # (B,)
+        for p, s in zip(phi, saved):
+            p.copy_(s)                                          # phi, bit for bit
+    with torch.enable_grad():
+        w = weights_fn(a)                                       # (B,)
+        s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
+        g_a = [-xi * g for g in torch.autograd.grad(s, a)]
+    return g_a, L_meta.item()
 
 
 @dataclass
@@ -301,7 +303,8 @@ def upper_step(forward, phi, weighting, opt_a, batch, m_records, xi, upper):
     Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
     meta_loss_fn = partial(meta_batch_loss, forward, m_records, upper.loss, upper.aggregation)   # L_meta
     train_losses_fn = partial(batch_losses, forward, batch)                                   # l_b(phi), (B,)
-    weights_fn = partial(batch_weights, weighting, batch=batch)                               # w_b(a), (B,)
+    # w_b(a) = a CoT's weight / sum_b n_b, (B,): L_tr = sum_b w_b(a) l_b
+    weights_fn = lambda a: weighting.weights(a, batch) / batch.n.sum().clamp(min=1)           # noqa: E731
     g_a, L_meta = hypergradient(phi, weighting.a, meta_loss_fn, train_losses_fn, weights_fn, xi, upper.r,
                                 upper.offload)
     if not math.isfinite(L_meta):
@@ -316,16 +319,16 @@ def upper_step(forward, phi, weighting, opt_a, batch, m_records, xi, upper):
 
 
 # ==============================================================================================
-# 4. The training loop
+# 3. The training loop
 # ==============================================================================================
 
 def bilevel(args):
     """One bi-level training run: the PRM phi and the raw weights a, trained as the flags ask."""
     with open_run(args) as run:       # Appendix D: lock --out, data, PRM, seams, resume; on leaving, save the PRM
         # The seams, each chosen once by the flags (setup_run):
-        forward = run.forward         # packed prm.step_values, or shared-prefix (--group-by-question): Appendix F
+        forward = run.forward         # section 1's forward: packed, or shared-prefix (--group-by-question)
         weighting = run.weighting     # DreamPRM's DomainWeighting (section 1), or --weighting's (Appendix A)
-        step = run.lower_step         # lower_step (section 3), or accumulated_lower_step (--grad-accum, Appendix E)
+        step = run.lower_step         # lower_step (section 1), or accumulated_lower_step (--grad-accum, Appendix E)
         U = args.unroll_steps
         for it in run.bar:                                          # range(start, iterations), with a bar
             t0, batches, L_meta = time.perf_counter(), [], None
@@ -700,13 +703,6 @@ def encode(model, rec):
     if rec.get("_image") is None:
         rec["_enc"] = e
     return e
-
-
-def label_tensors(records, S, device, dtype=torch.float32):
-    """MC labels (B, S) and which steps are labelled (B, S)."""
-    p, _ = prm.pad_rows([[0.0 if x is None else x for x in r["mc"]] for r in records], 0.0, S, dtype)
-    p_mask, _ = prm.pad_rows([[x is not None for x in r["mc"]] for r in records], False, S, torch.bool)
-    return p.to(device), p_mask.to(device)
 
 
 def meta_targets(records, S, device, dtype=torch.float32):
@@ -1167,12 +1163,24 @@ def setup_run(args, run_lock):
 
 
 def end_of_iteration(run, done, batches, L_meta, seconds):
-    """After iteration `done`: add its losses to the running sums; every --log-every iterations a
-    metrics row, the weights (and, for instance weights, every CoT's) and a line on screen, else the
-    domain weights on the bar; the held-out figures every --eval-every; a checkpoint every
-    --save-every (and at the end)."""
-    args, sums = run.args, run.sums
+    """After iteration `done`: its losses into the running sums; every --log-every iterations the
+    weights and a metrics row (log_weights), else DreamPRM's alpha on the bar; the held-out figures
+    every --eval-every; a checkpoint every --save-every (each also at the end)."""
+    args, last = run.args, done == run.args.iterations
     run.done = done
+    add_losses(run.sums, batches, L_meta)
+    if done % args.log_every == 0 or last:
+        log_weights(run, done, seconds)
+    elif run.weighting.moves and not run.weighting.per_cot:    # DreamPRM's alpha: cheap, on the bar every iteration
+        show_weights(run.bar, run.weighting.per_domain(None, run.train, run.domains), run.weighting)
+    if run.held_out and (done % args.eval_every == 0 or last):
+        log_eval(args.out, done, evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch))
+    if done % args.save_every == 0 or last:
+        save_checkpoint(args.out, run.model, run.weighting.a, run.opt_phi, run.opt_a, done, run.run_lock)
+
+
+def add_losses(sums, batches, L_meta):
+    """An iteration's losses into the running sums (new_sums) that the next metrics row averages."""
     for batch in batches:
         sums["lower"] += (batch.l.sum() / batch.n.sum().clamp(min=1)).item()
         sums["weighted"] += batch.L_tr.item()
@@ -1180,21 +1188,20 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
         sums["upper"] += L_meta
         sums["upper_n"] += 1
     sums["n"] += 1
-    weighting = run.weighting
-    if done % args.log_every == 0 or done == args.iterations:
-        w_all = run.w_all = weighting.of_all()                                                      # (N,)
-        alpha = weighting.per_domain(w_all, run.train, run.domains)
-        log_iteration(args.out, done, sums, seconds, alpha, key_auc(w_all.tolist(), run.train), args, run.history)
-        if weighting.per_cot:
-            save_instance_weights(args.out, w_all, run.train)
-        run.sums = new_sums()
-        show_weights(run.bar, alpha, args.weighting)
-    elif args.weighting == "domain":                            # cheap: on the bar at every iteration
-        show_weights(run.bar, weighting.per_domain(None, run.train, run.domains), args.weighting)
-    if run.held_out and (done % args.eval_every == 0 or done == args.iterations):
-        log_eval(args.out, done, evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch))
-    if done % args.save_every == 0 or done == args.iterations:
-        save_checkpoint(args.out, run.model, weighting.a, run.opt_phi, run.opt_a, done, run.run_lock)
+
+
+def log_weights(run, done, seconds):
+    """Every training CoT's weight (kept for finish_run), the weights per domain and their AUCs in a
+    metrics row and on screen, instance weights to their file; the running sums start again."""
+    args, weighting = run.args, run.weighting
+    w_all = run.w_all = weighting.of_all()                                                          # (N,)
+    alpha = weighting.per_domain(w_all, run.train, run.domains)
+    log_iteration(args.out, done, run.sums, seconds, alpha, key_auc(w_all.tolist(), run.train), args, weighting,
+                  run.history)
+    if weighting.per_cot:
+        save_instance_weights(args.out, w_all, run.train)
+    run.sums = new_sums()
+    show_weights(run.bar, alpha, weighting)
 
 
 def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
@@ -1280,7 +1287,7 @@ def new_sums():
     return dict(lower=0.0, weighted=0.0, upper=0.0, n=0, upper_n=0)
 
 
-def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
+def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, weighting, history):
     """One metrics.jsonl row (losses averaged since the last log, weights, toy AUCs), the weights'
     history in domain_weights.json, and a line on screen: the losses, the weights (none for fixed
     weights) and, in the toy world, the AUCs worth reading."""
@@ -1291,11 +1298,10 @@ def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
            "time/seconds_per_iteration": seconds}
     row.update({f"alpha/{d}": w for d, w in alpha.items()})
     row.update({f"auc/{name}": v for name, v in aucs.items()})
-    fixed = args.weighting == "fixed"
     shown = [f"lower/loss {row['lower/loss']:.4f}"] + \
         ([f"upper/loss {row['upper/loss']:.4f}"] if row["upper/loss"] is not None else []) + \
-        ([] if fixed else [f"alpha/{d} {w:.3f}" for d, w in alpha.items()]) + \
-        [f"auc/{name} {v:.3f}" for name, v in shown_aucs(aucs, args.weighting).items()]
+        ([f"alpha/{d} {w:.3f}" for d, w in alpha.items()] if weighting.moves else []) + \
+        [f"auc/{name} {v:.3f}" for name, v in shown_aucs(aucs, weighting).items()]
     tqdm.write(f"iteration {done}: " + ", ".join(shown))
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         prm.append_jsonl(f, row)
@@ -1305,16 +1311,16 @@ def log_iteration(run_dir, done, sums, seconds, alpha, aucs, args, history):
 
 def show_weights(bar, alpha, weighting):
     """The weights on the progress bar (none for fixed weights, which never move)."""
-    if weighting != "fixed":
+    if weighting.moves:
         bar.set_postfix_str(" ".join(f"{d}={x:.2f}" for d, x in list(alpha.items())[:6]))
 
 
 def shown_aucs(aucs, weighting):
     """The toy AUCs worth printing: none for fixed weights (all equal), the overall one for domain
     weights (equal inside a domain, so 0.5 there by construction), all of them for instance weights."""
-    if weighting == "fixed":
+    if not weighting.moves:
         return {}
-    return aucs if has_instances(weighting) else {k: v for k, v in aucs.items() if k == "overall"}
+    return aucs if weighting.per_cot else {k: v for k, v in aucs.items() if k == "overall"}
 
 
 def finish_run(run):
@@ -1335,18 +1341,18 @@ def finish_run(run):
             f"- training CoTs: {len(train)} (" + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}"
                                                        for d in domains) + f"); meta CoTs: {len(meta)}",
             f"- skipped as longer than {model.max_length} tokens: {n_long[0]} training, {n_long[1]} meta CoTs",
-            "- learned domain weights: " + learned if args.weighting != "fixed" else "- domain weights: uniform (fixed)"]
+            "- learned domain weights: " + learned if run.weighting.moves else "- domain weights: uniform (fixed)"]
     model.save_pretrained(os.path.join(args.out, "prm"), card)
     write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
     check_still_ours(run.run_lock)
-    if args.weighting != "fixed":
+    if run.weighting.moves:
         quality = toy_quality(args, alpha)
         what = "mean instance weight per domain" if instance else "learned domain weights (alpha)"
         print(what + (" next to each toy domain's true quality (3 best):" if quality else ":"))
         for d, x in sorted(alpha.items(), key=lambda x: -x[1]):
             print(f"  {d:24s} {x:.3f}" + (f"   quality {quality[d]}" if quality else ""))
-        aucs = shown_aucs(key_auc(w.tolist(), train), args.weighting)
+        aucs = shown_aucs(key_auc(w.tolist(), train), run.weighting)
         if aucs:
             print("AUC of the weights, clean-key against corrupted-key CoTs: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
@@ -1612,17 +1618,8 @@ def enable_checkpointing(model):
 
 
 # ==============================================================================================
-# Appendix F. The forward: packed, or shared-prefix (--group-by-question: a question's image and question encoded once)
+# Appendix F. Shared-prefix training (--group-by-question): a question's image and text encoded once, batches by question
 # ==============================================================================================
-
-def forward(model, records, autocast, shared):
-    """Packed step values of a list of records: (B, S) values, (B, S) mask. shared: the CoTs of one
-    question run as one shared-prefix batch, its image and question encoded once; the same values
-    and gradients at less cost. The method calls partial(forward, model, autocast=..., shared=...)."""
-    encoded = [encode(model, r) for r in records]
-    with autocast:
-        return shared_prefix_forward(model, records, encoded) if shared else prm.step_values(model, encoded)
-
 
 def shared_prefix_forward(model, records, encoded):
     """Step values of a batch whose CoTs share prompts: the CoTs of each prompt (image and question)
