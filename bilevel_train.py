@@ -569,7 +569,7 @@ def build_toy_world(seed):
     print(f"building the toy world (seed {seed}): gen_cots.py --toy, then mc_label.py")
     gen_cots.main(["--toy", "--seed", str(seed)])
     for name in ("train", "test"):
-        mc_label.main(["--cots", os.path.join(gen_cots.TOY_DIR, f"{name}_cots.jsonl"), "--seed", str(seed)])
+        mc_label.main(["--cots", os.path.join(prm.TOY_DIR, f"{name}_cots.jsonl"), "--seed", str(seed)])
 
 
 def toy_quality(args, domains):

@@ -82,7 +82,7 @@ TOY_DOMAINS = {
 # Questions per set; the noisy domain is the largest, as scraped data often is.
 TOY_SETS = dict(train=dict(clean=40, irrelevant=40, easy=40, noisy=80), meta=40, test=40)
 TOY_N = 8            # CoTs per question
-TOY_DIR = "toy"
+TOY_DIR = prm.TOY_DIR
 
 # Error steps carry the policy's hedge, the surface cue a tiny PRM can learn.
 _READ_RE = re.compile(r"shows (-?\d+) and (-?\d+)")
@@ -563,18 +563,24 @@ def fill_policy_presets(args):
 
 
 def make_policy(args):
+    """The policy the Policy flags ask for (their presets filled first), with .params: the settings
+    that shape every sampled text, which gen_cots.py and mc_label.py record beside their output."""
+    fill_policy_presets(args)
     if args.policy == "toy":
-        return ToyPolicy(args.seed)
-    if args.policy == "hf":
+        policy = ToyPolicy(args.seed)
+    elif args.policy == "hf":
         if not args.model:
             raise prm.DataError("--policy hf needs --model DIR", field="--model")
         torch.manual_seed(args.seed)
-        return HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
-                        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, top_p=args.top_p,
-                        top_k=args.top_k)
-    return OpenAIPolicy(args.base_url, args.model_name, args.api_key_env, args.temperature, args.max_tokens,
-                        not args.no_structure, args.concurrency, args.retries, args.timeout, top_p=args.top_p,
-                        top_k=args.top_k)
+        policy = HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
+                          trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, top_p=args.top_p,
+                          top_k=args.top_k)
+    else:
+        policy = OpenAIPolicy(args.base_url, args.model_name, args.api_key_env, args.temperature, args.max_tokens,
+                              not args.no_structure, args.concurrency, args.retries, args.timeout, top_p=args.top_p,
+                              top_k=args.top_k)
+    policy.params = policy_params(args)
+    return policy
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,7 +642,7 @@ def main(argv=None):
     ap = prm.Parser(__doc__)
     for options in (Sampling, Policy):
         prm.add_options(ap, options)
-    args = fill_policy_presets(ap.parse_args(argv))
+    args = ap.parse_args(argv)
     if not args.toy and not args.questions:
         raise prm.DataError("give --questions FILE, or --toy to build and sample the toy world", field="--questions")
     if args.toy:
@@ -644,14 +650,14 @@ def main(argv=None):
         policy = make_policy(args)
         for name, path in paths.items():
             generate(read_questions(path), os.path.join(args.toy_dir, f"{name}_cots.jsonl"), policy, args.n, args.seed,
-                     args.concurrency, policy_params(args))
+                     args.concurrency, policy.params)
         print(f"toy world written to {args.toy_dir}/ (questions, images, CoTs for train, meta and test)")
         return 0
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.questions)), "cots.jsonl")
     prm.check_output(out, [args.questions])
     questions = read_questions(args.questions, args.allow_outside_images)
     policy = make_policy(args)
-    if generate(questions, out, policy, args.n, args.seed, args.concurrency, policy_params(args)):
+    if generate(questions, out, policy, args.n, args.seed, args.concurrency, policy.params):
         print(f"CoTs written to {out}")
     else:
         print(f"nothing left to sample: all {args.n} CoTs of the {len(questions)} questions are in {out} already")

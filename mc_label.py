@@ -106,15 +106,15 @@ class Labelling:
 
 
 def main(argv=None):
-    import gen_cots            # the policies that sampled the CoTs continue them: stage 1's interface, used here only
+    import gen_cots            # the policies that sampled the CoTs continue them: Policy, make_policy, drive only
     ap = prm.Parser(__doc__)
     for options in (Labelling, prm.InputFormat, gen_cots.Policy):
         prm.add_options(ap, options)
-    args = gen_cots.fill_policy_presets(ap.parse_args(argv))
+    args = ap.parse_args(argv)
     if args.min_rollouts >= args.rollouts:
         ap.error(f"argument --min-rollouts: {args.min_rollouts} must be below --rollouts {args.rollouts} (or 0: off)")
     if args.cots is None:
-        args.cots = os.path.join(gen_cots.TOY_DIR, "train_cots.jsonl")
+        args.cots = os.path.join(prm.TOY_DIR, "train_cots.jsonl")
         if not os.path.isfile(args.cots):
             raise prm.DataError("no --cots given and no toy world: run python gen_cots.py --toy first", file=args.cots)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cots)),
@@ -131,9 +131,8 @@ def main(argv=None):
         print(f"{args.cots}: {prm.skip_report(skips, [c['id'] for c in cots])}; not labelled")
     t0, n_rollouts = time.perf_counter(), 0
     with prm.output_lock(out):
-        prm.check_params(out, dict(gen_cots.policy_params(args), rollouts=args.rollouts,
-                                        min_rollouts=args.min_rollouts, zero_stop=args.zero_stop,
-                                        max_steps=args.max_steps))
+        prm.check_params(out, dict(policy.params, rollouts=args.rollouts, min_rollouts=args.min_rollouts,
+                                   zero_stop=args.zero_stop, max_steps=args.max_steps))
         done = prm.done_records(out, lambda o: (o["id"], o["sample"]))
         prm.check_keys(done, cots, lambda c: (c["id"], c["sample"]), ("answer", "correct"))
         todo = [c for c in cots if (c["id"], c["sample"]) not in done]

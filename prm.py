@@ -1956,6 +1956,9 @@ def skip_report(skips, questions):
 # 6. The tiny backbones (tests and the toy world; nothing is downloaded)
 # ==============================================================================================
 
+# The toy world's folder: gen_cots.py --toy writes it; every stage run without data reads it.
+TOY_DIR = "toy"
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
