@@ -126,7 +126,7 @@ def toy_question(qid, domain, rng, image_dir, used):
             "toy": {"a": a, "b": b, "misread": misread, "domain": domain, "key_corrupted": corrupted}}
 
 
-def build_toy_world(root=TOY_DIR, seed=0):
+def build_toy_world(root, seed):
     """Write the toy question sets: root/{train,meta,test}_questions.jsonl and root/images/."""
     rng, used, images = random.Random(seed), set(), os.path.join(root, "images")
     os.makedirs(images, exist_ok=True)
@@ -151,7 +151,7 @@ class ToyPolicy:
     its domain's rates, and continues from any prefix by reading back what the prefix states."""
     name = "toy"
 
-    def __init__(self, seed=0):
+    def __init__(self, seed):
         self.seed = seed
 
     def continue_cot(self, question, prefix, k=0):
@@ -204,7 +204,7 @@ class ToyPolicy:
 # hf and openai policies
 # --------------------------------------------------------------------------------------------
 
-def user_text(question, structured=True):
+def user_text(question, structured):
     return (STRUCTURED_PROMPT if structured else FREE_PROMPT) + prm.question_text(question)
 
 
@@ -212,8 +212,8 @@ class HFPolicy:
     """A transformers model from a local directory, image-text (a family of prm.FAMILIES) or a
     text-only causal LM; several prompts per generate call."""
 
-    def __init__(self, path, temperature=0.7, max_new_tokens=512, structured=True, device="auto",
-                 trust_remote_code=False, batch_size=8, top_p=1.0, top_k=0):
+    def __init__(self, path, temperature, max_new_tokens, structured, trust_remote_code, batch_size, top_p, top_k,
+                 device="auto"):
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
         prm._quiet_transformers()
         prm_dir = prm.prm_directory(path)
@@ -294,8 +294,8 @@ class OpenAIPolicy:
     variable and never printed. The assistant prefix is sent as a final assistant message that
     the server continues (vLLM: continue_final_message)."""
 
-    def __init__(self, base_url, model_name, api_key_env="OPENAI_API_KEY", temperature=0.7, max_tokens=512,
-                 structured=True, concurrency=8, retries=5, timeout=60, backoff=1.0, top_p=1.0, top_k=0):
+    def __init__(self, base_url, model_name, api_key_env, temperature, max_tokens, structured, concurrency, retries,
+                 timeout, top_p, top_k, backoff=1.0):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model_name, self.key = model_name, os.environ.get(api_key_env, "")
         self.temperature, self.max_tokens, self.structured = temperature, max_tokens, structured
@@ -573,12 +573,11 @@ def make_policy(args):
             raise prm.DataError("--policy hf needs --model DIR", field="--model")
         torch.manual_seed(args.seed)
         policy = HFPolicy(prm.resolve_model(args.model), args.temperature, args.max_tokens, not args.no_structure,
-                          trust_remote_code=args.trust_remote_code, batch_size=args.batch_size, top_p=args.top_p,
-                          top_k=args.top_k)
+                          args.trust_remote_code, args.batch_size, args.top_p, args.top_k)
     else:
         policy = OpenAIPolicy(args.base_url, args.model_name, args.api_key_env, args.temperature, args.max_tokens,
-                              not args.no_structure, args.concurrency, args.retries, args.timeout, top_p=args.top_p,
-                              top_k=args.top_k)
+                              not args.no_structure, args.concurrency, args.retries, args.timeout, args.top_p,
+                              args.top_k)
     policy.params = policy_params(args)
     return policy
 
@@ -587,7 +586,7 @@ def make_policy(args):
 # Crash-safe output
 # --------------------------------------------------------------------------------------------
 
-def read_questions(path, outside_images=False):
+def read_questions(path, outside_images):
     """The questions of a questions.jsonl (ours), ids unique; records without steps are skipped (a
     line saying so), and a file with no question left is an error."""
     questions, skips = prm.read_cots(path, "questions", fmt="ours", outside_images=outside_images)
@@ -605,7 +604,7 @@ def sample_task(q, missing, seed, policy_name):
     return [cot_record(q, t, i, seed, policy_name) for i, t in zip(missing, texts)]
 
 
-def generate(questions, out_path, policy, n, seed, concurrency=64, params=None):
+def generate(questions, out_path, policy, n, seed, concurrency, params):
     """Sample n CoTs per question into out_path, skipping the (question, sample) pairs already
     there; up to `concurrency` questions in flight, records appended as each question completes.
     One writer per output (a lock), and the parameters that shape the records must match the
@@ -649,8 +648,8 @@ def main(argv=None):
         paths = build_toy_world(args.toy_dir, args.seed)
         policy = make_policy(args)
         for name, path in paths.items():
-            generate(read_questions(path), os.path.join(args.toy_dir, f"{name}_cots.jsonl"), policy, args.n, args.seed,
-                     args.concurrency, policy.params)
+            generate(read_questions(path, False), os.path.join(args.toy_dir, f"{name}_cots.jsonl"), policy, args.n,
+                     args.seed, args.concurrency, policy.params)
         print(f"toy world written to {args.toy_dir}/ (questions, images, CoTs for train, meta and test)")
         return 0
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.questions)), "cots.jsonl")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import prm
 
 
-def label_steps(cot, K, min_rollouts=0, zero_stop=False, max_steps=None):
+def label_steps(cot, K, min_rollouts, zero_stop, max_steps):
     """MC labels (mc, rollouts) for one CoT record, as a task for gen_cots.drive: it yields the
     rollout requests [(prompt, k)] it needs and is sent back their texts.
 

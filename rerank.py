@@ -56,7 +56,7 @@ def select_best(scores, mask=None):
     return scores.argmax(-1)
 
 
-def score_question(model, records, how, batch_size=16, shared_prefix=True):
+def score_question(model, records, how, batch_size, shared_prefix):
     """Step values and A(V) for the CoTs of one question.
 
     shared_prefix: prm.shared_prefix_values (image and question encoded once); otherwise packed
@@ -155,7 +155,7 @@ def processbench_f1(counts):
             "correct": counts["correct"], "unscored": counts["unscored"]}
 
 
-def benchmark_report(judged, threshold=0.5, rule="fixed"):
+def benchmark_report(judged, threshold, rule="fixed"):
     """Step-level figures as the benchmarks publish them, over the judged CoTs (None if there are none).
     judged: {subset: [(values, labels)]} (add_step_counts); threshold: a number, the flag's value
     (`rule` says how it was chosen: best_threshold). VisualProcessBench (Wang et al., 2025, arXiv
@@ -266,7 +266,7 @@ def question_metrics(cots, scores_by_prm):
     return out
 
 
-def evaluate(questions, scores_by_prm, n_subsets=20, seed=0):
+def evaluate(questions, scores_by_prm, n_subsets, seed):
     """Accuracy per domain and overall (exact counts over questions), and accuracy against N (each
     question's N-subsets drawn with a seeded generator). questions: [(domain, [CoT with correct,
     pred])]; scores_by_prm: {name: [[score per CoT] per question]}."""

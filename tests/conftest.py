@@ -89,3 +89,11 @@ def kill_after_lines(args, out, lines, timeout=120):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return open(out).read().count("\n")
+
+
+def policy_from_flags(*argv):
+    """The policy gen_cots.py and mc_label.py would build from these Policy flags."""
+    import gen_cots
+    ap = prm.Parser("policy flags")
+    prm.add_options(ap, gen_cots.Policy)
+    return gen_cots.make_policy(ap.parse_args(list(argv)))

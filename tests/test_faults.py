@@ -20,6 +20,7 @@ import gen_cots
 import mc_label
 import prm
 import rerank
+from conftest import policy_from_flags
 from test_formats import QUESTION, STEPS, labels_row, prm800k_row, vpb_row, write_json, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,7 +282,8 @@ def test_a_reply_cut_mid_body_is_retried_then_one_line(tmp_path, capsys):
 
 def test_timeout_bounds_the_whole_request(capsys):
     server = serve(TrickleServer)
-    policy = gen_cots.OpenAIPolicy(f"http://127.0.0.1:{server.server_port}/v1", "m", retries=0, timeout=2)
+    policy = policy_from_flags("--policy", "openai", "--base-url", f"http://127.0.0.1:{server.server_port}/v1",
+                               "--model-name", "m", "--retries", "0", "--timeout", "2")
     t0 = time.monotonic()
     try:
         with pytest.raises(gen_cots.PolicyError, match="TimeoutError: no complete reply within --timeout 2 s"):

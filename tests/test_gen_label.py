@@ -12,7 +12,7 @@ import pytest
 import gen_cots
 import mc_label
 import prm
-from conftest import kill_after_lines
+from conftest import kill_after_lines, policy_from_flags
 from engine_server import send_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +131,7 @@ def test_openai_back_end(tmp_path, images, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err + open(out).read()
     # Continuing a prefix: the prefix goes as the final assistant message.
-    body = gen_cots.OpenAIPolicy("http://x/v1", "m").payload({"question": {"question": "q?"}, "prefix": "Step 1: a"}, 2)
+    body = policy_from_flags("--policy", "openai", "--base-url", "http://x/v1", "--model-name", "m").payload({"question": {"question": "q?"}, "prefix": "Step 1: a"}, 2)
     assert body["messages"][-1] == {"role": "assistant", "content": "Step 1: a"} and body["continue_final_message"]
 
 

@@ -16,6 +16,7 @@ import gen_cots
 import mc_label
 import prm
 import rerank
+from conftest import policy_from_flags
 from engine_server import send_json
 from test_formats import labels_row, train_meta, write_jsonl  # noqa: F401 (a fixture)
 
@@ -163,7 +164,7 @@ def test_hf_policy_samples_as_asked_whatever_the_generation_config(tmp_path, bac
     d = str(tmp_path / "greedy")
     shutil.copytree(backbone_dir, d)
     edit_json(os.path.join(d, "generation_config.json"), top_k=1, top_p=0.001, do_sample=False)
-    policy = gen_cots.HFPolicy(d, temperature=1.0, max_new_tokens=8)
+    policy = policy_from_flags("--policy", "hf", "--model", d, "--temperature", "1.0", "--max-tokens", "8")
     prompt = {"question": {"question": "3 + 4?", "_image": None}, "prefix": ""}
     torch.manual_seed(0)
     assert len(set(policy.sample([prompt], 6)[0])) > 1
@@ -365,7 +366,9 @@ def test_a_failed_first_run_can_be_rerun_with_other_parameters(small_toy, tmp_pa
 
 
 def test_retries_say_what_failed(monkeypatch, capsys):
-    policy = gen_cots.OpenAIPolicy("http://127.0.0.1:9/v1", "m", retries=1, backoff=0.0, timeout=1)
+    policy = policy_from_flags("--policy", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model-name", "m",
+                               "--retries", "1", "--timeout", "1")
+    policy.backoff = 0.0
     with pytest.raises(gen_cots.PolicyError):
         policy.request({"n": 1})
     err = capsys.readouterr().err

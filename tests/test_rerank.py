@@ -65,7 +65,7 @@ def test_evaluate_counts_are_exact():
     q1 = [{"correct": c, "pred": p} for c, p in [(False, "1"), (True, "2"), (False, "1")]]
     q2 = [{"correct": c, "pred": p} for c, p in [(True, "5"), (True, "5")]]
     scores = {"prm": [[0.2, 0.9, 0.1], [0.3, None]]}          # None: a CoT not scored (too long)
-    table, curve = rerank.evaluate([("d", q1), ("e", q2)], scores, n_subsets=5)
+    table, curve = rerank.evaluate([("d", q1), ("e", q2)], scores, 5, 0)
     assert table["d"] == {"pass@1": 1 / 3, "majority": 0.0, "prm": 1.0, "oracle": 1.0, "questions": 1}
     assert table["overall"]["pass@1"] == (1 / 3 + 1) / 2 and table["overall"]["prm"] == 1.0
     assert curve["oracle"][2] >= curve["oracle"][1] and set(curve["prm"]) == {1, 2}
@@ -136,7 +136,7 @@ def test_benchmark_step_figures_by_hand():
     assert (b["erroneous"], b["correct"]) == (1, 1) and b["processbench_f1"] == 0.0
     none = {}
     rerank.add_step_counts(Counter(), none, records[2:], values[2:])
-    assert rerank.benchmark_report(none) is None
+    assert rerank.benchmark_report(none, 0.5) is None
 
 
 def test_rerank_reports_benchmark_figures_on_processbench(tmp_path, backbone_dir, capsys):
