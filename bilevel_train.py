@@ -1627,7 +1627,7 @@ def shared_prefix_forward(model, records, encoded):
     continuations attending to its cache, so the backward pass gives the prompt the sum of its
     CoTs' gradients. (B, S) values and mask in the batch's order, equal to prm.step_values."""
     rows = [None] * len(encoded)
-    for members in question_groups(records):         # one prompt: the question's text and its image
+    for members in question_groups(records, True):   # one prompt: the question's text and its image
         values, mask = prm.shared_prefix_values(model, [encoded[b] for b in members])    # (n, S_g)
         for j, b in enumerate(members):
             rows[b] = values[j][mask[j]]
@@ -1639,7 +1639,7 @@ def prompt_key(r):
     return r["_question"] if "_question" in r else prm.question_text(r), r.get("_image")
 
 
-def question_groups(records, grouped=True):
+def question_groups(records, grouped):
     """The training (or meta) records' indices by prompt, in first-seen order, for draw(); None when
     batches are plain random CoTs."""
     if not grouped:
