@@ -238,7 +238,8 @@ def train_project(w, turns):
             "--weighting", w["weighting"], "--iterations", str(w["steps"] // w["unroll"]),
             "--unroll-steps", str(w["unroll"]), "--train-batch", str(w["batch"]), "--lr", str(w["lr"]),
             "--final-answer", "drop", "--device", "cpu", "--out", w["out"], "--overwrite", "--seed", "0"]
-    argv += ["--meta", os.path.join(w["data"], "project_meta.jsonl")] if w["weighting"] != "fixed" else []
+    argv += ["--meta", os.path.join(w["data"], "project_meta.jsonl"), "--meta-batch", str(w["meta_batch"])] \
+        if w["weighting"] != "fixed" else []
     argv += ["--group-by-question"] if w["mode"] == "shared" else []
     setup, end = bt.setup_run, bt.end_of_iteration
 
@@ -279,7 +280,7 @@ def ring(a, prompt, logs):
         spec = dict(system=system, mode=mode, weighting=weighting, threads=a.threads, fds=f"{to_r},{from_w}",
                     backbone=os.path.join(a.work, "backbone"), data=os.path.join(a.work, "data", prompt),
                     out=os.path.join(a.work, "runs", name), steps=a.warmup + a.steps, unroll=a.unroll,
-                    batch=a.batch, lr=a.lr)
+                    batch=a.batch, meta_batch=a.meta_batch, lr=a.lr)
         log = open(os.path.join(logs, name + ".log"), "w")
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                              pass_fds=(to_r, from_w), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -427,6 +428,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     ap.add_argument("--unroll", type=int, default=5, help="U: lower steps per outer iteration, one turn")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--meta-batch", type=int, default=16, help="DreamPRM: meta CoTs per upper step")
     ap.add_argument("--lr", type=float, default=1e-4, help="the lower lr of both systems")
     ap.add_argument("--n", type=int, default=8, help="CoTs per question in scoring")
     ap.add_argument("--questions", type=int, default=10, help="test questions scored per round")
@@ -446,24 +448,40 @@ def main(argv=None):
     prompt_tokens = prepare(a.work, a.long_prompt)
     print(f"TRL {TRL_VERSION} against this project, {a.threads} thread(s) each, batch {a.batch}, lr {a.lr:g}, "
           f"{a.steps} timed steps after {a.warmup}; ratios project / TRL\n")
-    print("| work | prompt | CoTs/s ratio | tokens/s ratio | peak RSS ratio | project CoTs/s | TRL CoTs/s |")
+    print("| training | prompt | CoTs/s ratio | tokens/s ratio | peak RSS ratio | project CoTs/s | TRL CoTs/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     trained = {}
     for prompt in ("short", "long"):
         runs = trained[prompt] = ring(a, prompt, logs)
         trl = runs[0]
         for config, run in zip(CONFIGS[1:], runs[1:]):
-            print(f"| training, {NAMES[config]} | {prompt_tokens[prompt]} tokens | "
+            print(f"| {NAMES[config]} | {prompt_tokens[prompt]} tokens | "
                   f"{(run['cots'] / run['seconds']) / (trl['cots'] / trl['seconds']):.2f}x | "
                   f"{(run['tokens'] / run['seconds']) / (trl['tokens'] / trl['seconds']):.2f}x | "
                   f"{run['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x | {run['cots'] / run['seconds']:.2f} | "
                   f"{trl['cots'] / trl['seconds']:.2f} |", flush=True)
+    # An outer iteration is U lower steps (forward and backward, about 3 forwards F of a batch each),
+    # then a meta forward and backward (3F x M / B) and two forwards of a train batch (2F): DreamPRM's
+    # floor is 3U / (3U + 3M/B + 2) of the vanilla path's CoTs/s.
+    floor = 3 * a.unroll / (3 * a.unroll + 3 * a.meta_batch / a.batch + 2)
+    print(f"\nDreamPRM against its arithmetic floor, {floor:.3f} x the same path's vanilla CoTs/s (U = {a.unroll}, "
+          f"M = {a.meta_batch}, B = {a.batch}):\n")
+    print("| path | prompt | DreamPRM CoTs/s | floor CoTs/s | DreamPRM / floor |")
+    print("|---|---|---:|---:|---:|")
+    for prompt in ("short", "long"):
+        runs = trained[prompt]
+        for vanilla, dreamprm, path in ((runs[1], runs[3], "packed"), (runs[2], runs[4], "shared-prefix")):
+            rate, bound = dreamprm["cots"] / dreamprm["seconds"], floor * vanilla["cots"] / vanilla["seconds"]
+            print(f"| {path} | {prompt_tokens[prompt]} tokens | {rate:.2f} | {bound:.2f} | {rate / bound:.2f} |")
+    print(f"\nScoring the N = {a.n} CoTs of a question against TRL's one forward per CoT:\n")
+    print("| project path | prompt | speed-up over TRL | project ms/question | TRL ms/question |")
+    print("|---|---|---:|---:|---:|")
     for prompt in ("short", "long"):
         seconds = score(a, prompt)
         base = seconds.pop("TRL, one forward per CoT")
         for name, s in seconds.items():
-            print(f"| scoring N = {a.n}, {name} | {prompt_tokens[prompt]} tokens | {base / s:.2f}x | | | "
-                  f"{1e3 * s:.0f} ms/question | {1e3 * base:.0f} ms/question |", flush=True)
+            print(f"| {name} | {prompt_tokens[prompt]} tokens | {base / s:.2f}x | {1e3 * s:.0f} | {1e3 * base:.0f} |",
+                  flush=True)
     figures, positive = quality(a, trained["short"])
     print(f"\nstep quality after {a.warmup + a.steps} steps at lr {a.lr:g} (short prompt), on the toy test labels "
           f"(positive rate {positive:.3f}):\n")
