@@ -83,6 +83,7 @@ class Weighting:
     keys (N, ...): each training CoT's index into a (for DreamPRM, its domain)."""
     moves = True            # False: the weights stay fixed, no upper level
     per_cot = False         # True: one weight per training CoT (written to instance_weights.safetensors)
+    reads_values = False    # True: the weights read the batch's step values (no --grad-accum)
 
     def __init__(self, a, keys):
         self.a, self.keys = a, keys
@@ -382,11 +383,6 @@ def init_instance_net(hidden, seed, device):
     return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
 
 
-def has_instances(weighting):
-    """Whether a --weighting moves one weight per training CoT (DreamPRM-1.5, or domain x instance)."""
-    return weighting in ("instance-table", "instance-net", "domain-instance")
-
-
 def make_weighting(args, train, domains, device, forward):
     """The one place the weighting is chosen: DreamPRM's (section 1), fixed weights, or one of
     DreamPRM-1.5's instance weightings, every weight starting at 1."""
@@ -449,6 +445,7 @@ class InstanceNet(InstanceWeighting):
     """--weighting instance-net: the Instance Net's output on a CoT's step values and labels. It
     reads the values of the lower step's forward when the batch has them, else (the upper step's
     fresh batch, the logs) a no-grad forward of its own at the current phi."""
+    reads_values = True
 
     def __init__(self, a, keys, w_max, fresh, forward, train, batch_size):
         super().__init__(a, keys, w_max, fresh)
@@ -482,6 +479,12 @@ class DomainInstance(InstanceWeighting):
         total = torch.zeros_like(a[0]).index_add(0, dom, u)                                # (K,) per domain
         count = torch.zeros_like(a[0]).index_add(0, dom, torch.ones_like(u))
         return alpha * u / (total / count.clamp(min=1))[dom]
+
+
+# Each --weighting's class: what the flag checks and presets ask of a weighting (moves, per_cot,
+# reads_values) before make_weighting builds it.
+KINDS = {"domain": DomainWeighting, "fixed": FixedWeighting, "instance-table": InstanceTable,
+         "instance-net": InstanceNet, "domain-instance": DomainInstance}
 
 
 def instance_batch(train, keys, size, seed, it, device):
@@ -608,7 +611,7 @@ def read_inputs(args):
 def check_meta(meta, train, args):
     """A meta set must teach something: both correct and incorrect CoTs (else the upper loss has one
     target and cannot tell domains apart), and no question that is also in the training data."""
-    if args.weighting != "fixed" and len({r["correct"] for r in meta}) < 2:
+    if KINDS[args.weighting].moves and len({r["correct"] for r in meta}) < 2:
         which = "correct" if meta[0]["correct"] else "incorrect"
         msg = (f"all {len(meta)} usable meta CoTs are {which}: the upper loss then has a single target "
                f"and cannot tell the domains apart")
@@ -635,7 +638,7 @@ def load_data(args):
         if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)):
             build_toy_world(args.seed)
         args.train, args.meta = [TOY_TRAIN], TOY_META
-    if not args.train or not (args.meta or args.weighting == "fixed"):
+    if not args.train or not (args.meta or not KINDS[args.weighting].moves):
         raise prm.DataError("give both --train and --meta (or neither, for the toy demo; vanilla training, "
                             "--weighting fixed, needs no --meta)")
     train, meta, skipped_domains = read_inputs(args)
@@ -893,7 +896,7 @@ OPTIONS = (Data, prm.InputFormat, Reading, Method, InstanceWeights, Schedule, Me
 def preset_names(args, toy):
     """The presets that apply to this run, in order (the first that gives a flag a value wins)."""
     names = [f"--recipe {args.recipe}"] if args.recipe else []
-    if has_instances(args.weighting):
+    if KINDS[args.weighting].per_cot:
         names += [args.weighting, "instance modes"] + (["toy instance modes"] if toy else [])
     return names + (["toy"] if toy else ["--model tiny"] if args.model == "tiny" else [])
 
@@ -911,7 +914,7 @@ def parse_args(argv):
         args.domains = parse_domains(args.domains)
     if args.instance_batch is None:
         args.instance_batch = 4 * args.train_batch
-    if args.grad_accum > 1 and args.weighting == "instance-net":
+    if args.grad_accum > 1 and KINDS[args.weighting].reads_values:
         raise prm.DataError("the Instance Net reads the whole batch's values: no --grad-accum with it",
                             field="--grad-accum")
     if args.eval_every is None:
@@ -939,7 +942,7 @@ def runs(argv):
     toy_demo = not args.train and not args.meta and not args.synthetic
     yield args
     baseline = args.out.rstrip("/") + "-vanilla"
-    if toy_demo and args.weighting == "domain" and not args.no_baseline and \
+    if toy_demo and KINDS[args.weighting] is DomainWeighting and not args.no_baseline and \
             not os.path.isdir(os.path.join(baseline, "prm")):
         print(f"training the vanilla PRM baseline (uniform weights) into {baseline} for rerank.py")
         resume = os.path.isfile(os.path.join(baseline, "checkpoint", "state.json"))
