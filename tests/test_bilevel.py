@@ -126,13 +126,13 @@ def test_lower_loss_is_the_weighted_mean():
 def test_clean_domain_gets_the_largest_weight(backbone_dir, tmp_path, monkeypatch, seed):
     """Synthetic set: clean labels, flipped labels, random labels; the meta set is clean."""
     out = str(tmp_path / "run")
-    assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--seed", str(seed), "--iterations", "120",
+    assert bt.main(["--synthetic", "--model", backbone_dir, "--out", out, "--seed", str(seed), "--iterations", "60",
                     "--unroll-steps", "1", "--train-batch", "16", "--meta-batch", "32", "--meta-lr", "0.05",
                     "--log-every", "50", "--save-every", "1000"]) == 0
     alpha = json.load(open(f"{out}/domain_weights.json"))["final"]
     print(seed, alpha)
     assert max(alpha, key=alpha.get) == "clean"
-    assert alpha["clean"] > 1.2 * max(alpha["noisy"], alpha["random"])
+    assert alpha["clean"] > 2 * max(alpha["noisy"], alpha["random"])       # 3.5x to 6.2x in seeds 0-4
 
 
 def run_script(args, cwd, **kw):
