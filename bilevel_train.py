@@ -863,7 +863,8 @@ class Memory:
                                        "not on the GPU (4 bytes per parameter less; bitwise the same)")
     compact_states: bool = prm.option(False, "keep AdamW's two moments in bf16 with stochastic rounding: 4 bytes "
                                       "per parameter less, not exact (see README, the 2B memory plan)")
-    grad_checkpointing: bool = prm.option(False, "recompute activations in backward (less memory)")
+    grad_checkpointing: bool = prm.option(False, "recompute activations in backward, layer by layer (less memory; "
+                                          "exact, also with --group-by-question)")
     group_by_question: bool = prm.option(False, "shared-prefix training: a batch holds the CoTs of a few questions, "
                                          "and each question's image and text run once for all its CoTs (train, meta "
                                          "and hypergradient forwards); the same loss and gradients per batch, batches "
