@@ -17,13 +17,13 @@ The math (symbols as in the paper; the README's "The math" explains each):
 
 Read the method top-down: (1) the lower level: weights, L_tr and one lower step; (2) the upper
 level: L_meta, the hypergradient and one upper step; (3) the training loop (`bilevel`; `main`, at
-the end, runs it for the flags). The
-variants sit behind seams chosen once before the loop and named above it: the forward (packed or
-shared-prefix), the weighting (DreamPRM's DomainWeighting, or one picked by `make_weighting`), the
-lower step (plain or accumulated). Appendices after the method: A the other weightings (fixed,
-DreamPRM-1.5's instance weights) and the choice among them, B data, C the run configuration (every
-flag: its default, presets and help), D the run directory (setup, the end of an iteration,
-checkpoints), E optimizer options (gradient accumulation, the lr schedule, memory), F the forward.
+the end, runs it for the flags). The variants sit behind seams chosen once before the loop and
+named above it: the forward (packed or shared-prefix), the weighting (DreamPRM's DomainWeighting,
+or one picked by `make_weighting`), the lower step (plain or accumulated). Appendices after the
+method: A the other weightings (fixed, DreamPRM-1.5's instance weights) and the choice among them,
+B data, C the run configuration (every flag: its default, presets and help), D the run directory
+(setup, the end of an iteration, checkpoints), E optimizer options (gradient accumulation, the lr
+schedule, memory), F shared-prefix training.
 
 Run the toy demo (no data arguments: the toy world is built first when toy/ is missing; --synthetic
 trains on a small text-only set instead):
@@ -1175,7 +1175,7 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
     add_losses(run.sums, batches, L_meta)
     if done % args.log_every == 0 or last:
         log_weights(run, done, seconds)
-    elif run.weighting.moves and not run.weighting.per_cot:    # DreamPRM's alpha: cheap, on the bar every iteration
+    elif isinstance(run.weighting, DomainWeighting):          # DreamPRM's alpha: cheap, on the bar every iteration
         show_weights(run.bar, run.weighting.per_domain(None, run.train, run.domains), run.weighting)
     if run.held_out and (done % args.eval_every == 0 or last):
         log_eval(args.out, done, evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch))
@@ -1374,7 +1374,8 @@ def saturation_note(model, records, autocast, lr):
     with torch.no_grad():
         values, mask = forward(model, records, autocast, shared=False)        # (B, S)
     p, p_mask = label_tensors(records, values.shape[1], values.device)
-    V, m = values.float()[mask & p_mask], mask & p_mask
+    m = mask & p_mask
+    V = values.float()[m]
     saturated = ((V < 1e-3) | (V > 1 - 1e-3)).float().mean().item() if V.numel() else 0.0
     label_mean = p[m].mean().item() if m.any() else 0.5
     if saturated < 0.9 or not 0.05 < label_mean < 0.95:

@@ -31,8 +31,9 @@ Read from the top; every stage imports this file and none re-implements it:
   6. Tiny backbones  `tiny_backbone`: a small randomly initialised model of a family (Qwen2-VL by
                      default) with a locally built tokenizer and Pillow image processor, for tests
                      and the toy world.
-  7. Plumbing        `DataError`, the argument parser, atomic files, locks, the PNG line chart:
-                     a reader of the method can stop before it.
+  7. Plumbing        the shared-prefix cache (`prefix_writer`, `prefix_reader`), `DataError`,
+                     the argument parser, atomic files, locks, the PNG line chart: a reader of
+                     the method can stop before it.
 
 Quick check:  python -c "import prm; print(prm.aggregate.__doc__)"
 """
@@ -603,7 +604,7 @@ def shared_prefix_values(prm, cots):
     cache_kw = "cache" if "cache" in inspect.signature(prm.backbone.forward).parameters else "past_key_values"
     prefix_cache = prefix_writer(prm.backbone.config)
     prm.backbone(**kwargs, **{cache_kw: prefix_cache})
-    cache = prefix_reader(prefix_cache, N)                                      # the prefix, N times, read-only
+    cache = prefix_reader(prefix_cache, N)          # the prefix, N times, read-only (both: section 7)
     cont, cont_mask = pad_rows([c.input_ids[P:] for c in cots], prm.pad_id)     # (N, L) the continuations
     L = cont.shape[1]
     attention_mask = torch.cat([torch.ones(N, P, dtype=torch.long), cont_mask.long()], 1)   # (N, P + L)
@@ -613,48 +614,6 @@ def shared_prefix_values(prm, cots):
     ends, mask = pad_rows([c.step_ends - P for c in cots])                       # (N, S)
     h_steps = torch.gather(h, 1, ends.to(device).unsqueeze(-1).expand(-1, -1, h.shape[-1]))   # (N, S, H)
     return prm.value(h_steps), mask.to(device)
-
-
-# The prefix cache under gradient checkpointing. A checkpointed layer runs its forward again in
-# backward, cache update included: a plain cache would append the prefix (or a continuation) a
-# second time. These two updates give the same keys and values however often a layer runs, so
-# transformers may keep the cache in checkpointed layers (bilevel_train.enable_checkpointing).
-
-def prefix_writer(config):
-    """The cache the prompt's forward fills: each layer's keys and values are stored by its first
-    update; a replay returns its input, as the first update on the empty layer did."""
-    from transformers import DynamicCache
-    cache = DynamicCache(config=config)
-    update = cache.update
-
-    def write_once(keys, values, layer_idx, *args, **kwargs):
-        if layer_idx < len(cache.layers) and cache.layers[layer_idx].is_initialized:
-            return keys, values
-        return update(keys, values, layer_idx, *args, **kwargs)
-    cache.update = write_once
-    return cache
-
-
-def prefix_reader(writer, n):
-    """The cache the N continuations attend to: the prompt's keys and values repeated n times, in
-    layer objects of its own (the writer keeps its own for replays). An update returns the prefix
-    and the new states joined and leaves the layer as it was, so every run of a layer reads the
-    same prefix."""
-    from transformers import DynamicCache
-    cache = copy.copy(writer)
-    cache.layers = [copy.copy(layer) for layer in writer.layers]
-    cache.batch_repeat_interleave(n)
-
-    def read_only(keys, values, layer_idx, *args, **kwargs):
-        layer = cache.layers[layer_idx]
-        state = dict(vars(layer))
-        try:
-            return DynamicCache.update(cache, keys, values, layer_idx, *args, **kwargs)
-        finally:
-            vars(layer).clear()
-            vars(layer).update(state)
-    cache.update = read_only
-    return cache
 
 
 def aggregate(values, mask, how="mean_logit"):
@@ -2247,9 +2206,53 @@ def resolve_model(model, cache_dir="runs/tiny-backbone"):
 
 # ==============================================================================================
 # 7. Plumbing
-# A reader of the method can stop here: errors a user can cause, the command line, atomic
-# files, JSON Lines, output locks and the PNG line chart.
+# A reader of the method can stop here: the shared-prefix cache, errors a user can cause, the
+# command line, atomic files, JSON Lines, output locks and the PNG line chart.
 # ==============================================================================================
+
+# -- The shared-prefix cache, safe under gradient checkpointing ---------------------------------
+#
+# A checkpointed layer runs its forward again in backward, cache update included: a plain cache
+# would append the prefix (or a continuation) a second time. These two updates give the same keys
+# and values however often a layer runs, so transformers may keep the cache in checkpointed layers
+# (bilevel_train.enable_checkpointing). shared_prefix_values (section 1) uses them.
+
+def prefix_writer(config):
+    """The cache the prompt's forward fills: each layer's keys and values are stored by its first
+    update; a replay returns its input, as the first update on the empty layer did."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=config)
+    update = cache.update
+
+    def write_once(keys, values, layer_idx, *args, **kwargs):
+        if layer_idx < len(cache.layers) and cache.layers[layer_idx].is_initialized:
+            return keys, values
+        return update(keys, values, layer_idx, *args, **kwargs)
+    cache.update = write_once
+    return cache
+
+
+def prefix_reader(writer, n):
+    """The cache the N continuations attend to: the prompt's keys and values repeated n times, in
+    layer objects of its own (the writer keeps its own for replays). An update returns the prefix
+    and the new states joined and leaves the layer as it was, so every run of a layer reads the
+    same prefix."""
+    from transformers import DynamicCache
+    cache = copy.copy(writer)
+    cache.layers = [copy.copy(layer) for layer in writer.layers]
+    cache.batch_repeat_interleave(n)
+
+    def read_only(keys, values, layer_idx, *args, **kwargs):
+        layer = cache.layers[layer_idx]
+        state = dict(vars(layer))
+        try:
+            return DynamicCache.update(cache, keys, values, layer_idx, *args, **kwargs)
+        finally:
+            vars(layer).clear()
+            vars(layer).update(state)
+    cache.update = read_only
+    return cache
+
 
 # -- Errors and the command line ---------------------------------------------------------------
 
