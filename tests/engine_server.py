@@ -34,11 +34,17 @@ def send_json(handler, obj, code=200):
     handler.wfile.write(data)
 
 class StandIn:
-    """`with StandIn(latency) as server:` server.url, server.requests, server.peak."""
+    """`with StandIn(latency) as server:` server.url, server.requests, server.peak.
+
+    After `server.reset(hold=k)` each request waits (at most `HOLD_S` seconds) until k requests have
+    been in flight at once, then answers after the latency: a client that keeps k requests in flight
+    reaches a peak of k however slowly its threads are scheduled, and one that does not stays below."""
+
+    HOLD_S = 10.0
 
     def __init__(self, latency=0.2, port=0):
-        self.latency, self.requests, self.peak, self.in_flight = latency, 0, 0, 0
-        self.lock = threading.Lock()
+        self.latency, self.requests, self.peak, self.in_flight, self.hold = latency, 0, 0, 0, 0
+        self.lock = threading.Condition()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +56,8 @@ class StandIn:
                     outer.requests += 1
                     outer.in_flight += 1
                     outer.peak = max(outer.peak, outer.in_flight)
+                    outer.lock.notify_all()
+                    outer.lock.wait_for(lambda: outer.peak >= outer.hold, timeout=outer.HOLD_S)
                 time.sleep(outer.latency)
                 choices = [{"index": i, "message": {"role": "assistant", "content": answer(body, i)}}
                            for i in range(body.get("n", 1))]
@@ -79,9 +87,10 @@ class StandIn:
         self.server.server_close()
         return False
 
-    def reset(self):
+    def reset(self, hold=0):
         with self.lock:
             self.requests = self.peak = 0
+            self.hold = hold
 
 
 def write_questions(path, n):

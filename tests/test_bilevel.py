@@ -153,10 +153,42 @@ def final_state(out):
         [weights[k] for k in sorted(weights)]
 
 
+class Stop(Exception):
+    pass
+
+
 @pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net", "domain-instance"])
-def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path, mode):
+def test_each_weighting_resumes_where_it_stopped(backbone_dir, tmp_path, monkeypatch, mode):
+    """What each weighting saves (a, the tables, theta, their optimizer states) brings a resumed run
+    to the same bits as an uninterrupted one; the run is stopped between two checkpoints."""
+    args = ["--synthetic", "--model", backbone_dir, "--iterations", "10", "--unroll-steps", "2", "--save-every", "4",
+            "--log-every", "2", "--train-batch", "4", "--meta-batch", "4", "--weighting", mode, "--cold-start", "0"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert bt.main(args + ["--out", full]) == 0
+    assert all(json.loads(line)["upper/loss"] is not None for line in open(f"{full}/metrics.jsonl"))  # the weights move
+    real = bt.end_of_iteration
+
+    def stop_at_6(run, done, *rest):
+        if done == 6:
+            raise Stop
+        return real(run, done, *rest)
+    monkeypatch.setattr(bt, "end_of_iteration", stop_at_6)
+    with pytest.raises(Stop):
+        bt.main(args + ["--out", cut])
+    monkeypatch.undo()
+    assert bt.main(args + ["--out", cut, "--resume"]) == 0
+    full_state, cut_state = final_state(full), final_state(cut)
+    assert len(full_state) == len(cut_state) > 10
+    assert all(torch.equal(x, y) for x, y in zip(full_state, cut_state))
+    iters = [json.loads(line)["iteration"] for line in open(f"{cut}/metrics.jsonl")]
+    assert iters == list(range(2, 11, 2))                      # nothing missing, nothing twice
+
+
+def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path):
+    """A process killed at any moment (here mid-run, by SIGKILL) resumes to an uninterrupted run's state.
+    Writing is one path for every weighting; what each weighting saves is checked in the test above."""
     args = ["--synthetic", "--model", backbone_dir, "--iterations", "30", "--unroll-steps", "2", "--save-every", "5",
-            "--log-every", "5", "--train-batch", "4", "--meta-batch", "4", "--weighting", mode]
+            "--log-every", "5", "--train-batch", "4", "--meta-batch", "4", "--weighting", "domain"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                                    # as run_script's process: one CPU thread
@@ -177,10 +209,9 @@ def test_resume_after_sigkill_matches_uninterrupted(backbone_dir, tmp_path, mode
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if mode == "domain":                                       # once: a rerun without --resume stops
-        proc = run_script(args + ["--out", cut], tmp_path)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and "--resume" in err      # no silent overwrite of a run
+    proc = run_script(args + ["--out", cut], tmp_path)         # a rerun without --resume stops
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "--resume" in err          # no silent overwrite of a run
     killed_at = json.load(open(state))["iteration"]
     assert 10 <= killed_at < 30
     proc = run_script(args + ["--out", cut, "--resume"], tmp_path)

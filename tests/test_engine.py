@@ -30,14 +30,14 @@ def openai(server, concurrency):
 def test_concurrency_bound_is_respected_and_reached(tmp_path, server):
     questions = write_questions(tmp_path / "q.jsonl", 40)
     cots = str(tmp_path / "cots.jsonl")
-    server.reset()
+    server.reset(hold=8)
     assert gen_cots.main(["--questions", questions, "--out", cots, "--n", "2"] + openai(server, 8)) == 0
     assert server.requests == 40 and server.peak == 8
     assert len(open(cots).read().splitlines()) == 80
-    server.reset()
+    server.reset(hold=16)
     assert mc_label.main(["--cots", cots, "--out", str(tmp_path / "l.jsonl"), "--rollouts", "2"] + openai(server, 16)) == 0
     assert server.requests == 80 * 4 and server.peak == 16          # 4 prefixes of 5 steps per CoT
-    server.reset()                                               # a bound below one CoT's requests
+    server.reset(hold=3)                                         # a bound below one CoT's requests
     assert mc_label.main(["--cots", cots, "--out", str(tmp_path / "l2.jsonl"), "--rollouts", "2"] + openai(server, 3)) == 0
     assert server.requests == 320 and server.peak == 3
 
