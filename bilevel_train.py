@@ -1596,18 +1596,17 @@ class CompactAdamW(torch.optim.Optimizer):
 
 
 def lower_optimizer(phi, lr, weight_decay, compact, seed, fused=None):
-    """AdamW on phi. fused (default: when phi lies on CUDA or on the CPU) runs one kernel per step
-    that updates every tensor in place. torch's default on CUDA, foreach, first computes sqrt(v_hat)
-    for all of phi at once: a temporary of 4 bytes per parameter that is alive while phi, its
-    gradients and both moments are too, which makes the optimizer step the peak of a 2B run (20
-    instead of 16 bytes per parameter). torch's default on the CPU loops over the tensors, about 3x
-    slower than the fused kernel (61 against 21 ms a step for 9.8 M parameters, one thread). Same
-    arithmetic, agreement with the per-tensor loop tested. compact (--compact-states):
+    """AdamW on phi. fused (default: when phi is on CUDA) runs one kernel per step that updates
+    every tensor in place. torch's default on CUDA, foreach, first computes sqrt(v_hat) for all of
+    phi at once: a temporary of 4 bytes per parameter that is alive while phi, its gradients and
+    both moments are too, which makes the optimizer step the peak of a 2B run (20 instead of 16
+    bytes per parameter). Same arithmetic, agreement with the per-tensor loop tested. On CPU torch
+    loops over tensors (temporaries of one tensor at a time). compact (--compact-states):
     CompactAdamW, bf16 moments."""
     if compact:
         return CompactAdamW(phi, lr=lr, weight_decay=weight_decay, seed=seed)
     if fused is None:
-        fused = bool(phi) and len({p.device.type for p in phi}) == 1 and phi[0].device.type in ("cuda", "cpu")
+        fused = bool(phi) and all(p.is_cuda for p in phi)
     return torch.optim.AdamW(phi, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
