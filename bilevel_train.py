@@ -1361,23 +1361,28 @@ def finish_run(run):
             print("AUC of the weights, clean-key against corrupted-key CoTs: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
-    note = saturation_note(model, train[:64], run.autocast, args.lr)
+    note = saturation_note(model, train[:64], run.autocast, args.lr, args.train_batch)
     if note:
         print(note)
 
 
-def saturation_note(model, records, autocast, lr):
+def saturation_note(model, records, autocast, lr, batch):
     """One line when the PRM's step values have collapsed to 0 or 1 (at least 90% of them within
     1e-3 of either, on the first training CoTs) while their labels have not: a lower lr that is too
     high for the backbone drives every value to one side, and the run would otherwise finish
-    silently with a PRM that ranks nothing. None when the values are not saturated."""
-    with torch.no_grad():
-        values, mask = forward(model, records, autocast, shared=False)        # (B, S)
-    p, p_mask = label_tensors(records, values.shape[1], values.device)
-    m = mask & p_mask
-    V = values.float()[m]
+    silently with a PRM that ranks nothing. None when the values are not saturated. The CoTs are
+    scored `batch` at a time (the lower step's batch), so this never needs more memory than training."""
+    V, P = [], []
+    for i in range(0, len(records), batch):
+        chunk = records[i:i + batch]
+        with torch.no_grad():
+            values, mask = forward(model, chunk, autocast, shared=False)      # (b, S)
+        p, p_mask = label_tensors(chunk, values.shape[1], values.device)
+        V.append(values.float()[mask & p_mask])
+        P.append(p[mask & p_mask])
+    V, P = torch.cat(V), torch.cat(P)                                         # labelled steps
     saturated = ((V < 1e-3) | (V > 1 - 1e-3)).float().mean().item() if V.numel() else 0.0
-    label_mean = p[m].mean().item() if m.any() else 0.5
+    label_mean = P.mean().item() if P.numel() else 0.5
     if saturated < 0.9 or not 0.05 < label_mean < 0.95:
         return None
     return (f"warning: the PRM's step values saturate: {100 * saturated:.0f}% of them lie within 0.001 of 0 or 1 "

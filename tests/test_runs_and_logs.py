@@ -286,17 +286,23 @@ def test_rerank_takes_the_threshold_protocol(tmp_path, backbone_dir, capsys):
         "best:SUBSET" in capsys.readouterr().err
 
 
-def test_a_run_whose_values_saturate_says_so(backbone_dir, capsys):
-    """A PRM whose step values sit at 0 or 1 while its labels do not: one line naming --lr."""
+def test_a_run_whose_values_saturate_says_so(backbone_dir, capsys, monkeypatch):
+    """A PRM whose step values sit at 0 or 1 while its labels do not: one line naming --lr. The
+    check scores its CoTs a training batch at a time (one forward of all 64 at the end of a 2B run
+    would need more memory than training did)."""
     train, _ = bt.synthetic_data(0, 4, 4)
     model = prm.PRM.from_backbone(backbone_dir).eval()
     autocast = torch.autocast("cpu", enabled=False)
-    assert bt.saturation_note(model, train[:8], autocast, 1e-4) is None
+    sizes, real = [], bt.forward
+    monkeypatch.setattr(bt, "forward", lambda model, records, *a, **k: sizes.append(len(records)) or
+                        real(model, records, *a, **k))
+    assert bt.saturation_note(model, train[:7], autocast, 1e-4, 3) is None
+    assert sizes == [3, 3, 1]
     with torch.no_grad():
         model.head.bias.fill_(-40.0)                                 # every value ~0, labels mixed
-    note = bt.saturation_note(model, train[:8], autocast, 1e-4)
+    note = bt.saturation_note(model, train[:7], autocast, 1e-4, 3)
     assert note.startswith("warning: the PRM's step values saturate: 100% of them lie within 0.001 of 0 or 1") \
-        and "rerun with a smaller --lr (now 0.0001) and --overwrite" in note
+        and "on 7 training CoTs" in note and "rerun with a smaller --lr (now 0.0001) and --overwrite" in note
 
 
 def test_token_batches_bound_a_forward_and_keep_the_values(tiny_prm):
