@@ -91,6 +91,25 @@ def kill_after_lines(args, out, lines, timeout=120):
     return open(out).read().count("\n")
 
 
+def stop_after(monkeypatch, at, argv):
+    """bilevel_train.main(argv) stopped as by a crash at the end of iteration `at` (before that
+    iteration's logs and checkpoint), for a test of --resume."""
+    import bilevel_train as bt
+
+    class Stop(Exception):
+        pass
+    real = bt.end_of_iteration
+
+    def stop(run, done, *rest):
+        if done == at:
+            raise Stop
+        return real(run, done, *rest)
+    with monkeypatch.context() as m:
+        m.setattr(bt, "end_of_iteration", stop)
+        with pytest.raises(Stop):
+            bt.main(argv)
+
+
 def policy_from_flags(*argv):
     """The policy gen_cots.py and mc_label.py would build from these Policy flags."""
     import gen_cots

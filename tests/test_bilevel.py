@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import bilevel_train as bt
 import prm
+from conftest import stop_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ["clean", "noisy", "random"]
@@ -153,10 +154,6 @@ def final_state(out):
         [weights[k] for k in sorted(weights)]
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["domain", "instance-table", "instance-net", "domain-instance"])
 def test_each_weighting_resumes_where_it_stopped(backbone_dir, tmp_path, monkeypatch, mode):
     """What each weighting saves (a, the tables, theta, their optimizer states) brings a resumed run
@@ -166,16 +163,7 @@ def test_each_weighting_resumes_where_it_stopped(backbone_dir, tmp_path, monkeyp
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     assert bt.main(args + ["--out", full]) == 0
     assert all(json.loads(line)["upper/loss"] is not None for line in open(f"{full}/metrics.jsonl"))  # the weights move
-    real = bt.end_of_iteration
-
-    def stop_at_6(run, done, *rest):
-        if done == 6:
-            raise Stop
-        return real(run, done, *rest)
-    monkeypatch.setattr(bt, "end_of_iteration", stop_at_6)
-    with pytest.raises(Stop):
-        bt.main(args + ["--out", cut])
-    monkeypatch.undo()
+    stop_after(monkeypatch, 6, args + ["--out", cut])
     assert bt.main(args + ["--out", cut, "--resume"]) == 0
     full_state, cut_state = final_state(full), final_state(cut)
     assert len(full_state) == len(cut_state) > 10

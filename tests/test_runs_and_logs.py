@@ -21,6 +21,7 @@ import gen_cots
 import mc_label
 import prm
 import rerank
+from conftest import stop_after
 from test_formats import write_json, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,10 +180,6 @@ def checkpoint(out):
     return load_file(os.path.join(out, "checkpoint", "model.safetensors"))
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("schedule", [[], ["--lr-schedule", "step", "--lr-step", "2", "--lr-gamma", "0.5"],
                                       ["--lr-schedule", "cosine"], ["--warmup", "0.5"]],
                          ids=["constant", "step", "cosine", "warmup"])
@@ -191,16 +188,7 @@ def test_resume_equals_a_straight_run_for_every_schedule(tmp_path, capsys, monke
             "--lr", "1e-3"] + schedule
     straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
     assert run(bt, base + ["--iterations", "4", "--out", straight], capsys)[0] == 0
-    real = bt.end_of_iteration
-
-    def stop_at_3(run, done, *args):
-        if done == 3:
-            raise Stop
-        return real(run, done, *args)
-    monkeypatch.setattr(bt, "end_of_iteration", stop_at_3)
-    with pytest.raises(Stop):
-        bt.main(base + ["--iterations", "4", "--out", cut])
-    monkeypatch.undo()
+    stop_after(monkeypatch, 3, base + ["--iterations", "4", "--out", cut])
     assert run(bt, base + ["--iterations", "4", "--out", cut, "--resume"], capsys)[0] == 0
     a, b = checkpoint(straight), checkpoint(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
