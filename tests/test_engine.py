@@ -17,7 +17,7 @@ from engine_server import StandIn, write_questions
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server():
     with StandIn(latency=0.05) as s:
         yield s
