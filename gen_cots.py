@@ -233,7 +233,7 @@ class HFPolicy:
                                                            padding_side="left")
             self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) \
                 if vision else None
-        prm._ensure_chat_template(self.tokenizer, path)
+        prm.use_chat_template(self.tokenizer, path, vision)
         # How this family takes images (prm.Family), chosen once, as the PRM does.
         self.family = prm.bind_family(self.model.config, self.image_processor) if vision else None
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token) if vision else None

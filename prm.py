@@ -28,9 +28,9 @@ Read from the top; every stage imports this file and none re-implements it:
                      PRM800K, ProcessBench, Math-Shepherd, DreamPRM-1.5, VisualPRM400K, RLHFlow,
                      TRL stepwise supervision, the published DreamPRM JSON, VisualProcessBench),
                      each record validated by `check_record`.
-  6. Tiny backbones  `tiny_backbone`: a small randomly initialised model of a family (Qwen2-VL by
-                     default) with a locally built tokenizer and Pillow image processor, for tests
-                     and the toy world.
+  6. Tiny backbone   `tiny_backbone`: a small randomly initialised Qwen2-VL with a locally built
+                     tokenizer and Pillow image processor, for the toy world and the tests (the
+                     tests' other families are in tests/tiny_families.py).
   7. Plumbing        the shared-prefix cache (`prefix_writer`, `prefix_reader`), `DataError`,
                      the argument parser, atomic files, locks, the PNG line chart: a reader of
                      the method can stop before it.
@@ -68,7 +68,7 @@ STEP_SEP = "\n"                 # written between steps; each step's last token 
 FINAL_PREFIX = "Final answer: "  # the structured prompt's answer line, attached to the last step
 FINAL_RULES = ("last-step", "drop")   # the final answer line joins the last step, or is never encoded
 V_CLAMP = 1e-6                  # logit(V) is taken of V clamped to [V_CLAMP, 1 - V_CLAMP]
-MAX_SIDE = 512                  # images shrink to this longest side first, as the published code does
+MAX_SIDE = 512                  # longest image side before the processor, as the published code has it (Qwen)
 IMAGE_CACHE_SIZE = 256          # preprocessed images kept per PRM (a question's N CoTs share one)
 
 
@@ -152,7 +152,11 @@ class Family:
       the forward's image arguments  `tensors` (those in `tiles` have a tile axis, padded across
                                      images in a batch), `token_types` (a (B, L) image-token mask)
       a continuation's positions     M-RoPE families (`mrope`) continue from the prefix's largest
-                                     position + 1 on every axis, the others from the prefix length."""
+                                     position + 1 on every axis, the others from the prefix length
+      how far images shrink first    `max_side`: MAX_SIDE where shrinking bounds the image tokens
+                                     (Qwen, LLaVA-OneVision), None where the family's processor
+                                     sets the count itself (a fixed size, a tile grid chosen by the
+                                     aspect ratio, an upscale to its own long side)."""
     placeholder: str
     image_token: str
     image_text: object                 # image_text(tensors, numbers) -> str
@@ -163,6 +167,7 @@ class Family:
     mrope: bool = False
     processor_kwargs: tuple = ()       # (name, value) pairs for the image processor
     pixels_in_processor: bool = False  # min/max pixels bound the processor's own resize (Qwen), else ours
+    max_side: int = None               # the default --max-side: shrink first only where it bounds the tokens
     numbers: dict = None               # numbers_of's values for one backbone (bind_family)
 
 
@@ -222,7 +227,7 @@ def _idefics3_text(t, n):
 
 _QWEN = Family("<|image_pad|>", "<|image_pad|>", _qwen_text, lambda c, ip: {"merge": getattr(ip, "merge_size", 2)},
                ("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids", mrope=True,
-               pixels_in_processor=True)
+               pixels_in_processor=True, max_side=MAX_SIDE)
 _IDEFICS3 = Family("<image>", "<image>", _idefics3_text, lambda c, ip: {"seq": int(
     (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 / c.scale_factor ** 2)},
     ("pixel_values", "pixel_attention_mask"), tiles=("pixel_values", "pixel_attention_mask"),
@@ -237,7 +242,7 @@ FAMILIES = {
     "llava_onevision": Family("<image>", "<image>", _llava_onevision_text, lambda c, ip: dict(
         base=(c.vision_config.image_size // c.vision_config.patch_size) ** 2, strategy=c.vision_feature_select_strategy,
         pinpoints=ip.image_grid_pinpoints, max_patches=int(c.vision_aspect_ratio.removeprefix("anyres_max_"))),
-        ("pixel_values", "image_sizes"), tiles=("pixel_values",)),
+        ("pixel_values", "image_sizes"), tiles=("pixel_values",), max_side=MAX_SIDE),
     "gemma3": Family("<start_of_image>", "<image_soft_token>", _gemma3_text, lambda c, ip: {"tokens": c.mm_tokens_per_image},
                      token_types="token_type_ids"),
     "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
@@ -303,21 +308,38 @@ def image_inputs(image_processor, image, max_side=None, min_pixels=None, max_pix
 def encode_prompt(tokenizer, question, images=None, family=None):
     """Token ids of the user turn (image, question) and the assistant header, as a list of ints.
 
-    The chat template writes the family's placeholder once for the image; it is replaced by the
-    text the family's processor puts there (family.image_text: for Qwen2-VL, one <|image_pad|>
-    per merged image patch) and the prompt is tokenized whole, as the processor does.
+    An image-text family's template gets the turn as a list of items, as transformers' processors
+    give it (published templates such as Idefics3's and LLaVA-OneVision's print nothing for a plain
+    string); a text-only LM's (family None, no image) gets the plain string. The template writes the
+    family's placeholder once for the image; it is replaced by the text the family's processor puts
+    there (family.image_text: for Qwen2-VL, one <|image_pad|> per merged image patch) and the prompt
+    is tokenized whole, as the processor does.
     """
     if images is not None:
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-    else:
-        content = question
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                           tokenize=False, add_generation_prompt=True)
-    if images is not None:
         family = family or qwen_family()
-        at = prompt.index(family.placeholder)
+    content = question if family is None else \
+        [{"type": "image"}] * (images is not None) + [{"type": "text", "text": question}]
+    prompt = chat_prompt(tokenizer, content)
+    if images is not None:
+        at = prompt.find(family.placeholder)
+        if at < 0:
+            raise DataError(f"the chat template writes no image placeholder {family.placeholder} for an image item",
+                            file=getattr(tokenizer, "template_file", None))
         prompt = prompt[:at] + family.image_text(images, family.numbers) + prompt[at + len(family.placeholder):]
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt(tokenizer, content):
+    """The chat template applied to one user turn, with the assistant header; a template that cannot
+    render it is one DataError naming the template's file (load_backbone records it)."""
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:
+        what = "text" if isinstance(content, str) else "+".join(c["type"] for c in content)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"the chat template cannot render a user turn of {what} ({type(e).__name__}: {first})",
+                        file=getattr(tokenizer, "template_file", None)) from None
 
 
 def qwen_family(image_processor=None):
@@ -453,7 +475,8 @@ class PRM(nn.Module):
         self.image_cache = {}
         # How records become inputs; saved in prm.json so that scoring reads CoTs as training did.
         self.final_answer = "last-step"          # FINAL_RULES
-        self.max_side, self.min_pixels, self.max_pixels = MAX_SIDE, None, None
+        self.max_side = self.family.max_side if self.family else None    # the family's default (Family)
+        self.min_pixels, self.max_pixels = None, None
         self.max_length = backbone.config.get_text_config().max_position_embeddings   # longer CoTs are skipped
         self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
@@ -494,17 +517,20 @@ class PRM(nn.Module):
 
     # Loading and saving (section 2 holds the code).
     @classmethod
-    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False, attn_implementation=None):
-        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`.
-        attn_implementation: None (transformers' default, sdpa), or "eager" where double backward
-        through attention is needed (the hypergradient test)."""
-        return cls(*load_backbone(path, dtype, trust_remote_code, attn_implementation), seed=seed)
+    def from_backbone(cls, path, dtype=torch.float32, seed=0, trust_remote_code=False, attn_implementation=None,
+                      device="cpu"):
+        """A fresh PRM (new value head) on a backbone saved with save_pretrained in `path`, on
+        `device`. attn_implementation: None (transformers' default, sdpa), or "eager" where double
+        backward through attention is needed (the hypergradient test)."""
+        model = cls(*load_backbone(path, dtype, trust_remote_code, attn_implementation), seed=seed).to(device)
+        check_image_tokens(model, path)
+        return model
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False):
+    def from_pretrained(cls, path, dtype=torch.float32, trust_remote_code=False, device="cpu"):
         """Load a PRM written by save_pretrained (or the run directory of bilevel_train.py, which
-        holds it in prm/). A directory without the PRM files is a DataError."""
-        return load_prm(cls, path, dtype, trust_remote_code)
+        holds it in prm/), on `device`. A directory without the PRM files is a DataError."""
+        return load_prm(cls, path, dtype, trust_remote_code, device)
 
     def save_pretrained(self, path, card=None):
         """Write backbone (safetensors), tokenizer, image processor, prm.safetensors, prm.json (all
@@ -651,7 +677,11 @@ PRM_FORMAT = 2                  # version of prm.json
 # Image-text families refused, with why (the README's backbone table says more).
 REFUSED_FAMILIES = {"mllama": "Llama-3.2-Vision feeds the image to cross-attention layers, not as prompt tokens, so "
                               "a question's image and text cannot be encoded once and shared by its CoTs as this "
-                              "code scores and trains"}
+                              "code scores and trains",
+                    "internvl_chat": "the remote-code form of InternVL (OpenGVLab's InternVL2.5, InternVL3 and "
+                                     "VisualPRM-8B); load the transformers-native '-hf' conversion of the same weights "
+                                     "instead, e.g. OpenGVLab/InternVL3-1B-hf or OpenGVLab/InternVL3-8B-hf (model type "
+                                     "internvl)"}
 
 
 def _quiet_transformers():
@@ -678,7 +708,7 @@ def load_backbone(path, dtype=torch.float32, trust_remote_code=False, attn_imple
                             trust_remote_code=trust_remote_code, **extra)
     with _load_errors(path, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    _ensure_chat_template(tokenizer, path)
+    use_chat_template(tokenizer, path, vision)
     image_processor = None
     if vision:
         from transformers import AutoImageProcessor
@@ -716,7 +746,7 @@ def prm_directory(path):
     return path
 
 
-def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
+def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False, device="cpu"):
     """PRM.from_pretrained: the backbone, then the value head and the reading settings of prm.json."""
     path = prm_directory(path)
     if not _is_prm_dir(path) and any(os.path.exists(os.path.join(path, n)) for n in ("config.json", "checkpoint")) \
@@ -729,7 +759,7 @@ def load_prm(cls, path, dtype=torch.float32, trust_remote_code=False):
         raise DataError("not a PRM directory (needs prm.json and prm.safetensors; "
                         "a plain backbone is loaded with --model, not as a PRM)", file=path)
     meta = _read_prm_json(os.path.join(path, "prm.json"))
-    prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    prm = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     head_file = os.path.join(path, "prm.safetensors")
     with _load_errors(head_file, "the value head"):
         head = load_file(head_file)
@@ -820,6 +850,41 @@ def check_backbone(path):
     return "vision_config" in config
 
 
+def check_image_tokens(prm, path):
+    """Stop at load, with one line, where one image's image tokens (made by the family's processor
+    and chat template) and its features (made by the vision tower) differ in number: a config that
+    disagrees with itself (Gemma 3's mm_tokens_per_image against its vision tower's pooling, a
+    processor's merge or tile size against the model's) would otherwise fail at the first image.
+    The backbone runs on one small image up to its decoder, which never runs."""
+    if prm.family is None:
+        return
+    e = encode_cot(prm.tokenizer, "?", ["?"], "", Image.new("RGB", (64, 64), (90, 140, 200)), prm.image_processor,
+                   image_limits=dict(max_side=prm.max_side), family=prm.family)
+    stop = prm.backbone.get_decoder().register_forward_pre_hook(_stop_before_decoder)
+    try:
+        with torch.no_grad():
+            prm.hidden(_to(collate([e], prm.pad_id, prm.family), prm.device))
+    except _BeforeDecoder:
+        return
+    except Exception as err:
+        if "do not match" not in str(err):
+            raise
+        raise DataError(f"the config disagrees with itself: one image makes {int(e.image_mask.sum())} image tokens "
+                        f"(its processor and chat template) and the model says '{str(err).splitlines()[0][:200]}' "
+                        "(check the image token numbers of config.json, e.g. mm_tokens_per_image, against its "
+                        "vision_config and the image processor's sizes)", file=path) from None
+    finally:
+        stop.remove()
+
+
+class _BeforeDecoder(Exception):
+    pass
+
+
+def _stop_before_decoder(module, args):
+    raise _BeforeDecoder
+
+
 def check_safetensors(path):
     """Weights are read from safetensors only: a directory whose weights are pickle files
     (pytorch_model.bin, *.pt) is refused, never loaded (a pickle can run code)."""
@@ -846,18 +911,35 @@ class _load_errors:
         raise DataError(f"cannot load {self.what}: {first[:300]}", file=self.path) from None
 
 
-def _ensure_chat_template(tokenizer, path):
-    """Some checkpoints keep the chat template beside the processor, not in the tokenizer."""
-    if tokenizer.chat_template:
-        return
-    for name in ("chat_template.jinja", "chat_template.json"):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            with open(p) as f:
-                text = f.read()
-            tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+def use_chat_template(tokenizer, path, vision):
+    """Give the tokenizer the chat template that the checkpoint's processor would take, and record
+    its file in tokenizer.template_file (for error messages). A folder may hold two templates: the
+    processor's (processor_config.json's "chat_template", else chat_template.json, else
+    chat_template.jinja) and the tokenizer's (chat_template.jinja, else tokenizer_config.json), and
+    they can differ (some published copies of Qwen2.5-VL pair a text-only tokenizer template with
+    the image-text processor one). An image-text backbone takes the processor's first, as
+    transformers' processors do; a text-only LM the tokenizer's."""
+    processor = ("processor_config.json", "chat_template.json", "chat_template.jinja") if vision else ()
+    for name in processor + ("chat_template.jinja", "tokenizer_config.json", "chat_template.json"):
+        template = _template_in(os.path.join(path, name))
+        if template:
+            tokenizer.chat_template, tokenizer.template_file = template, os.path.join(path, name)
             return
     raise DataError("the tokenizer has no chat template", file=path)
+
+
+def _template_in(path):
+    """The chat template a file holds (a .jinja file, or a JSON file's "chat_template": a string, or
+    named templates of which the "default" one), or None."""
+    if not os.path.isfile(path):
+        return None
+    if path.endswith(".jinja"):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = read_json_object(path).get("chat_template")
+    if isinstance(template, list):                       # tokenizer_config.json: [{"name", "template"}]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def record_image(image, image_root=None):
@@ -1922,7 +2004,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-# Qwen2-VL's chat template, reduced to what this project uses: a user turn with an optional image.
+# The toy backbone's chat template: Qwen2-VL's without its default system turn (a user turn with
+# an optional image). Not a checkpoint's: tests/tiny_families.py holds the published ones.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -1946,7 +2029,7 @@ guess Hmm wait seems correct wrong answer value equals is are was in on at and o
 
 
 def _tiny_tokenizer(vocab_size=512, special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>",
-                    pad="<|endoftext|>", named=None):
+                    pad="<|endoftext|>", bos=None, named=None):
     """A BPE tokenizer learned from _TOKENIZER_CORPUS, with a family's special tokens, its chat
     template, and `named` special tokens (tokenizer attributes its processor reads, e.g. boi_token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -1960,19 +2043,19 @@ def _tiny_tokenizer(vocab_size=512, special=SPECIAL_TOKENS, template=CHAT_TEMPLA
     tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
     tok.add_special_tokens(special)
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, eos_token=eos, pad_token=pad,
-                                   model_max_length=32768, **({"extra_special_tokens": named} if named else {}))
+                                   model_max_length=32768, **({"bos_token": bos} if bos else {}),
+                                   **({"extra_special_tokens": named} if named else {}))
 
 
-def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1, family="qwen2_vl"):
-    """A small randomly initialised image-text model of a family (default Qwen2-VL; any of
-    FAMILIES), as its ForConditionalGeneration class (so it can also generate as a policy), its
-    locally built tokenizer and a Pillow image processor.
+def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1):
+    """A small randomly initialised Qwen2-VL (the toy world's backbone), as its
+    ForConditionalGeneration class (so it can also generate as a policy), its locally built
+    tokenizer and a Pillow image processor. (The tests build the other families' in
+    tests/tiny_families.py.)
 
     Deterministic for a seed. Returns (model, tokenizer, image_processor); save all three with
     save_pretrained into one directory (`save_tiny_backbone`) and load them like any checkpoint.
     """
-    if family != "qwen2_vl":
-        return _tiny_family_backbone(family, seed, hidden_size, layers, heads)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     tokenizer = _tiny_tokenizer()
@@ -1998,182 +2081,21 @@ def tiny_backbone(seed=0, hidden_size=64, layers=2, heads=4, vision_depth=1, fam
     return model, tokenizer, image_processor
 
 
-# The other families' tiny backbones: each family's own special tokens and a chat template reduced
-# from its published one (a user turn with an optional image, the assistant header), a model of the
-# family's own classes at the tiny size, and its Pillow image processor at small image sizes.
-_QWEN_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def _chat_template(turn, image, end, assistant):
-    """A chat template: `turn` opens a user turn ('{role}' is the role), `image` is what it writes
-    for an image, `end` closes the turn, `assistant` opens the assistant's."""
-    return ("{% for message in messages %}" + turn.replace("{role}", "{{ message['role'] }}")
-            + "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-            "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}" + end + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
-
-
 def _mrope_section(head_dim):
     """M-RoPE's split of head_dim / 2 rotary frequencies over (t, h, w), Qwen's proportions."""
     half = head_dim // 2
     return [half - 2 * (half // 3), half // 3, half // 3]
 
 
-def _tiny_text(tok, hidden, layers, heads, **extra):
-    """A small decoder's config fields (the language model inside each family)."""
-    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
 
-
-def _tiny_vision(hidden, image_size, model_type=None):
-    """A one-layer ViT's config fields (SigLIP-like), on image_size pixels in 14-pixel patches."""
-    return dict(hidden_size=hidden // 2, num_hidden_layers=1, num_attention_heads=2, intermediate_size=hidden,
-                image_size=image_size, patch_size=14, **({"model_type": model_type} if model_type else {}))
-
-
-def _tiny_qwen3_vl(tok, hidden, layers, heads):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tid = tok.convert_tokens_to_ids
-    config = Qwen3VLConfig(
-        text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads),
-            mrope_interleaved=True)),
-        vision_config=dict(depth=1, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    # 64x64 to 128x128 pixels: 4 to 16 image tokens after the 2x2 merge of 16-pixel patches.
-    return config, Qwen3VLForConditionalGeneration, Qwen2VLImageProcessorPil(
-        patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
-def _tiny_qwen2_5_vl(tok, hidden, layers, heads):
-    """Qwen2.5-VL: Qwen2-VL's tokenizer and image processor, window attention in the vision tower."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tid = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=_tiny_text(tok, hidden, layers, heads, bos_token_id=tid("<|endoftext|>"), rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=_mrope_section(hidden // heads))),
-        vision_config=dict(depth=1, hidden_size=hidden // 2, out_hidden_size=hidden, num_heads=2, intermediate_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
-                           window_size=112),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    return config, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-
-
-def _tiny_internvl(tok, hidden, layers, heads):
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-    config = InternVLConfig(vision_config=dict(_tiny_vision(hidden, 56), intermediate_size=hidden),
-                            text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
-                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
-                            downsample_ratio=0.5)
-    # 56-pixel tiles (4 tokens each after the pixel shuffle), up to 4 tiles and a thumbnail.
-    return config, InternVLForConditionalGeneration, GotOcr2ImageProcessorPil(
-        size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4)
-
-
-def _tiny_llava_onevision(tok, hidden, layers, heads):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
-    config = LlavaOnevisionConfig(vision_config=_tiny_vision(hidden, 28, "siglip_vision_model"),
-                                  text_config=dict(_tiny_text(tok, hidden, layers, heads), model_type="qwen2"),
-                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
-                                  video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints)
-    # 28-pixel base image (4 tokens) and anyres grids up to 2x2 such patches.
-    return config, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil(
-        size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
-
-
-def _tiny_gemma3(tok, hidden, layers, heads):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-    tid = tok.convert_tokens_to_ids
-    config = Gemma3Config(text_config=_tiny_text(tok, hidden, layers, heads, head_dim=hidden // heads, sliding_window=512,
-                                                 bos_token_id=tid("<bos>")),
-                          vision_config=_tiny_vision(hidden, 56), mm_tokens_per_image=4,
-                          boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
-                          image_token_index=tid("<image_soft_token>"))
-    # 56x56 images: 16 patches pooled to 4 soft tokens.
-    return config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
-
-
-def _tiny_idefics3(tok, hidden, layers, heads, smol=False):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
-                              SmolVLMForConditionalGeneration)
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    Config, Model, Processor = (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil) if smol else \
-        (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil)
-    config = Config(vision_config=_tiny_vision(hidden, 56), text_config=dict(_tiny_text(tok, hidden, layers, heads),
-                                                                            model_type="llama"),
-                    scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
-    # Images up to 112 pixels split into 56-pixel tiles (4 tokens each) and the global image.
-    return config, Model, Processor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
-
-
-_ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
-_IDEFICS3_TINY = dict(special=["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
-                               "<global-img>"] + _ROWS_COLS,
-                      template=_chat_template("<|im_start|>{{ message['role'] | capitalize }}:", "<image>",
-                                              "<end_of_utterance>\n", "Assistant:"),
-                      eos="<end_of_utterance>", pad="<|endoftext|>",
-                      named=dict(image_token="<image>", fake_image_token="<fake_token_around_image>",
-                                 global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>"))
-# family -> its tokenizer's special tokens, chat template, eos and pad tokens, named special tokens
-# (tokenizer attributes its processor reads), and the builder of its config, model class and image processor.
-_QWEN_TINY = dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", named={})
-TINY_FAMILIES = {
-    "qwen2_5_vl": dict(_QWEN_TINY, build=_tiny_qwen2_5_vl),
-    "qwen3_vl": dict(_QWEN_TINY, build=_tiny_qwen3_vl),
-    "internvl": dict(special=_QWEN_CHAT + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
-                     template=_chat_template("<|im_start|>{role}\n", "<IMG_CONTEXT>\n", "<|im_end|>\n",
-                                             "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
-                     named=dict(start_image_token="<img>", end_image_token="</img>",
-                                context_image_token="<IMG_CONTEXT>", video_token="<video>"),
-                     build=_tiny_internvl),
-    "llava_onevision": dict(special=_QWEN_CHAT + ["<image>", "<video>"],
-                            template=_chat_template("<|im_start|>{role}\n", "<image>\n", "<|im_end|>\n",
-                                                    "<|im_start|>assistant\n"), eos="<|im_end|>", pad="<|endoftext|>",
-                            named=dict(image_token="<image>", video_token="<video>"), build=_tiny_llava_onevision),
-    "gemma3": dict(special=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                            "<end_of_image>", "<image_soft_token>"],
-                   template="<bos>" + _chat_template("<start_of_turn>{role}\n", "<start_of_image>", "<end_of_turn>\n",
-                                                     "<start_of_turn>model\n").replace(
-                       "{{ message['role'] }}", "{{ 'model' if message['role'] == 'assistant' else message['role'] }}"),
-                   eos="<end_of_turn>", pad="<pad>",
-                   named=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"),
-                   build=_tiny_gemma3),
-    "idefics3": dict(_IDEFICS3_TINY, build=_tiny_idefics3),
-    "smolvlm": dict(_IDEFICS3_TINY, build=partial(_tiny_idefics3, smol=True)),
-}
-
-
-def _tiny_family_backbone(family, seed, hidden_size, layers, heads):
-    """tiny_backbone of a family other than Qwen2-VL (TINY_FAMILIES)."""
-    spec = TINY_FAMILIES[family]
-    tokenizer = _tiny_tokenizer(special=spec["special"], template=spec["template"], eos=spec["eos"], pad=spec["pad"],
-                                named=spec["named"])
-    config, model_class, image_processor = spec["build"](tokenizer, hidden_size, layers, heads)
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer, image_processor
-
-
-def save_tiny_backbone(path, seed=0, **kwargs):
-    """Write tiny_backbone(seed) into `path` (once; reused if it is already there). Returns path."""
+def save_tiny_backbone(path, seed=0, build=None, **kwargs):
+    """Write tiny_backbone(seed, **kwargs), or build(seed, **kwargs) (a (model, tokenizer, image
+    processor) builder: the tests' other families), into `path` once; reused if it is already
+    there. Returns path."""
     recover_dir(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    model, tokenizer, image_processor = tiny_backbone(seed, **kwargs)
+    model, tokenizer, image_processor = (build or tiny_backbone)(seed, **kwargs)
     _quiet_transformers()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # A folder of this process's own, renamed into place: two runs that start at once each write

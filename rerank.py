@@ -331,7 +331,7 @@ def plot_curve(curve, path):
 def score_with(name, path, questions, load, args, device, cots_digest):
     """Score every question with one PRM into a part file, one line per question, resumable: a
     rerun continues after the last complete line. Returns (part file, aggregation used)."""
-    model = prm.PRM.from_pretrained(path).to(device).eval()
+    model = prm.PRM.from_pretrained(path, device=device).eval()
     how = args.aggregate or model.aggregation
     # The part file is named by everything its lines depend on, contents included (the test file's
     # bytes, the PRM's weights and settings), so a changed input or a retrained PRM starts afresh.

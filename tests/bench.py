@@ -40,8 +40,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bilevel_train as bt  # noqa: E402
 import prm  # noqa: E402
+import tiny_families  # noqa: E402
 
 # Qwen2-VL-2B-Instruct's architecture (2.21 B parameters), built from a config with random weights.
 QWEN2VL_2B = dict(
@@ -168,7 +170,7 @@ def family_rows(args):
     print(f"(5) scoring one question ({args.n} CoTs with an image) on each family's tiny backbone")
     tmp = tempfile.mkdtemp()
     for family in prm.FAMILIES:
-        model = prm.PRM.from_backbone(prm.save_tiny_backbone(os.path.join(tmp, family), family=family)).eval()
+        model = prm.PRM.from_backbone(tiny_families.save(os.path.join(tmp, family), family)).eval()
         cots = make_cots(model, args.n, args.steps, 12, 112, 45)
         with torch.no_grad():
             t_packed, t_shared = interleaved([lambda: prm.step_values(model, cots),

@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prm  # noqa: E402
+import tiny_families  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -17,11 +18,11 @@ def backbone_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def family_dir(tmp_path_factory, backbone_dir):
-    """family (a model_type of prm.FAMILIES) -> the directory of its tiny backbone, written once per session."""
+def family_dir(tmp_path_factory):
+    """family (a model_type of prm.FAMILIES) -> the directory of its tiny backbone with its
+    checkpoint's published chat template (tests/tiny_families.py), written once per session."""
     root = tmp_path_factory.mktemp("families")
-    return lambda family: backbone_dir if family == "qwen2_vl" else \
-        prm.save_tiny_backbone(str(root / family), family=family)
+    return lambda family: tiny_families.save(str(root / family), family)
 
 
 @pytest.fixture(scope="session")

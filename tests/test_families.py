@@ -34,10 +34,11 @@ def family_prm(family_dir):
 
 @pytest.fixture(scope="session")
 def pictures(tmp_path_factory):
-    """Four images of different sizes and aspect ratios (different tile grids and token counts)."""
+    """Four images of different sizes and aspect ratios (different tile grids and token counts), and
+    a fifth of the first one's size with other pixels."""
     root = tmp_path_factory.mktemp("pictures")
     paths = []
-    for i, (w, h) in enumerate([(56, 56), (90, 60), (112, 112), (40, 100)]):
+    for i, (w, h) in enumerate([(56, 56), (90, 60), (112, 112), (40, 100), (56, 56)]):
         im = Image.new("RGB", (w, h), (255 - 60 * i, 40 * i, 90))
         ImageDraw.Draw(im).ellipse([5, 5, w - 5, h - 5], fill=(20 * i, 200, 30))
         im.save(root / f"p{i}.png")
@@ -45,41 +46,53 @@ def pictures(tmp_path_factory):
     return paths
 
 
-def processor_ids(family, tokenizer, image_processor, config, text, image):
-    """The prompt's token ids as the family's own processor class builds them from the templated
-    text and the image. Every class is built with video_processor=None where it takes one (the
-    argument-class check, which needs torchvision's video classes, is skipped; the expansion is the
-    class's own). SmolVLM's class needs num2words, which this project does not install: for it the
-    rule of its processing file (get_image_prompt_string) builds the text, and the tokenizer its ids."""
+def family_processor(family, tokenizer, image_processor, config, chat_template=None):
+    """The family's own processor class built from its parts, with video_processor=None where it
+    takes one (the argument-class check, which needs torchvision's video classes, is skipped; the
+    expansion is the class's own); None for SmolVLM, whose class needs num2words, which this project
+    does not install."""
     import transformers as T
     from transformers.processing_utils import ProcessorMixin
     vision = config.vision_config
     tiles = (prm._side(vision.image_size) // prm._side(vision.patch_size)) ** 2 if hasattr(vision, "image_size") else None
+    kw = dict(chat_template=chat_template)
     build = {
-        "qwen2_vl": lambda: T.Qwen2VLProcessor(image_processor, tokenizer, video_processor=None),
-        "qwen2_5_vl": lambda: T.Qwen2_5_VLProcessor(image_processor, tokenizer, video_processor=None),
-        "qwen3_vl": lambda: T.Qwen3VLProcessor(image_processor, tokenizer, video_processor=None),
+        "qwen2_vl": lambda: T.Qwen2VLProcessor(image_processor, tokenizer, video_processor=None, **kw),
+        "qwen2_5_vl": lambda: T.Qwen2_5_VLProcessor(image_processor, tokenizer, video_processor=None, **kw),
+        "qwen3_vl": lambda: T.Qwen3VLProcessor(image_processor, tokenizer, video_processor=None, **kw),
         "internvl": lambda: T.InternVLProcessor(image_processor, tokenizer, video_processor=None,
-                                                image_seq_length=config.image_seq_length),
+                                                image_seq_length=config.image_seq_length, **kw),
         "llava_onevision": lambda: T.LlavaOnevisionProcessor(
             image_processor, tokenizer, video_processor=None, num_image_tokens=tiles,
-            vision_feature_select_strategy=config.vision_feature_select_strategy),
-        "gemma3": lambda: T.Gemma3Processor(image_processor, tokenizer, image_seq_length=config.mm_tokens_per_image),
+            vision_feature_select_strategy=config.vision_feature_select_strategy, **kw),
+        "gemma3": lambda: T.Gemma3Processor(image_processor, tokenizer, image_seq_length=config.mm_tokens_per_image,
+                                            **kw),
         "idefics3": lambda: T.Idefics3Processor(image_processor, tokenizer,
-                                                image_seq_len=int(tiles / config.scale_factor ** 2)),
+                                                image_seq_len=int(tiles / config.scale_factor ** 2), **kw),
     }
     if family == "smolvlm":
+        return None
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
+    try:
+        return build[family]()
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def processor_ids(family, tokenizer, image_processor, config, text, image):
+    """The prompt's token ids as the family's own processor class builds them from the templated
+    text and the image. For SmolVLM the rule of its processing file (get_image_prompt_string)
+    builds the text, and the tokenizer its ids."""
+    vision = config.vision_config
+    if family == "smolvlm":
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+        tiles = (prm._side(vision.image_size) // prm._side(vision.patch_size)) ** 2
         out = image_processor(images=[[image]], return_row_col_info=True)
         expanded = get_image_prompt_string(out["rows"][0][0], out["cols"][0][0], int(tiles / config.scale_factor ** 2),
                                            "<fake_token_around_image>", "<image>", "<global-img>")
         return tokenizer(text.replace("<image>", expanded), add_special_tokens=False)["input_ids"]
-    check = ProcessorMixin.check_argument_for_proper_class
-    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
-    try:
-        processor = build[family]()
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = check
+    processor = family_processor(family, tokenizer, image_processor, config)
     return processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False)["input_ids"][0].tolist()
 
 
@@ -93,7 +106,7 @@ def test_prompts_are_the_family_processors(family, family_prm, pictures):
                                    tokenize=False, add_generation_prompt=True)
     counts = []
     for max_side in (None, 30):
-        for path in pictures:
+        for path in pictures[:4]:
             image = Image.open(path).convert("RGB")
             if max_side:
                 image = image.resize((max(1, int(image.width * max_side / max(image.size))),
@@ -206,3 +219,115 @@ def test_the_hf_policy_samples_and_rolls_out_with_an_image(family, family_dir, p
     assert mc_label.main(["--cots", str(c), "--out", str(tmp_path / "l.jsonl"), "--rollouts", "2"] + hf) == 0
     (row,) = [json.loads(x) for x in open(tmp_path / "l.jsonl")]
     assert row["rollouts"] == [2, 2, 0] and len(row["mc"]) == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_only_prompt_holds_the_question_as_the_processor_renders_it(family, family_dir, family_prm):
+    """A question without an image reaches every family's prompt: our ids equal the family's
+    processor's apply_chat_template output (list content, as processors take it; the template read
+    from the checkpoint folder as the processor reads it), and hold the question's text. Idefics3's
+    and LLaVA-OneVision's published templates print nothing for a plain string."""
+    model = family_prm(family)
+    tok, ip, config = model.tokenizer, model.image_processor, model.backbone.config
+    with open(os.path.join(family_dir(family), "chat_template.jinja")) as f:
+        template = f.read()
+    processor = family_processor(family, tok, ip, config, template)
+    message = [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
+    text = (processor or tok).apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    ours = prm.encode_prompt(tok, QUESTION, None, model.family)
+    assert ours == tok(text, add_special_tokens=False)["input_ids"], family
+    assert QUESTION in tok.decode(ours)
+    other = model.encode(dict(question="What is the product of the two numbers?", steps=STEPS, final="7", image=None))
+    same = model.encode(dict(question=QUESTION, steps=STEPS, final="7", image=None))
+    with torch.no_grad():
+        (v_other, m), (v_same, _) = prm.step_values(model, [other]), prm.step_values(model, [same])
+    assert (v_other - v_same)[m].abs().max() > 1e-6                 # two questions, two sets of values
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_different_images_give_different_values(family, family_prm, pictures):
+    """Every family's tiny model sees its image: the same question and steps with two different
+    images of the same size give different step values (a Gemma 3 projector left at zeros gave every
+    image the same soft tokens)."""
+    model = family_prm(family)
+    with torch.no_grad():
+        v, m = prm.step_values(model, [model.encode(dict(question=QUESTION, steps=STEPS, final="7", image=p))
+                                       for p in (pictures[0], pictures[4])])
+    assert (v[0] - v[1])[m[0]].abs().max() > 1e-5, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_shrink_first_only_where_it_bounds_the_tokens(family, family_prm, tmp_path):
+    """The default --max-side is the family's: 512 for Qwen and LLaVA-OneVision (the token count
+    follows the image's size), none for Gemma 3 (a fixed size), InternVL (a tile grid chosen by the
+    aspect ratio) and Idefics3 / SmolVLM (upscaled to their own long side first). At the default, a
+    large image's prompt is the processor's on the image shrunk to 512, or on the image as it is."""
+    model = family_prm(family)
+    assert model.max_side == prm.FAMILIES[family].max_side == \
+        (512 if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision") else None)
+    big = Image.new("RGB", (1200, 700), (30, 60, 90))
+    ImageDraw.Draw(big).ellipse([100, 100, 900, 600], fill=(200, 40, 40))
+    big.save(tmp_path / "big.png")
+    seen = big if model.max_side is None else big.resize((512, int(700 * 512 / 1200)), Image.Resampling.LANCZOS)
+    e = model.encode(dict(question=QUESTION, steps=STEPS, final="7", image=str(tmp_path / "big.png")))
+    expected = prm.image_inputs(model.image_processor, seen, family=model.family)
+    for name in model.family.tensors:
+        assert torch.equal(e.images[name], expected[name]), (family, name)
+
+
+def test_the_processors_template_is_taken_and_a_bad_one_is_one_line(family_dir, pictures, tmp_path, capsys):
+    """A folder whose tokenizer template is text-only and whose processor template (chat_template.json)
+    takes images (as some published copies of Qwen2.5-VL-3B are) scores with the processor's, as
+    transformers' processors do; a template that cannot render a record is one line naming the
+    template's file, exit 2."""
+    import shutil
+    folder = str(tmp_path / "qwen25")
+    shutil.copytree(family_dir("qwen2_5_vl"), folder)
+    os.remove(os.path.join(folder, "chat_template.jinja"))
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    text_only = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] + '' }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    config["chat_template"] = text_only
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    import tiny_families
+    with open(os.path.join(folder, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": tiny_families.QWEN2_VL_TEMPLATE}, f)
+    model = prm.PRM.from_backbone(folder)
+    assert model.tokenizer.chat_template == tiny_families.QWEN2_VL_TEMPLATE
+    assert model.tokenizer.template_file == os.path.join(folder, "chat_template.json")
+    e = model.encode(dict(question=QUESTION, steps=STEPS, final="7", image=pictures[0]))
+    assert int(e.image_mask.sum()) > 0
+    os.remove(os.path.join(folder, "chat_template.json"))          # now only the text-only template is left
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text(json.dumps({"id": "q", "domain": "t", "question": QUESTION, "answer": "7", "sample": 0,
+                                "image": pictures[0], "steps": STEPS, "final": "7", "correct": True}) + "\n")
+    prm.PRM.from_backbone(family_dir("qwen2_5_vl")).save_pretrained(str(tmp_path / "p"))
+    shutil.copy(os.path.join(folder, "tokenizer_config.json"), tmp_path / "p" / "tokenizer_config.json")
+    os.remove(tmp_path / "p" / "chat_template.jinja")
+    capsys.readouterr()
+    assert prm.run_cli(rerank.main, ["--cots", str(cots), "--prm", str(tmp_path / "p"), "--names", "p",
+                                        "--out", str(tmp_path / "rr"), "--allow-outside-images"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "p" / "tokenizer_config.json") in err[0] and "chat template" in err[0], err
+    assert not os.path.exists(tmp_path / "rr" / "scores.jsonl")
+
+
+def test_a_config_that_disagrees_with_itself_is_refused_at_load(tmp_path):
+    """A Gemma 3 folder whose mm_tokens_per_image (17) is not what its vision tower pools to (16)
+    is refused at load in one line naming the folder and both counts, not at the first image."""
+    import tiny_families
+    folder = tiny_families.save(str(tmp_path / "gemma17"), "gemma3", tokens_per_image=17)
+    with pytest.raises(prm.DataError) as e:
+        prm.PRM.from_backbone(folder)
+    message = str(e.value)
+    assert message.startswith(folder) and "17" in message and "16" in message and "\n" not in message
+
+
+def test_remote_code_internvl_names_the_hf_checkpoints(tmp_path):
+    """A remote-code InternVL folder (model_type internvl_chat) is refused with what to load instead."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "vision_config": {},
+                                                      "llm_config": {}}))
+    with pytest.raises(prm.DataError, match=r"internvl_chat.*-hf.*OpenGVLab/InternVL3-1B-hf"):
+        prm.check_backbone(str(tmp_path))
