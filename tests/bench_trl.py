@@ -22,8 +22,8 @@ What is compared (every ratio is project / TRL; above 1 the project is faster or
 - Training: TRL's PRMTrainer.train() against bilevel_train.py's own loop: vanilla packed
   (--weighting fixed), vanilla shared-prefix (--group-by-question) and DreamPRM (--weighting
   domain, U = 5) packed and shared-prefix. fp32, batch 8, constant lr, no gradient clipping and no
-  checkpointing (TRL's defaults differ there), AdamW with weight decay 0 (TRL's fused kernel, the
-  project's per-tensor loop on a CPU: 21 and 61 ms a step), one thread each. The five runs live
+  checkpointing (TRL's defaults differ there), AdamW with weight decay 0 (torch's fused kernel on
+  both sides), one thread each. The five runs live
   at once, one process each, and take turns of one outer iteration (U optimizer steps) while the
   others wait, the order reversed every other cycle: the systems run a few seconds apart on a
   noisy machine, and each process's peak RSS is its own. The first turns are warm-up.
