@@ -1,10 +1,11 @@
 """DreamPRM bi-level training: fit the PRM on domain-weighted step labels (lower level) while
 learning the domain weights from the aggregation-function loss on a clean meta set (upper level).
 
-Reads   --train labels.jsonl [more]  (our JSONL with MC labels, or the published DreamPRM train.json)
+Reads   --train labels.jsonl [more]  (step labels in any format of README 'Data formats')
         --meta  cots.jsonl           (whole CoTs with `correct`, or the published meta.json)
 Writes  --out RUN_DIR: prm/ (load with prm.PRM.from_pretrained(RUN_DIR)), domain_weights.json,
-        domain_weights.png, metrics.jsonl, config.json, checkpoint/ (resume with --resume)
+        domain_weights.png, metrics.jsonl, eval.jsonl (with --eval), instance_weights.safetensors
+        (instance modes), config.json, checkpoint/ (resume with --resume)
 
 The math (symbols as in the paper; the README's "The math" explains each):
   alpha_k = softplus(a_k) / mean_j softplus(a_j)                             domain weights
@@ -33,7 +34,7 @@ Real data:
         --model /models/Qwen2-VL-2B-Instruct --precision bf16 --grad-checkpointing --offload-restore \\
         --out runs/dreamprm
   (fp32 master weights, bf16 compute: 16 bytes per parameter before activations, about 33 GiB for
-  a 2B PRM; --compact-states and --freeze-vision take it under 20 GiB; README, the 2B memory plan)
+  a 2B PRM; --compact-states and --freeze-vision take it under 20 GiB; README, Memory)
 """
 
 import bisect
@@ -565,8 +566,8 @@ def synthetic_data(seed, n_per_domain=48, n_meta=32):
 
 def build_toy_world(seed):
     """gen_cots.py --toy, then MC labels for the training CoTs and (for rerank.py's step report) the
-    test CoTs: the two earlier stages, run here for the demo (imported here, not above, so training
-    depends on no other stage)."""
+    test CoTs: the two earlier stages, run here for the demo (imported here, not at the top, so that
+    training on given data imports no other stage)."""
     import gen_cots
     import mc_label
     print(f"building the toy world (seed {seed}): gen_cots.py --toy, then mc_label.py")
@@ -754,7 +755,8 @@ WEIGHTINGS = ("domain", "fixed", "instance-table", "instance-net", "instance", "
 @dataclass
 class Data:
     """Data"""
-    train: list = prm.option([], "training labels: our labels.jsonl or published train.json", nargs="*")
+    train: list = prm.option([], "training labels, one or more files in any of the formats of README 'Data formats' "
+                             f"({', '.join(prm.FORMATS)})", nargs="*")
     meta: str = prm.option(None, "meta CoTs with correctness: our cots.jsonl or published meta.json")
     domains: str = prm.option(None, "comma-separated training domains (default: every domain with usable records)")
     image_root: str = prm.option(None, "folder image paths are relative to (default: each file's folder)")
@@ -791,7 +793,7 @@ class Method:
     model: str = prm.option("tiny", "backbone directory (save_pretrained format), or 'tiny'")
     weighting: str = prm.option("domain", "domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
                                 "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's "
-                                "step values to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: "
+                                "step values and MC labels to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: "
                                 "a domain weight times a table weight normalised within the domain, one hypergradient "
                                 "for both", choices=WEIGHTINGS)
     iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)",
@@ -855,7 +857,7 @@ class Schedule:
 
 @dataclass
 class Memory:
-    """Memory and precision (README, the 2B memory plan)"""
+    """Memory and precision (README, Memory)"""
     precision: str = prm.option("fp32", "bf16: bf16 compute with fp32 master weights (updates are never rounded "
                                 "away)", choices=("fp32", "bf16"))
     freeze_vision: bool = prm.option(False, "keep the vision tower fixed (a third of a 2B model's parameters: less "
@@ -863,13 +865,13 @@ class Memory:
     offload_restore: bool = prm.option(False, "keep the hypergradient's exact copy of phi in CPU memory (pinned), "
                                        "not on the GPU (4 bytes per parameter less; bitwise the same)")
     compact_states: bool = prm.option(False, "keep AdamW's two moments in bf16 with stochastic rounding: 4 bytes "
-                                      "per parameter less, not exact (see README, the 2B memory plan)")
+                                      "per parameter less, not exact (see README, Memory)")
     grad_checkpointing: bool = prm.option(False, "recompute activations in backward, layer by layer (less memory; "
                                           "exact, also with --group-by-question)")
     group_by_question: bool = prm.option(False, "shared-prefix training: a batch holds the CoTs of a few questions, "
                                          "and each question's image and text run once for all its CoTs (train, meta "
                                          "and hypergradient forwards); the same loss and gradients per batch, batches "
-                                         "drawn by question (README, shared-prefix training)")
+                                         "drawn by question (README, Training options)")
     device: str = prm.option("auto", "auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = prm.option(False, "allow model code from the model directory")
 

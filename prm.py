@@ -3,7 +3,7 @@
 A PRM scores every step of a chain of thought (CoT). For a question x = (t, I) and a CoT with
 steps y_1..y_n, the value of the prefix yhat_i = y_1..y_i is
 
-    V_phi(x, yhat_i) = sigmoid(w^T h_i + b)                                  (README, "The math")
+    V_phi(x, yhat_i) = sigmoid(w^T h_i + b)             (README, "The math and the PRM in one screen")
 
 where h_i is the backbone's last hidden state at the last token of step i. Attention is causal, so
 h_i depends only on x and yhat_i, and ONE forward pass over the whole CoT gives all n prefix values
@@ -273,7 +273,7 @@ class Encoded:
         return Encoded(self.input_ids[:end + 1], self.step_ends[i:i + 1], self.prompt_len, self.images, mask)
 
 
-def image_inputs(image_processor, image, max_side=None, min_pixels=None, max_pixels=None, family=None):
+def image_inputs(image_processor, image, family, max_side=None, min_pixels=None, max_pixels=None):
     """The image processor's tensors for one PIL image (Pillow image processors, no torchvision).
 
     The image first shrinks (aspect kept) until its longest side is at most max_side pixels, as the
@@ -283,7 +283,6 @@ def image_inputs(image_processor, image, max_side=None, min_pixels=None, max_pix
     does. Qwen2-VL: image tokens = grid h * w / merge_size**2, so a 1920x1080 image gives 180 tokens
     at max_side 512 (2,691 with Qwen2-VL's default pixel range).
     """
-    family = family or FAMILIES["qwen2_vl"]
     image = image.convert("RGB")
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
@@ -315,8 +314,8 @@ def encode_prompt(tokenizer, question, images=None, family=None):
     there (family.image_text: for Qwen2-VL, one <|image_pad|> per merged image patch) and the prompt
     is tokenized whole, as the processor does.
     """
-    if images is not None:
-        family = family or qwen_family()
+    if images is not None and family is None:
+        raise ValueError("an image needs the backbone's Family (PRM.family) to become prompt tokens")
     content = question if family is None else \
         [{"type": "image"}] * (images is not None) + [{"type": "text", "text": question}]
     prompt = chat_prompt(tokenizer, content)
@@ -342,21 +341,16 @@ def chat_prompt(tokenizer, content):
                         file=getattr(tokenizer, "template_file", None)) from None
 
 
-def qwen_family(image_processor=None):
-    """Qwen2-VL's Family bound to an image processor's merge size (2 without one): the tiny
-    backbone's, for callers that name no family."""
-    return replace(FAMILIES["qwen2_vl"], numbers=FAMILIES["qwen2_vl"].numbers_of(None, image_processor))
-
-
 def encode_cot(tokenizer, question, steps, final="", image=None, image_processor=None, image_cache=None,
                image_limits=None, family=None):
     """Encode one CoT: chat template with the image and question in the user turn, the steps in
     the assistant turn, tokenized segment by segment (`step_segments`).
 
     `image` is a PIL image, a path, or None; image_limits: max_side, min_pixels, max_pixels for
-    `image_inputs`; family: the backbone's bound Family (default: Qwen2-VL's). Returns an `Encoded`
-    whose step_ends[i] is the position of the last token of step i. Raises ValueError for a CoT
-    without steps.
+    `image_inputs`; family: the backbone's bound Family (PRM.family; needed with an image, and for
+    an image-text backbone's text-only records, whose template takes list content). Returns an
+    `Encoded` whose step_ends[i] is the position of the last token of step i. Raises ValueError for
+    a CoT without steps.
     """
     limits = image_limits or {}
     if not steps:
@@ -365,7 +359,8 @@ def encode_cot(tokenizer, question, steps, final="", image=None, image_processor
     if image is not None:
         if image_processor is None:
             raise ValueError("this backbone has no image processor, but the record has an image")
-        family = family or qwen_family(image_processor)
+        if family is None:
+            raise ValueError("an image needs the backbone's Family (PRM.family) to become prompt tokens")
         if image_cache is not None and isinstance(image, str):
             if image not in image_cache:
                 image_cache[image] = image_inputs(image_processor, Image.open(image), **limits, family=family)
@@ -443,7 +438,7 @@ def collate(cots, pad_id, family=None):
     with_image = [c for c in cots if c.images is not None]
     if with_image:
         mask = [c.image_mask if c.image_mask is not None else torch.zeros_like(c.input_ids) for c in cots]
-        batch["images"] = image_batch([c.images for c in with_image], family or qwen_family())
+        batch["images"] = image_batch([c.images for c in with_image], family)
         batch["image_mask"] = pad_rows(mask, 0, input_ids.shape[1], torch.long)[0]   # (B, L)
     return batch
 
@@ -1968,12 +1963,6 @@ def index_questions(path, kind="test", image_root=None, fmt="auto", domain=None,
                     groups.setdefault((rec["domain"], rec["id"]), []).append((i, offset, rec["sample"], rec["_key"]))
             offset += len(raw)
     return list(groups.items()), skips, lambda entries: [read_back(*e) for e in entries]
-
-
-def read_records(path, kind, image_root=None, outside_images=False):
-    """Our JSONL only (the stages' own outputs): validated records, none skipped."""
-    records, skips = read_cots(path, kind, image_root, fmt="ours", outside_images=outside_images)
-    return records
 
 
 def skip_report(skips, questions):

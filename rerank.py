@@ -49,10 +49,9 @@ TOY_TEST = "toy/test_labels.jsonl"     # the toy test CoTs with MC labels (pytho
 TOY_PRMS = ["runs/toy-vanilla", "runs/toy"]
 
 
-def select_best(scores, mask=None):
-    """Index of the best CoT per question. scores (Q, N); mask (Q, N) marks real CoTs. Ties: lowest index."""
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+def select_best(scores):
+    """Index of the best CoT per question. scores (Q, N), -inf where a question has no CoT (or an
+    unscored one). Ties: lowest index."""
     return scores.argmax(-1)
 
 

@@ -26,11 +26,11 @@ def label_cot(cot, policy, K, min_rollouts=0, zero_stop=False, max_steps=None):
 
 
 def test_toy_pipeline_labels_drop_after_planted_error(small_toy):
-    cots = prm.read_records(str(small_toy / "train_cots.jsonl"), "cots")
+    cots = prm.read_cots(str(small_toy / "train_cots.jsonl"), "cots", fmt="ours")[0]
     assert len(cots) == 4 * 4 * len(gen_cots.TOY_DOMAINS)
     assert all(len(c["steps"]) == 5 and c["final"] for c in cots)
     assert mc_label.main(["--cots", str(small_toy / "train_cots.jsonl"), "--rollouts", "16"]) == 0
-    labels = prm.read_records(str(small_toy / "train_labels.jsonl"), "labels")
+    labels = prm.read_cots(str(small_toy / "train_labels.jsonl"), "labels", fmt="ours")[0]
     assert len(labels) == len(cots)
     misread = [r for r in labels if "I guess" in r["steps"][1] and r["domain"] == "clean"]
     assert misread, "the toy policy plants misreads"
@@ -42,7 +42,7 @@ def test_toy_pipeline_labels_drop_after_planted_error(small_toy):
 
 
 def test_adaptive_and_zero_stop(small_toy):
-    cot = prm.read_records(str(small_toy / "train_cots.jsonl"), "cots")[0]
+    cot = prm.read_cots(str(small_toy / "train_cots.jsonl"), "cots", fmt="ours")[0][0]
     policy = gen_cots.ToyPolicy(0)
     easy = dict(cot, toy=dict(cot["toy"], domain="easy"))          # the easy policy never errs
     mc, counts = label_cot(easy, policy, K=16, min_rollouts=4)

@@ -22,7 +22,7 @@ def encode_batch(model, images):
     for b, n in enumerate(counts):
         image = images[b % len(images)] if images else None
         cots.append(prm.encode_cot(model.tokenizer, QUESTION, make_steps(n, b), final=str(b),
-                                   image=image, image_processor=model.image_processor))
+                                   image=image, image_processor=model.image_processor, family=model.family))
     return cots
 
 
@@ -31,7 +31,8 @@ def test_packed_equals_per_prefix(tiny_prm, images, mode):
     imgs = {"text": None, "images": images, "mixed": [images[0], None, images[2]]}[mode]
     if mode == "mixed":
         cots = [prm.encode_cot(tiny_prm.tokenizer, QUESTION, make_steps(n, b), "A",
-                               imgs[b % 3], tiny_prm.image_processor) for b, n in enumerate([2, 7, 1, 4])]
+                               imgs[b % 3], tiny_prm.image_processor, family=tiny_prm.family)
+                for b, n in enumerate([2, 7, 1, 4])]
     else:
         cots = encode_batch(tiny_prm, imgs)
     with torch.no_grad():
@@ -46,7 +47,8 @@ def test_packed_equals_per_prefix(tiny_prm, images, mode):
 
 def test_step_ends_are_exact_token_positions(tiny_prm, images):
     steps = ["Step 1: 12+30=42", "Step 2: Hence,the answer(s)", "Step 3: x"]
-    e = prm.encode_cot(tiny_prm.tokenizer, QUESTION, steps, "B", images[1], tiny_prm.image_processor)
+    e = prm.encode_cot(tiny_prm.tokenizer, QUESTION, steps, "B", images[1], tiny_prm.image_processor,
+                       family=tiny_prm.family)
     tok = tiny_prm.tokenizer
     texts = steps[:-1] + [steps[-1] + "\nFinal answer: B"]
     for end, text in zip(e.step_ends.tolist(), texts):
@@ -54,7 +56,9 @@ def test_step_ends_are_exact_token_positions(tiny_prm, images):
         assert not tok.decode(e.input_ids[: end]).endswith(text)
     n_image = int((e.input_ids == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
     assert n_image == int(e.images["image_grid_thw"].prod()) // 4 == int(e.image_mask.sum())
-    assert e.input_ids[: e.prompt_len].tolist() == prm.encode_prompt(tok, QUESTION, e.images)
+    assert e.input_ids[: e.prompt_len].tolist() == prm.encode_prompt(tok, QUESTION, e.images, tiny_prm.family)
+    with pytest.raises(ValueError, match="needs the backbone's Family"):     # no silent Qwen2-VL rules
+        prm.encode_cot(tok, QUESTION, steps, "B", images[1], tiny_prm.image_processor)
 
 
 def test_encoded_cot_is_pinned_to_the_token(tiny_prm):
@@ -198,7 +202,7 @@ def test_our_jsonl_records_read(tmp_path, images):
            "correct": True, "policy": "toy", "mc": [0.5, 1.0], "rollouts": [4, 4]}
     path = tmp_path / "labels.jsonl"
     path.write_text(json.dumps(rec) + "\n")
-    (r,) = prm.read_records(str(path), "labels")
+    (r,) = prm.read_cots(str(path), "labels", fmt="ours")[0]
     assert r["_image"] == images[0] and r["_question"] == "Sum?\nOptions: (A) 7 (B) 8"
 
 
@@ -227,7 +231,7 @@ def test_bad_input_errors(tmp_path, line, field, words):
     (tmp_path / "notimage.png").write_text("this is text, not a PNG")
     path = bad_line(tmp_path, line)
     with pytest.raises(prm.DataError) as info:
-        prm.read_records(path, "labels")
+        prm.read_cots(path, "labels", fmt="ours")[0]
     msg = str(info.value)
     assert msg.startswith(f"{path}:2") and words in msg and "\n" not in msg
     if field:
@@ -245,7 +249,7 @@ def test_model_dir_without_prm_files(backbone_dir, tmp_path):
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path, capsys):
     path = bad_line(tmp_path, json.dumps({**GOOD, "mc": [-0.1]}))
-    code = prm.run_cli(lambda argv: prm.read_records(path, "labels"), [])
+    code = prm.run_cli(lambda argv: prm.read_cots(path, "labels", fmt="ours")[0], [])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"{path}:2" in err and "Traceback" not in err
 
@@ -263,15 +267,16 @@ def test_torn_tail_is_dropped(tmp_path):
 @pytest.mark.parametrize("with_image", [True, False])
 def test_shared_prefix_equals_packed(tiny_prm, images, with_image):
     image = images[2] if with_image else None
-    cots = [prm.encode_cot(tiny_prm.tokenizer, QUESTION, make_steps(n, b), str(b), image, tiny_prm.image_processor)
-            for b, n in enumerate([3, 5, 1, 7, 2, 5, 4, 6])]
+    cots = [prm.encode_cot(tiny_prm.tokenizer, QUESTION, make_steps(n, b), str(b), image, tiny_prm.image_processor,
+                           family=tiny_prm.family) for b, n in enumerate([3, 5, 1, 7, 2, 5, 4, 6])]
     with torch.no_grad():
         v, m = prm.step_values(tiny_prm, cots)
         v_shared, m_shared = prm.shared_prefix_values(tiny_prm, cots)
     assert torch.equal(m, m_shared)
     assert (v - v_shared)[m].abs().max().item() <= 1e-4
     assert v[m].std().item() > 1e-3
-    other = prm.encode_cot(tiny_prm.tokenizer, "Another question?", ["Step 1: a"], "", image, tiny_prm.image_processor)
+    other = prm.encode_cot(tiny_prm.tokenizer, "Another question?", ["Step 1: a"], "", image, tiny_prm.image_processor,
+                           family=tiny_prm.family)
     with pytest.raises(ValueError, match="one question"):
         prm.shared_prefix_values(tiny_prm, cots[:2] + [other])
 

@@ -33,7 +33,7 @@ def test_select_best_matches_brute_force():
         Q, N = rng.randint(1, 6), rng.randint(1, 8)
         scores = torch.tensor([[rng.choice([0.1, 0.5, 0.9, rng.random()]) for _ in range(N)] for _ in range(Q)])
         mask = torch.tensor([[j < rng.randint(1, N) or j == 0 for j in range(N)] for _ in range(Q)])
-        best = rerank.select_best(scores, mask)
+        best = rerank.select_best(scores.masked_fill(~mask, float("-inf")))
         for q in range(Q):
             brute, top = None, None
             for j in range(N):

@@ -229,8 +229,8 @@ def test_strict_loading(tmp_path, saved_prm, images, capsys, how, words):
 def test_qwen25_vl_backbone_scores_alike_three_ways(qwen25_dir, images):
     model = prm.PRM.from_backbone(qwen25_dir).eval()
     assert type(model.backbone).__name__ == "Qwen2_5_VLModel"
-    cots = [prm.encode_cot(model.tokenizer, QUESTION, make_steps(n, b), "7", images[1], model.image_processor)
-            for b, n in enumerate([2, 5, 3])]
+    cots = [prm.encode_cot(model.tokenizer, QUESTION, make_steps(n, b), "7", images[1], model.image_processor,
+                           family=model.family) for b, n in enumerate([2, 5, 3])]
     with torch.no_grad():
         v, m = prm.step_values(model, cots)
         v_ref, _ = prm.prefix_values(model, cots)
