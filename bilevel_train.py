@@ -1543,10 +1543,7 @@ def lr_schedule(args):
 def freeze_vision(model):
     """Train the language model and the value head only: the vision tower keeps its weights (no
     gradients, no optimizer state, no hypergradient buffers for it)."""
-    # The tower's name differs by family: visual (Qwen), vision_tower (InternVL, LLaVA, Gemma 3),
-    # vision_model (Idefics3, SmolVLM).
-    vision = next((getattr(model.backbone, n) for n in ("visual", "vision_tower", "vision_model")
-                   if hasattr(model.backbone, n)), None)
+    vision = getattr(model.backbone, model.family.vision_tower, None) if model.family else None
     if vision is None:
         raise prm.DataError("this backbone has no vision tower to freeze", field="--freeze-vision")
     for p in vision.parameters():

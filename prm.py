@@ -140,6 +140,21 @@ def question_text(record):
 
 # -- Backbone families: what differs between image-text models --------------------------------
 
+def _flat_positions(backbone, ids, image_kwargs):
+    """1-D positions: a continuation goes on from the prompt's length. Returns (the prompt's
+    position ids, or None for the model's own arange; the continuation's first position)."""
+    return None, ids.shape[1]
+
+
+def _mrope_positions(backbone, ids, image_kwargs):
+    """M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the prompt's (3, 1, P) positions from the model's
+    get_rope_index (an image's tokens take 2-D grid positions); a continuation goes on from their
+    largest + 1 on every axis (text after the image)."""
+    position_ids, _ = backbone.get_rope_index(input_ids=ids, mm_token_type_ids=image_kwargs["mm_token_type_ids"],
+                                              image_grid_thw=image_kwargs["image_grid_thw"])
+    return position_ids, int(position_ids.max()) + 1
+
+
 @dataclass(frozen=True)
 class Family:
     """What differs between image-text backbone families, chosen once at load from the config's
@@ -151,8 +166,10 @@ class Family:
                                      processor puts there, and the features fill `image_token`s
       the forward's image arguments  `tensors` (those in `tiles` have a tile axis, padded across
                                      images in a batch), `token_types` (a (B, L) image-token mask)
-      a continuation's positions     M-RoPE families (`mrope`) continue from the prefix's largest
-                                     position + 1 on every axis, the others from the prefix length
+      a continuation's positions     prefix_positions(backbone, prompt ids, image arguments): M-RoPE
+                                     families continue from the prompt's largest position + 1 on
+                                     every axis, the others from the prompt's length
+      the vision tower               the backbone's attribute that holds it (--freeze-vision)
       how far images shrink first    `max_side`: MAX_SIDE where shrinking bounds the image tokens
                                      (Qwen, LLaVA-OneVision), None where the family's processor
                                      sets the count itself (a fixed size, a tile grid chosen by the
@@ -164,7 +181,8 @@ class Family:
     tensors: tuple = ("pixel_values",)
     tiles: tuple = ()
     token_types: str = None
-    mrope: bool = False
+    prefix_positions: object = _flat_positions
+    vision_tower: str = "vision_tower"
     processor_kwargs: tuple = ()       # (name, value) pairs for the image processor
     pixels_in_processor: bool = False  # min/max pixels bound the processor's own resize (Qwen), else ours
     max_side: int = None               # the default --max-side: shrink first only where it bounds the tokens
@@ -226,12 +244,12 @@ def _idefics3_text(t, n):
 
 
 _QWEN = Family("<|image_pad|>", "<|image_pad|>", _qwen_text, lambda c, ip: {"merge": getattr(ip, "merge_size", 2)},
-               ("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids", mrope=True,
-               pixels_in_processor=True, max_side=MAX_SIDE)
+               ("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids", prefix_positions=_mrope_positions,
+               vision_tower="visual", pixels_in_processor=True, max_side=MAX_SIDE)
 _IDEFICS3 = Family("<image>", "<image>", _idefics3_text, lambda c, ip: {"seq": int(
     (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 / c.scale_factor ** 2)},
     ("pixel_values", "pixel_attention_mask"), tiles=("pixel_values", "pixel_attention_mask"),
-    processor_kwargs=(("return_row_col_info", True),))
+    processor_kwargs=(("return_row_col_info", True),), vision_tower="vision_model")
 # model_type -> Family: the image-text backbones this code builds inputs for, each tested against its
 # family's processor (or its processing rule) for prompts and packed = per-prefix = shared-prefix values.
 FAMILIES = {
@@ -598,10 +616,9 @@ def shared_prefix_values(prm, cots):
     identical in every CoT) are encoded once, then the N continuations run as one batch against
     the cached prefix. Same values as step_values, at about 1/N of the prompt's cost.
 
-    Positions: a continuation starts where its prefix ends. For M-RoPE families (prm.family.mrope)
-    the prefix's positions come from get_rope_index and the continuation's are max(prefix
-    positions) + 1 + arange(L) on all three axes (text after the image); for the others, P +
-    arange(L). Returns values (N, S) and mask (N, S).
+    Positions: a continuation starts where its prefix ends, start + arange(L) (the family's
+    prefix_positions gives start: the prompt's length, or for M-RoPE families its largest position
+    + 1, the same on all three axes). Returns values (N, S) and mask (N, S).
     """
     P = cots[0].prompt_len
     prefix = cots[0].input_ids[:P]
@@ -616,11 +633,9 @@ def shared_prefix_values(prm, cots):
     if cots[0].images is not None:
         mask = cots[0].image_mask[:P][None].to(device)                          # (1, P) image tokens
         kwargs.update(prm.image_kwargs(_to(image_batch([cots[0].images], prm.family), device), mask))
-        if prm.family.mrope:
-            position_ids, _ = prm.backbone.get_rope_index(input_ids=ids, mm_token_type_ids=mask,
-                                                          image_grid_thw=kwargs["image_grid_thw"])
-            kwargs["position_ids"] = position_ids                                 # (3, 1, P)
-            start = int(position_ids.max()) + 1
+        position_ids, start = prm.family.prefix_positions(prm.backbone, ids, kwargs)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids                                 # (3, 1, P) for M-RoPE
     # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes.
     cache_kw = "cache" if "cache" in inspect.signature(prm.backbone.forward).parameters else "past_key_values"
     prefix_cache = prefix_writer(prm.backbone.config)

@@ -331,3 +331,15 @@ def test_remote_code_internvl_names_the_hf_checkpoints(tmp_path):
                                                       "llm_config": {}}))
     with pytest.raises(prm.DataError, match=r"internvl_chat.*-hf.*OpenGVLab/InternVL3-1B-hf"):
         prm.check_backbone(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_freeze_vision_freezes_each_familys_tower_by_its_name(family, family_dir):
+    """--freeze-vision finds the tower under the name its Family gives (visual, vision_tower,
+    vision_model) and freezes exactly its parameters."""
+    model = prm.PRM.from_backbone(family_dir(family))
+    trainable = sum(p.requires_grad for p in model.parameters())
+    bt.freeze_vision(model)
+    tower = list(getattr(model.backbone, model.family.vision_tower).parameters())
+    assert tower and not any(p.requires_grad for p in tower)
+    assert sum(p.requires_grad for p in model.parameters()) == trainable - len(tower)
