@@ -146,15 +146,6 @@ def _flat_positions(backbone, ids, image_kwargs):
     return None, ids.shape[1]
 
 
-def _mrope_positions(backbone, ids, image_kwargs):
-    """M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the prompt's (3, 1, P) positions from the model's
-    get_rope_index (an image's tokens take 2-D grid positions); a continuation goes on from their
-    largest + 1 on every axis (text after the image)."""
-    position_ids, _ = backbone.get_rope_index(input_ids=ids, mm_token_type_ids=image_kwargs["mm_token_type_ids"],
-                                              image_grid_thw=image_kwargs["image_grid_thw"])
-    return position_ids, int(position_ids.max()) + 1
-
-
 @dataclass(frozen=True)
 class Family:
     """What differs between image-text backbone families, chosen once at load from the config's
@@ -187,90 +178,6 @@ class Family:
     pixels_in_processor: bool = False  # min/max pixels bound the processor's own resize (Qwen), else ours
     max_side: int = None               # the default --max-side: shrink first only where it bounds the tokens
     numbers: dict = None               # numbers_of's values for one backbone (bind_family)
-
-
-def _side(x):
-    """An image or patch size that a config gives as an int or as (height, width)."""
-    return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def _qwen_text(t, n):
-    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the template's <|image_pad|> (between <|vision_start|> and
-    <|vision_end|>) becomes grid t * h * w / merge_size**2 pad tokens, one per merged patch."""
-    return "<|image_pad|>" * (int(t["image_grid_thw"].prod()) // n["merge"] ** 2)
-
-
-def _internvl_text(t, n):
-    """InternVL: <img>, then IMG_CONTEXT x tokens per tile x tiles (the thumbnail counts), </img>."""
-    return "<img>" + "<IMG_CONTEXT>" * (n["per_tile"] * int(t["num_patches"].sum())) + "</img>"
-
-
-def _llava_onevision_text(t, n):
-    """LLaVA-OneVision (one image: anyres): the base image's tokens, the unpadded grid of the best
-    resolution's patches with one newline token per row, reduced when over anyres_max_N patches;
-    one less with the 'default' feature strategy. The count of its processor's _get_number_of_features."""
-    from transformers.image_processing_utils import select_best_resolution
-    orig_h, orig_w = (int(x) for x in t["image_sizes"][0])
-    height, width = t["pixel_values"].shape[-2:]
-    best_h, best_w = select_best_resolution([orig_h, orig_w], n["pinpoints"])
-    side = int(math.sqrt(n["base"]))
-    cur_h, cur_w = side * (best_h // height), side * (best_w // width)
-    if orig_w / orig_h > cur_w / cur_h:
-        cur_h -= (cur_h - int(round(orig_h * (cur_w / orig_w), 7))) // 2 * 2
-    else:
-        cur_w -= (cur_w - int(round(orig_w * (cur_h / orig_h), 7))) // 2 * 2
-    unpadded, newlines = cur_h * cur_w, cur_h
-    ratio = math.sqrt(cur_h * cur_w / (n["max_patches"] * side ** 2))
-    if ratio > 1.1:
-        unpadded, newlines = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
-    return "<image>" * (unpadded + newlines + n["base"] - (n["strategy"] == "default"))
-
-
-def _gemma3_text(t, n):
-    """Gemma 3: the template's <start_of_image> becomes a blank line, <start_of_image>, the image's
-    mm_tokens_per_image soft tokens, <end_of_image> and a blank line."""
-    return "\n\n<start_of_image>" + "<image_soft_token>" * n["tokens"] + "<end_of_image>\n\n"
-
-
-def _idefics3_text(t, n):
-    """Idefics3 and SmolVLM: a split image is its grid of tiles, each <fake_token_around_image>
-    <row_r_col_c> and the tile's image tokens, a newline after each row, then a blank line and the
-    global image <fake_token_around_image><global-img> tokens <fake_token_around_image>; an unsplit
-    image is the global image alone."""
-    rows, cols, seq = int(t["rows"][0][0]), int(t["cols"][0][0]), "<image>" * n["seq"]
-    grid = "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{seq}" for c in range(cols)) + "\n"
-                   for r in range(rows))
-    return (grid + "\n" if rows or cols else "") + f"<fake_token_around_image><global-img>{seq}<fake_token_around_image>"
-
-
-_QWEN = Family("<|image_pad|>", "<|image_pad|>", _qwen_text, lambda c, ip: {"merge": getattr(ip, "merge_size", 2)},
-               ("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids", prefix_positions=_mrope_positions,
-               vision_tower="visual", pixels_in_processor=True, max_side=MAX_SIDE)
-_IDEFICS3 = Family("<image>", "<image>", _idefics3_text, lambda c, ip: {"seq": int(
-    (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 / c.scale_factor ** 2)},
-    ("pixel_values", "pixel_attention_mask"), tiles=("pixel_values", "pixel_attention_mask"),
-    processor_kwargs=(("return_row_col_info", True),), vision_tower="vision_model")
-# model_type -> Family: the image-text backbones this code builds inputs for, each tested against its
-# family's processor (or its processing rule) for prompts and packed = per-prefix = shared-prefix values.
-FAMILIES = {
-    "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN,
-    "internvl": Family("<IMG_CONTEXT>", "<IMG_CONTEXT>", _internvl_text, lambda c, ip: {"per_tile": int(
-        (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 * c.downsample_ratio ** 2)},
-        processor_kwargs=(("crop_to_patches", True),)),
-    "llava_onevision": Family("<image>", "<image>", _llava_onevision_text, lambda c, ip: dict(
-        base=(c.vision_config.image_size // c.vision_config.patch_size) ** 2, strategy=c.vision_feature_select_strategy,
-        pinpoints=ip.image_grid_pinpoints, max_patches=int(c.vision_aspect_ratio.removeprefix("anyres_max_"))),
-        ("pixel_values", "image_sizes"), tiles=("pixel_values",), max_side=MAX_SIDE),
-    "gemma3": Family("<start_of_image>", "<image_soft_token>", _gemma3_text, lambda c, ip: {"tokens": c.mm_tokens_per_image},
-                     token_types="token_type_ids"),
-    "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
-}
-
-
-def bind_family(config, image_processor):
-    """The Family of an image-text config, with its numbers (tokens per image or tile, ...)."""
-    family = FAMILIES[config.model_type]
-    return replace(family, numbers=family.numbers_of(config, image_processor))
 
 
 # -- Encoding: chat template + segment-wise steps ----------------------------------------------
@@ -677,6 +584,101 @@ def aggregate(values, mask, how="mean_logit"):
 
 
 AGGREGATIONS = ("mean_logit", "min", "prod", "last", "mean")
+
+
+# -- Family rules: each family's image tokens, positions and numbers (the Family rows) ---------
+
+def _mrope_positions(backbone, ids, image_kwargs):
+    """M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the prompt's (3, 1, P) positions from the model's
+    get_rope_index (an image's tokens take 2-D grid positions); a continuation goes on from their
+    largest + 1 on every axis (text after the image)."""
+    position_ids, _ = backbone.get_rope_index(input_ids=ids, mm_token_type_ids=image_kwargs["mm_token_type_ids"],
+                                              image_grid_thw=image_kwargs["image_grid_thw"])
+    return position_ids, int(position_ids.max()) + 1
+
+
+def _side(x):
+    """An image or patch size that a config gives as an int or as (height, width)."""
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _qwen_text(t, n):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the template's <|image_pad|> (between <|vision_start|> and
+    <|vision_end|>) becomes grid t * h * w / merge_size**2 pad tokens, one per merged patch."""
+    return "<|image_pad|>" * (int(t["image_grid_thw"].prod()) // n["merge"] ** 2)
+
+
+def _internvl_text(t, n):
+    """InternVL: <img>, then IMG_CONTEXT x tokens per tile x tiles (the thumbnail counts), </img>."""
+    return "<img>" + "<IMG_CONTEXT>" * (n["per_tile"] * int(t["num_patches"].sum())) + "</img>"
+
+
+def _llava_onevision_text(t, n):
+    """LLaVA-OneVision (one image: anyres): the base image's tokens, the unpadded grid of the best
+    resolution's patches with one newline token per row, reduced when over anyres_max_N patches;
+    one less with the 'default' feature strategy. The count of its processor's _get_number_of_features."""
+    from transformers.image_processing_utils import select_best_resolution
+    orig_h, orig_w = (int(x) for x in t["image_sizes"][0])
+    height, width = t["pixel_values"].shape[-2:]
+    best_h, best_w = select_best_resolution([orig_h, orig_w], n["pinpoints"])
+    side = int(math.sqrt(n["base"]))
+    cur_h, cur_w = side * (best_h // height), side * (best_w // width)
+    if orig_w / orig_h > cur_w / cur_h:
+        cur_h -= (cur_h - int(round(orig_h * (cur_w / orig_w), 7))) // 2 * 2
+    else:
+        cur_w -= (cur_w - int(round(orig_w * (cur_h / orig_h), 7))) // 2 * 2
+    unpadded, newlines = cur_h * cur_w, cur_h
+    ratio = math.sqrt(cur_h * cur_w / (n["max_patches"] * side ** 2))
+    if ratio > 1.1:
+        unpadded, newlines = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
+    return "<image>" * (unpadded + newlines + n["base"] - (n["strategy"] == "default"))
+
+
+def _gemma3_text(t, n):
+    """Gemma 3: the template's <start_of_image> becomes a blank line, <start_of_image>, the image's
+    mm_tokens_per_image soft tokens, <end_of_image> and a blank line."""
+    return "\n\n<start_of_image>" + "<image_soft_token>" * n["tokens"] + "<end_of_image>\n\n"
+
+
+def _idefics3_text(t, n):
+    """Idefics3 and SmolVLM: a split image is its grid of tiles, each <fake_token_around_image>
+    <row_r_col_c> and the tile's image tokens, a newline after each row, then a blank line and the
+    global image <fake_token_around_image><global-img> tokens <fake_token_around_image>; an unsplit
+    image is the global image alone."""
+    rows, cols, seq = int(t["rows"][0][0]), int(t["cols"][0][0]), "<image>" * n["seq"]
+    grid = "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{seq}" for c in range(cols)) + "\n"
+                   for r in range(rows))
+    return (grid + "\n" if rows or cols else "") + f"<fake_token_around_image><global-img>{seq}<fake_token_around_image>"
+
+
+_QWEN = Family("<|image_pad|>", "<|image_pad|>", _qwen_text, lambda c, ip: {"merge": getattr(ip, "merge_size", 2)},
+               ("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids", prefix_positions=_mrope_positions,
+               vision_tower="visual", pixels_in_processor=True, max_side=MAX_SIDE)
+_IDEFICS3 = Family("<image>", "<image>", _idefics3_text, lambda c, ip: {"seq": int(
+    (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 / c.scale_factor ** 2)},
+    ("pixel_values", "pixel_attention_mask"), tiles=("pixel_values", "pixel_attention_mask"),
+    processor_kwargs=(("return_row_col_info", True),), vision_tower="vision_model")
+# model_type -> Family: the image-text backbones this code builds inputs for, each tested against its
+# family's processor (or its processing rule) for prompts and packed = per-prefix = shared-prefix values.
+FAMILIES = {
+    "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN,
+    "internvl": Family("<IMG_CONTEXT>", "<IMG_CONTEXT>", _internvl_text, lambda c, ip: {"per_tile": int(
+        (_side(c.vision_config.image_size) // _side(c.vision_config.patch_size)) ** 2 * c.downsample_ratio ** 2)},
+        processor_kwargs=(("crop_to_patches", True),)),
+    "llava_onevision": Family("<image>", "<image>", _llava_onevision_text, lambda c, ip: dict(
+        base=(c.vision_config.image_size // c.vision_config.patch_size) ** 2, strategy=c.vision_feature_select_strategy,
+        pinpoints=ip.image_grid_pinpoints, max_patches=int(c.vision_aspect_ratio.removeprefix("anyres_max_"))),
+        ("pixel_values", "image_sizes"), tiles=("pixel_values",), max_side=MAX_SIDE),
+    "gemma3": Family("<start_of_image>", "<image_soft_token>", _gemma3_text, lambda c, ip: {"tokens": c.mm_tokens_per_image},
+                     token_types="token_type_ids"),
+    "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3,
+}
+
+
+def bind_family(config, image_processor):
+    """The Family of an image-text config, with its numbers (tokens per image or tile, ...)."""
+    family = FAMILIES[config.model_type]
+    return replace(family, numbers=family.numbers_of(config, image_processor))
 
 
 # ==============================================================================================

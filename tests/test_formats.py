@@ -251,7 +251,8 @@ def test_final_answer_rule_is_stored_and_applied(tmp_path, images, capsys):
     (m, _), _ = prm.read_cots(str(tmp_path / "meta.json"), "cots")
     assert model.final_answer == "drop"
     assert torch.equal(model.encode(m).input_ids, prm.encode_cot(model.tokenizer, m["_question"], m["steps"], "",
-                                                                 m["_image"], model.image_processor).input_ids)
+                                                                 m["_image"], model.image_processor,
+                                                                 family=model.family).input_ids)
 
 
 def test_rerank_refuses_duplicate_cots(tmp_path, backbone_dir, capsys):
