@@ -219,7 +219,7 @@ def _vision(hidden, image_size, model_type=None):
 
 def _mrope(tok, hidden, layers, heads, **extra):
     """A Qwen decoder's fields with M-RoPE's split of the rotary frequencies over (t, h, w)."""
-    return _text(tok, hidden, layers, heads, rope_parameters=dict(
+    return _text(tok, hidden, layers, heads, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, mrope_section=prm._mrope_section(hidden // heads), **extra))
 
 
