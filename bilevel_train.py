@@ -17,14 +17,15 @@ The math (symbols as in the paper; the README's "The math" explains each):
   g_a = -xi [grad_a L_tr(phi + eps v, alpha) - grad_a L_tr(phi - eps v, alpha)] / (2 eps)
 
 Read the method top-down: (1) the lower level: weights, L_tr and one lower step; (2) the upper
-level: L_meta, the hypergradient and one upper step; (3) the training loop (`bilevel`; `main`, at
-the end, runs it for the flags). The variants sit behind seams chosen once before the loop and
-named above it: the forward (packed or shared-prefix), the weighting (DreamPRM's DomainWeighting,
-or one picked by `make_weighting`), the lower step (plain or accumulated). Appendices after the
+level: L_meta, the hypergradient and one upper step; (3) the training loop (`bilevel`, with the lr
+schedule and batch draws it calls; `main`, at the end, runs it for the flags). The variants sit
+behind seams chosen once before the loop and named above it: the forward (PackedForward, or
+SharedPrefixForward), the weighting (DreamPRM's DomainWeighting, or one picked by
+`make_weighting`) and the upper level's meta loss and restore copy (`Upper`). Appendices after the
 method: A the other weightings (fixed, DreamPRM-1.5's instance weights) and the choice among them,
 B data, C the run configuration (every flag: its default, presets and help), D the run directory
-(setup, the end of an iteration, checkpoints), E optimizer options (gradient accumulation, the lr
-schedule, memory), F shared-prefix training.
+(setup, the end of an iteration, checkpoints), E the upper loss's ablations, the restore copy,
+optimizers and memory, F shared-prefix training.
 
 Run the toy demo (no data arguments: the toy world is built first when toy/ is missing; --synthetic
 trains on a small text-only set instead):
@@ -48,7 +49,7 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
 
@@ -67,7 +68,6 @@ TOY_META = "toy/meta_cots.jsonl"
 
 # ==============================================================================================
 # 1. The lower level: domain weights, step labels, the loss L_tr, one lower step
-# The method calls the PRM as forward(records) -> (B, S) values, (B, S) mask: partial(forward, ...), chosen once.
 # ==============================================================================================
 
 def domain_weights(a):
@@ -134,6 +134,46 @@ def detached(a):
     return [x.detach() for x in a]
 
 
+class PackedForward:
+    """The PRM as the method calls it: forward(records) -> (B, S) step values V_phi(x_b, yhat_bi)
+    and (B, S) mask, one packed forward for the batch (prm.step_values) under the run's autocast.
+    Chosen once before the loop; Appendix F's SharedPrefixForward (--group-by-question) is the other."""
+
+    def __init__(self, model, autocast):
+        self.model, self.autocast = model, autocast
+
+    def __call__(self, records):
+        encoded = [self.model.encode(r, cache=True) for r in records]
+        with self.autocast:
+            return prm.step_values(self.model, encoded)
+
+
+@dataclass
+class TrainBatch:
+    """A lower batch: its CoTs and their MC labels; the lower step adds its losses, and the
+    hypergradient re-evaluates its per-CoT losses l_b."""
+    records: list
+    keys: torch.Tensor              # (B, ...) index into a of each CoT (its domain)
+    p: torch.Tensor                 # (B, S) MC labels p_bi
+    p_mask: torch.Tensor            # (B, S) labelled steps
+    n: torch.Tensor                 # (B,) n_b, labelled steps per CoT
+    l: torch.Tensor = None          # (B,) per-CoT losses l_b (after the lower step)
+    L_tr: torch.Tensor = None       # the weighted loss (scalar, detached; after the lower step)
+
+
+def train_batch(records, keys, device):
+    """The TrainBatch of some training records: their labels, before any forward."""
+    p, p_mask = label_tensors(records, max(len(r["mc"]) for r in records), device)        # (B, S)
+    return TrainBatch(records, keys, p, p_mask, p_mask.sum(-1).float())
+
+
+def label_tensors(records, S, device, dtype=torch.float32):
+    """MC labels (B, S) and which steps are labelled (B, S)."""
+    p, _ = prm.pad_rows([[0.0 if x is None else x for x in r["mc"]] for r in records], 0.0, S, dtype)
+    p_mask, _ = prm.pad_rows([[x is not None for x in r["mc"]] for r in records], False, S, torch.bool)
+    return p.to(device), p_mask.to(device)
+
+
 def step_losses(values, mask, p, p_mask):
     """Per-CoT lower losses l_b = sum_i (V_bi - p_bi)^2 over labelled steps, and n_b.
 
@@ -144,40 +184,150 @@ def step_losses(values, mask, p, p_mask):
     return ((values - p) ** 2 * m).sum(-1), m.sum(-1)
 
 
-def label_tensors(records, S, device, dtype=torch.float32):
-    """MC labels (B, S) and which steps are labelled (B, S)."""
-    p, _ = prm.pad_rows([[0.0 if x is None else x for x in r["mc"]] for r in records], 0.0, S, dtype)
-    p_mask, _ = prm.pad_rows([[x is not None for x in r["mc"]] for r in records], False, S, torch.bool)
-    return p.to(device), p_mask.to(device)
+def at_least_fp32(values):
+    """Step values for a loss: bf16 (autocast) to fp32; fp32 and fp64 as they are."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
-def lower_loss(values, mask, p, p_mask, alpha_b):
-    """L_tr = sum_b alpha_b l_b / sum_b n_b (each labelled step counts once). Returns (L_tr, l (B,), n (B,))."""
-    l, n = step_losses(values, mask, p, p_mask)
-    return (alpha_b * l).sum() / n.sum().clamp(min=1), l, n
+def lower_loss(alpha_b, l, n_total):
+    """L_tr = sum_b alpha_b l_b / sum_b n_b (each labelled step counts once): alpha_b (B,), l (B,)."""
+    return (alpha_b * l).sum() / n_total
 
 
-def forward(model, records, autocast, shared):
-    """Packed step values of a list of records (prm.step_values): (B, S) values, (B, S) mask.
-    shared (--group-by-question): the CoTs of each question run as one shared-prefix batch, its
-    image and question encoded once (Appendix F); the same values and gradients at less cost."""
-    encoded = [encode(model, r) for r in records]
-    with autocast:
-        return shared_prefix_forward(model, records, encoded) if shared else prm.step_values(model, encoded)
+def lower_step(forward, opt_phi, weighting, batch, accum, clip):
+    """phi <- AdamW step on L_tr(phi, alpha), alpha fixed (a detached). The batch runs in `accum`
+    micro-batches (--grad-accum; one by default), their gradients summed before the one step, as
+    nanoGPT does: the same step with 1/accum of the activations. The gradient's norm is clipped to
+    `clip` (--grad-clip; inf leaves it as it is). A non-finite L_tr stops the run (Diverged) before
+    the step, so the last checkpoint stays good. Fills batch.l and batch.L_tr."""
+    alpha_b = weighting.weights(detached(weighting.a), batch)                     # (B,)
+    n_total = batch.n.sum().clamp(min=1)                                          # sum_b n_b
+    L_tr, ls = 0.0, []
+    for chunk in torch.arange(len(batch.records)).chunk(accum):
+        values, mask = forward([batch.records[i] for i in chunk.tolist()])        # (b, S_k)
+        S = values.shape[1]
+        l, _ = step_losses(at_least_fp32(values), mask, batch.p[chunk, :S], batch.p_mask[chunk, :S])   # (b,)
+        loss = lower_loss(alpha_b[chunk], l, n_total)           # the micro-batch's share of L_tr
+        if not torch.isfinite(loss):
+            raise Diverged(f"the lower loss L_tr is {loss.item()}", "lower")
+        loss.backward()
+        L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
+    torch.nn.utils.clip_grad_norm_([p for g in opt_phi.param_groups for p in g["params"] if p.grad is not None], clip)
+    opt_phi.step()
+    opt_phi.zero_grad(set_to_none=True)         # spent: the hypergradient needs the memory
+    batch.L_tr, batch.l = L_tr, torch.cat(ls)
+    return batch
 
 
-@dataclass
-class TrainBatch:
-    """The latest lower step's batch: the hypergradient re-evaluates its per-CoT losses."""
-    records: list
-    keys: torch.Tensor              # (B, ...) index into a of each CoT (its domain)
-    p: torch.Tensor                 # (B, S) MC labels
-    p_mask: torch.Tensor            # (B, S) labelled steps
-    L_tr: torch.Tensor = None       # the weighted loss (scalar, detached)
-    l: torch.Tensor = None          # (B,) per-CoT losses
-    n: torch.Tensor = None          # (B,) labelled steps per CoT
-    values: torch.Tensor = None     # (B, S) the lower step's step values, detached (the Instance Net reads them)
-    mask: torch.Tensor = None       # (B, S) their mask
+# ==============================================================================================
+# 2. The upper level: the meta loss L_meta, the hypergradient (finite difference, as DARTS and
+#    Betty's "darts" method), one upper step
+# ==============================================================================================
+
+def meta_loss(values, mask, records):
+    """L_meta = mean_m (A(V_m1..n) - r_m)^2 on whole meta CoTs, with A = prm.aggregate (mean_logit)
+    and r_m their correctness, as published. (M, S) values and mask. The ablations (BCE, the
+    step-level loss without A) are Appendix E's."""
+    r = torch.tensor([float(x["correct"]) for x in records], device=values.device)    # (M,)
+    A = prm.aggregate(values, mask, "mean_logit")                                    # (M,)
+    return ((A - r) ** 2).mean()
+
+
+class Upper:
+    """The upper level's constants, built once before the loop (as DARTS's Architect): the PRM's
+    forward and trainable tensors phi, the weighting and Adam on its raw weights a, the finite
+    difference's radius r, how phi's restore copy is kept (copy(phi): beside it, or in CPU memory
+    with --offload-restore) and the meta loss (meta_loss, or an ablation of Appendix E).
+    upper_step takes the data."""
+
+    def __init__(self, forward, phi, weighting, opt_a, r, copy_phi, loss):
+        self.forward, self.phi, self.weighting, self.opt_a = forward, phi, weighting, opt_a
+        self.r, self.copy_phi, self.meta_loss = r, copy_phi, loss
+
+
+def batch_losses(forward, batch):
+    """Per-CoT lower losses l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
+    values, mask = forward(batch.records)                                 # (B, S)
+    return step_losses(at_least_fp32(values), mask, batch.p, batch.p_mask)[0]
+
+
+def hypergradient(upper, L_meta, batch, xi):
+    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps), with
+    v = grad_phi L_meta (L_meta: a tensor with its graph) and eps = r / ||v||. Because a enters L_tr
+    only through w_b(a), grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b: two forward
+    passes on `batch`, no backward through the network. phi is restored bit for bit, from a copy.
+    Returns g_a, a list like a."""
+    grads = torch.autograd.grad(L_meta, upper.phi, allow_unused=True)   # v = grad_phi L_meta(phi)
+    # Tensors the meta batch does not reach (e.g. the vision tower on text) have v = 0: skip them.
+    phi, v = [p for p, g in zip(upper.phi, grads) if g is not None], [g.detach() for g in grads if g is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
+        if v else 0.0                                           # ||v||_2, one device sync
+    if norm == 0:
+        return [torch.zeros_like(x) for x in upper.weighting.a]
+    eps, saved = upper.r / norm, upper.copy_phi(phi)            # the exact copy phi comes back from
+    with torch.no_grad():
+        for p, g in zip(phi, v):
+            p.add_(g, alpha=eps)                                # phi + eps v
+        l_plus = batch_losses(upper.forward, batch)             # (B,)
+        for p, s, g in zip(phi, saved, v):
+            p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
+        l_minus = batch_losses(upper.forward, batch)            # (B,)
+        for p, s in zip(phi, saved):
+            p.copy_(s)                                          # phi, bit for bit
+    w = upper.weighting.weights(upper.weighting.a, batch) / batch.n.sum().clamp(min=1)    # (B,) w_b(a)
+    s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
+    return [-xi * g for g in torch.autograd.grad(s, upper.weighting.a)]
+
+
+def upper_step(upper, batch, meta_records, xi):
+    """a <- Adam step on the finite-difference hypergradient g_a of L_meta on `meta_records`, through
+    L_tr on `batch`. Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
+    values, mask = upper.forward(meta_records)                            # (M, S)
+    L_meta = upper.meta_loss(at_least_fp32(values), mask, meta_records)   # with autograd
+    g_a, L_meta = hypergradient(upper, L_meta, batch, xi), L_meta.item()
+    if not math.isfinite(L_meta):
+        raise Diverged(f"the upper loss L_meta is {L_meta}", "upper")
+    if not all(torch.isfinite(g).all() for g in g_a):
+        raise Diverged(f"the hypergradient holds non-finite values (L_meta {L_meta:.4g})", "upper")
+    upper.opt_a.zero_grad(set_to_none=True)
+    for x, g in zip(upper.weighting.a, g_a):
+        x.grad = g
+    upper.opt_a.step()
+    return L_meta
+
+
+# ==============================================================================================
+# 3. The training loop, with the lr schedule and the batch draws it calls
+# ==============================================================================================
+
+def get_xi(t, args):
+    """xi, the lower lr at lower step t (0-based): --lr, constant by default; with --warmup a linear
+    rise over that fraction of the run first, then constant, cosine (to 0 at the last step) or step
+    (x --lr-gamma every --lr-step steps). A pure function of t, so a resumed run follows it."""
+    total = args.iterations * args.unroll_steps
+    w = int(args.warmup * total)
+    if t < w:
+        return args.lr * ((t + 1) / w)
+    if args.lr_schedule == "cosine":
+        return args.lr * (0.5 * (1 + math.cos(math.pi * (t - w) / max(1, total - w))))
+    if args.lr_schedule == "step":
+        return args.lr * args.lr_gamma ** (t // args.lr_step)
+    return args.lr
+
+
+def draw(n, groups, k, seed, *key):
+    """k record indices for a batch, a pure function of (seed, key), so a resumed run draws the same
+    batches. Plain (groups None): k CoTs drawn uniformly with replacement. By question
+    (--group-by-question, groups: the indices of each question's CoTs): questions drawn uniformly,
+    each bringing all its CoTs, until k CoTs (the last question cut short)."""
+    salt = key if groups is None else ("questions",) + key
+    g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + salt).encode()))
+    if groups is None:
+        return torch.randint(n, (k,), generator=g).tolist()
+    out = []
+    while len(out) < k:
+        out += groups[int(torch.randint(len(groups), (1,), generator=g))][:k - len(out)]
+    return out
 
 
 def set_xi(opt_phi, xi):
@@ -187,164 +337,26 @@ def set_xi(opt_phi, xi):
     return xi
 
 
-def lower_step(forward, opt_phi, weighting, records, keys, clip):
-    """phi <- AdamW step on L_tr(phi, alpha) with alpha fixed (a detached), its gradient's norm clipped
-    to `clip` first when clip > 0. A non-finite L_tr stops the run (Diverged) before the step, so the
-    last checkpoint stays good."""
-    values, mask = forward(records)                                       # (B, S)
-    p, p_mask = label_tensors(records, values.shape[1], values.device)    # (B, S)
-    batch = TrainBatch(records, keys, p, p_mask, values=values.detach().float(), mask=mask)
-    alpha_b = weighting.weights(detached(weighting.a), batch)             # (B,)
-    L_tr, l, n = lower_loss(values.float(), mask, p, p_mask, alpha_b)
-    if not torch.isfinite(L_tr):
-        raise Diverged(f"the lower loss L_tr is {L_tr.item()}", "lower")
-    opt_phi.zero_grad(set_to_none=True)
-    L_tr.backward()
-    optimizer_step(opt_phi, clip)
-    batch.L_tr, batch.l, batch.n = L_tr.detach(), l.detach(), n
-    return batch
-
-
-def optimizer_step(opt_phi, clip):
-    """The step on the gradients in phi: clipped to norm `clip` first when clip > 0, then freed (they
-    are spent, and the hypergradient needs the memory)."""
-    if clip:
-        torch.nn.utils.clip_grad_norm_([p for g in opt_phi.param_groups for p in g["params"] if p.grad is not None],
-                                       clip)
-    opt_phi.step()
-    opt_phi.zero_grad(set_to_none=True)
-
-
-# ==============================================================================================
-# 2. The upper level: the meta loss L_meta, the hypergradient (finite difference, as DARTS and
-#    Betty's "darts" method), one upper step
-# ==============================================================================================
-
-def meta_loss(values, mask, r, loss, aggregation, p=None, p_mask=None):
-    """Upper loss on whole meta CoTs.
-
-    aggregation: L_meta = mean_m (A(V_m1..n) - r_m)^2 with A = prm.aggregate (mean_logit); BCE optional.
-    aggregation=False (the w/o-AFL ablation): step-level MSE against meta MC labels p where given,
-    else the last step against r (p_mask marks which steps have a target).
-    """
-    if aggregation:
-        A = prm.aggregate(values, mask, "mean_logit")           # (M,)
-        if loss == "bce":
-            return F.binary_cross_entropy(A.clamp(prm.V_CLAMP, 1 - prm.V_CLAMP), r)
-        return ((A - r) ** 2).mean()
-    l, n = step_losses(values, mask, p, p_mask)
-    return (l / n.clamp(min=1)).mean()
-
-
-def meta_batch_loss(forward, m_records, upper_loss, aggregation):
-    """L_meta on a meta batch, with autograd: mean_m (A(V_m) - r_m)^2 (or the ablations of meta_loss)."""
-    values, mask = forward(m_records)                                     # (M, S)
-    r = torch.tensor([float(x["correct"]) for x in m_records], device=values.device)   # (M,)
-    pm, pm_mask = (None, None) if aggregation else meta_targets(m_records, values.shape[1], values.device)
-    return meta_loss(values.float(), mask, r, upper_loss, aggregation, pm, pm_mask)
-
-
-def batch_losses(forward, batch):
-    """Per-CoT lower losses l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
-    values, mask = forward(batch.records)                                 # (B, S)
-    return step_losses(values.float(), mask, batch.p, batch.p_mask)[0]
-
-
-def hypergradient(phi, a, meta_loss_fn, train_losses_fn, weights_fn, xi, r, offload):
-    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps).
-
-    phi: list of trainable tensors; a: list of raw-weight tensors (requires_grad).
-    meta_loss_fn(): L_meta at the current phi (with autograd graph).
-    train_losses_fn(): per-CoT losses l_b of the latest train batch (B,), run without autograd.
-    weights_fn(a): w_b(a) (B,) so that L_tr = sum_b w_b(a) l_b.
-    Because a enters L_tr only through w_b, grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b:
-    two forward passes, no backward through the network. phi is restored bit for bit, from a copy
-    (offload: kept in CPU memory). Returns (g_a, a list like a; L_meta value).
-    """
-    L_meta = meta_loss_fn()
-    grads = torch.autograd.grad(L_meta, phi, allow_unused=True)     # v = grad_phi L_meta(phi)
-    # Tensors the meta batch does not reach (e.g. the vision tower on text) have v = 0: skip them.
-    reached = [(p, g.detach()) for p, g in zip(phi, grads) if g is not None]
-    phi, v = [p for p, _ in reached], [g for _, g in reached]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
-        if v else 0.0                                           # ||v||_2, one device sync
-    if norm == 0:
-        return [torch.zeros_like(x) for x in a], L_meta.item()
-    eps = r / norm
-    # phi comes back from an exact copy (not p - eps v + eps v): beside phi, or (offload) in CPU
-    # memory, pinned on CUDA: 4 bytes per parameter less GPU memory, the same bits restored.
-    saved = [(p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True))
-             if offload else p.detach().clone() for p in phi]
-    with torch.no_grad():
-        for p, g in zip(phi, v):
-            p.add_(g, alpha=eps)                                # phi + eps v
-        l_plus = train_losses_fn()                              # (B,)
-        for p, s, g in zip(phi, saved, v):
-            p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
-        l_minus = train_losses_fn()                             # (B,)
-        for p, s in zip(phi, saved):
-            p.copy_(s)                                          # phi, bit for bit
-    with torch.enable_grad():
-        w = weights_fn(a)                                       # (B,)
-        s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
-        g_a = [-xi * g for g in torch.autograd.grad(s, a)]
-    return g_a, L_meta.item()
-
-
-@dataclass
-class Upper:
-    """The upper level's settings: its loss, and the finite difference's radius r and restore copy."""
-    loss: str                    # mse (as published) or bce
-    aggregation: bool            # False: the w/o-AFL ablation (step-level upper loss)
-    r: float                     # eps = r / ||v||
-    offload: bool                # the restore copy in CPU memory
-
-
-def upper_step(forward, phi, weighting, opt_a, batch, m_records, xi, upper):
-    """a <- Adam step on the finite-difference hypergradient g_a of L_meta, through L_tr on `batch`.
-    Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
-    meta_loss_fn = partial(meta_batch_loss, forward, m_records, upper.loss, upper.aggregation)   # L_meta
-    train_losses_fn = partial(batch_losses, forward, batch)                                   # l_b(phi), (B,)
-    # w_b(a) = a CoT's weight / sum_b n_b, (B,): L_tr = sum_b w_b(a) l_b
-    weights_fn = lambda a: weighting.weights(a, batch) / batch.n.sum().clamp(min=1)           # noqa: E731
-    g_a, L_meta = hypergradient(phi, weighting.a, meta_loss_fn, train_losses_fn, weights_fn, xi, upper.r,
-                                upper.offload)
-    if not math.isfinite(L_meta):
-        raise Diverged(f"the upper loss L_meta is {L_meta}", "upper")
-    if not all(torch.isfinite(g).all() for g in g_a):
-        raise Diverged(f"the hypergradient holds non-finite values (L_meta {L_meta:.4g})", "upper")
-    opt_a.zero_grad(set_to_none=True)
-    for x, g in zip(weighting.a, g_a):
-        x.grad = g
-    opt_a.step()
-    return L_meta
-
-
-# ==============================================================================================
-# 3. The training loop
-# ==============================================================================================
-
 def bilevel(args):
     """One bi-level training run: the PRM phi and the raw weights a, trained as the flags ask."""
     with open_run(args) as run:       # Appendix D: lock --out, data, PRM, seams, resume; on leaving, save the PRM
-        # The seams, each chosen once by the flags (setup_run):
-        forward = run.forward         # section 1's forward: packed, or shared-prefix (--group-by-question)
+        # The seams, each chosen once by the flags (setup_run, Appendix D):
+        forward = run.forward         # PackedForward (section 1), or SharedPrefixForward (--group-by-question)
         weighting = run.weighting     # DreamPRM's DomainWeighting (section 1), or --weighting's (Appendix A)
-        step = run.lower_step         # lower_step (section 1), or accumulated_lower_step (--grad-accum, Appendix E)
-        U = args.unroll_steps
+        upper = run.upper             # section 2's Upper: phi, Adam on a, r, the restore copy, the meta loss
+        U, device = args.unroll_steps, run.device
         for it in run.bar:                                          # range(start, iterations), with a bar
             t0, batches, L_meta = time.perf_counter(), [], None
-            # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed, lr xi from the schedule.
+            # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed, lr xi.
             for u in range(U):
-                xi = set_xi(run.opt_phi, run.schedule(it * U + u))
-                idx = run.draw_train(it, u)
-                batches.append(step(forward, run.opt_phi, weighting, [run.train[i] for i in idx],
-                                    weighting.keys[idx], args.grad_clip))
+                xi = set_xi(run.opt_phi, get_xi(it * U + u, args))
+                idx = draw(len(run.train), run.train_groups, args.train_batch, args.seed, "train", it, u)
+                batch = train_batch([run.train[i] for i in idx], weighting.keys[idx], device)
+                batches.append(lower_step(forward, run.opt_phi, weighting, batch, args.grad_accum, run.clip))
             # One upper step after the cold start: a <- Adam(g_a), the hypergradient through a train batch.
             if weighting.moves and it >= args.cold_start:
-                m_records = [run.meta[i] for i in run.draw_meta(it)]
-                L_meta = upper_step(forward, run.phi, weighting, run.opt_a, weighting.upper_batch(it, batches[-1]),
-                                    m_records, xi, run.upper)
+                m_idx = draw(len(run.meta), run.meta_groups, args.meta_batch, args.seed, "meta", it)
+                L_meta = upper_step(upper, weighting.upper_batch(it, batches[-1]), [run.meta[i] for i in m_idx], xi)
             # Logs, held-out figures and checkpoints, each at its own period (Appendix D).
             end_of_iteration(run, it + 1, batches, L_meta, time.perf_counter() - t0)
 
@@ -444,8 +456,8 @@ class InstanceTable(InstanceWeighting):
 
 class InstanceNet(InstanceWeighting):
     """--weighting instance-net: the Instance Net's output on a CoT's step values and labels. It
-    reads the values of the lower step's forward when the batch has them, else (the upper step's
-    fresh batch, the logs) a no-grad forward of its own at the current phi."""
+    reads the values a ValuedBatch carries, else runs a no-grad forward of its own at the current
+    phi (one more forward per lower step than the other weightings)."""
     reads_values = True
 
     def __init__(self, a, keys, w_max, fresh, forward, train, batch_size):
@@ -453,18 +465,25 @@ class InstanceNet(InstanceWeighting):
         self.forward, self.train, self.batch_size = forward, train, batch_size
 
     def bounded_weights(self, a, batch):
-        if batch.values is None:
+        if getattr(batch, "values", None) is None:
             with torch.no_grad():
                 values, mask = self.forward(batch.records)                      # (B, S) at the current phi
-            batch = replace(batch, values=values.float(), mask=mask)
+            batch = ValuedBatch(**vars(batch), values=values.float(), mask=mask)
         return bounded(instance_net(a, batch.values, batch.p, batch.mask & batch.p_mask), self.w_max)
 
     def of_all(self):
         """One no-grad pass over the training CoTs, the weights normalised over all of them."""
         w = torch.cat([self.bounded_weights(detached(self.a),
-                                            label_batch(self.train[i:i + self.batch_size], None, self.keys.device))
+                                            train_batch(self.train[i:i + self.batch_size], None, self.keys.device))
                        for i in range(0, len(self.train), self.batch_size)])                 # (N,)
         return w / w.mean()
+
+
+@dataclass
+class ValuedBatch(TrainBatch):
+    """A TrainBatch with its step values at the current phi: what the Instance Net reads."""
+    values: torch.Tensor = None     # (B, S) step values, detached
+    mask: torch.Tensor = None       # (B, S) their mask
 
 
 class DomainInstance(InstanceWeighting):
@@ -491,8 +510,8 @@ KINDS = {"domain": DomainWeighting, "fixed": FixedWeighting, "instance-table": I
 def instance_batch(train, keys, size, seed, it, device):
     """A fresh sample of training CoTs for an instance-mode upper step: their weights move, not only
     those of the latest lower batch."""
-    idx = sample(len(train), size, seed, "instance", it)
-    return label_batch([train[i] for i in idx], keys[idx], device)
+    idx = draw(len(train), None, size, seed, "instance", it)
+    return train_batch([train[i] for i in idx], keys[idx], device)
 
 
 def save_instance_weights(run_dir, w, train):
@@ -669,7 +688,7 @@ def drop_long(model, records, what):
     """Records whose encoded CoT fits the PRM's max_length; a longer one is skipped and counted,
     never cut in the middle of a step. Returns (records, number skipped)."""
     kept = [r for r in prm.progress(records, desc=f"lengths ({what})", leave=False)
-            if model.fits(encode(model, r))]
+            if model.fits(model.encode(r, cache=True))]
     if len(kept) < len(records):
         print(f"{len(records) - len(kept)} {what} CoTs longer than {model.max_length} tokens: skipped")
     if not kept:
@@ -698,34 +717,10 @@ def final_answer_rule(args, train):
     return "drop" if any(r.get("_format") == "dreamprm" for r in train) else "last-step"
 
 
-def encode(model, rec):
-    """Encoded CoT; kept on the record when it has no image (image CoTs share an LRU image cache,
-    so memory stays bounded on large image sets)."""
-    if "_enc" in rec:
-        return rec["_enc"]
-    e = model.encode(rec)
-    if rec.get("_image") is None:
-        rec["_enc"] = e
-    return e
-
-
 def meta_targets(records, S, device, dtype=torch.float32):
     """For the w/o-AFL ablation: meta MC labels where present, else the last step against r."""
     return label_tensors([r if r.get("mc") else dict(r, mc=[None] * (len(r["steps"]) - 1) + [float(r["correct"])])
                           for r in records], S, device, dtype)
-
-
-def label_batch(records, keys, device):
-    """A TrainBatch of records without a forward pass: what the hypergradient re-evaluates."""
-    S = max(len(r["steps"]) for r in records)
-    p, p_mask = label_tensors(records, S, device)
-    return TrainBatch(records, keys, p, p_mask, n=p_mask.sum(-1).float())
-
-
-def sample(n, k, seed, *key):
-    """k indices in [0, n), a pure function of (seed, key): a resumed run draws the same batches."""
-    g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + key).encode()))
-    return torch.randint(n, (k,), generator=g).tolist()
 
 
 # ==============================================================================================
@@ -1115,25 +1110,25 @@ def setup_model(args, train, meta, held_out, domains, device):
 @dataclass
 class Run:
     """What a run sets up before its loop: the data, the PRM, the seams the method calls (forward,
-    weighting, lower step, lr schedule, batch draws), the optimizers, the progress bar (over the
-    iterations left) and the logging state."""
+    weighting, the upper level), the optimizers, the progress bar (over the iterations left) and
+    the logging state."""
     args: object
+    device: object
     model: object
     phi: list
     train: list
     meta: list
+    train_groups: list       # the training CoTs' indices by question (--group-by-question), else None
+    meta_groups: list        # the same for the meta CoTs
     domains: list
     held_out: list
     autocast: object
     forward: object          # forward(records) -> (B, S) values, (B, S) mask
     weighting: Weighting
-    lower_step: object       # lower_step, or accumulated_lower_step (--grad-accum)
     upper: Upper
     opt_phi: object
     opt_a: object
-    schedule: object         # schedule(t) -> xi at lower step t
-    draw_train: object       # draw_train(it, u) -> the indices of a lower batch
-    draw_meta: object        # draw_meta(it) -> the indices of a meta batch
+    clip: float              # the lower gradient's largest norm (--grad-clip; inf: none)
     bar: object
     history: list
     n_long: tuple
@@ -1154,20 +1149,18 @@ def setup_run(args, run_lock):
     model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains, device)
     phi = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    fwd = partial(forward, model, autocast=autocast, shared=args.group_by_question)
-    weighting = make_weighting(args, train, domains, device, fwd)
+    forward = (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
+    weighting = make_weighting(args, train, domains, device, forward)
     opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, args.compact_states, args.seed)
     opt_a = upper_optimizer(weighting.a, args.meta_lr, args.meta_weight_decay)
-    train_q, meta_q = question_groups(train, args.group_by_question), question_groups(meta, args.group_by_question)
+    upper = Upper(forward, phi, weighting, opt_a, args.fd_radius, cpu_copy if args.offload_restore else device_copy,
+                  make_meta_loss(args))
     start, history = resume_or_start(args.out, start, model, weighting.a, opt_phi, opt_a, domains)
-    return Run(args=args, model=model, phi=phi, train=train, meta=meta, domains=domains, held_out=held_out,
-               autocast=autocast, forward=fwd, weighting=weighting,
-               lower_step=lower_step if args.grad_accum == 1 else partial(accumulated_lower_step, accum=args.grad_accum),
-               upper=Upper(args.upper_loss, not args.no_aggregation, args.fd_radius, args.offload_restore),
-               opt_phi=opt_phi, opt_a=opt_a, schedule=lr_schedule(args),
-               draw_train=partial(draw, len(train), train_q, args.train_batch, args.seed, "train"),
-               draw_meta=partial(draw, len(meta), meta_q, args.meta_batch, args.seed, "meta"),
-               bar=prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel"),
+    return Run(args=args, device=device, model=model, phi=phi, train=train, meta=meta,
+               train_groups=question_groups(train, args.group_by_question),
+               meta_groups=question_groups(meta, args.group_by_question), domains=domains, held_out=held_out,
+               autocast=autocast, forward=forward, weighting=weighting, upper=upper, opt_phi=opt_phi, opt_a=opt_a,
+               clip=args.grad_clip or math.inf, bar=prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel"),
                history=history, n_long=n_long, run_lock=run_lock, sums=new_sums(), done=start)
 
 
@@ -1264,11 +1257,11 @@ def evaluate_held_out(model, records, autocast, batch_size):
     """On the held-out split: the step AUC (steps labelled >= 0.5 against those below, by V), the step
     accuracy at 0.5 (V >= 0.5 where the label is >= 0.5), and best of N (each question's pick by A,
     ties as a uniform choice; questions whose CoTs all carry `correct`). CoTs over max_length are left out."""
-    records = [r for r in records if model.fits(encode(model, r))]
+    records = [r for r in records if model.fits(model.encode(r, cache=True))]
     pairs, scores = [], []
     with torch.no_grad():
         for i in range(0, len(records), batch_size):
-            values, mask = forward(model, records[i:i + batch_size], autocast, shared=False)   # (b, S)
+            values, mask = PackedForward(model, autocast)(records[i:i + batch_size])      # (b, S)
             values = values.float()
             scores += prm.aggregate(values, mask, "mean_logit").tolist()
             for r, v, m in zip(records[i:i + batch_size], values, mask):
@@ -1381,7 +1374,7 @@ def saturation_note(model, records, autocast, lr, batch):
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]
         with torch.no_grad():
-            values, mask = forward(model, chunk, autocast, shared=False)      # (b, S)
+            values, mask = PackedForward(model, autocast)(chunk)               # (b, S)
         p, p_mask = label_tensors(chunk, values.shape[1], values.device)
         V.append(values.float()[mask & p_mask])
         P.append(p[mask & p_mask])
@@ -1487,7 +1480,7 @@ def plot_weights(history, names, path):
 
 
 # ==============================================================================================
-# Appendix E. Optimizer options: the raw weights' Adam, accumulation, the lr schedule, memory
+# Appendix E. The upper loss's ablations, the restore copy, the optimizers, memory
 # ==============================================================================================
 
 def upper_optimizer(a, lr, weight_decay):
@@ -1495,49 +1488,38 @@ def upper_optimizer(a, lr, weight_decay):
     return torch.optim.Adam(a, lr=lr, weight_decay=weight_decay)
 
 
-def accumulated_lower_step(forward, opt_phi, weighting, records, keys, clip, accum):
-    """lower_step in `accum` micro-batches (--grad-accum), one forward and backward each, gradients
-    summed before one optimizer step: the same step as one batch, with a fraction of its activation
-    memory. Each micro-batch's loss is divided by the whole batch's labelled steps, and the weights
-    are the whole batch's (the Instance Net's need every value first: not with accumulation)."""
-    p, p_mask = label_tensors(records, max(len(r["steps"]) for r in records), keys.device)      # (B, S)
-    n = p_mask.sum(-1).float()                                                                   # (B,)
-    batch = TrainBatch(records, keys, p, p_mask, n=n)                    # the losses filled in below
-    alpha_b = weighting.weights(detached(weighting.a), batch)                                   # (B,)
-    opt_phi.zero_grad(set_to_none=True)
-    L_tr, ls = 0.0, []
-    for chunk in torch.arange(len(records)).chunk(accum):
-        values, mask = forward([records[i] for i in chunk.tolist()])                            # (b, S_k)
-        S = values.shape[1]
-        l, _ = step_losses(values.float(), mask, p[chunk, :S], p_mask[chunk, :S])
-        loss = (alpha_b[chunk] * l).sum() / n.sum().clamp(min=1)
-        if not torch.isfinite(loss):
-            raise Diverged(f"the lower loss L_tr is {loss.item()} (in a micro-batch)", "lower")
-        loss.backward()
-        L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
-    optimizer_step(opt_phi, clip)
-    batch.L_tr, batch.l = L_tr, torch.cat(ls)
-    return batch
+def make_meta_loss(args):
+    """The upper loss, chosen once: section 2's meta_loss (MSE of A against r, as published), or an
+    ablation: --upper-loss bce, --no-aggregation (w/o the aggregation function)."""
+    if args.no_aggregation:
+        return step_meta_loss
+    return bce_meta_loss if args.upper_loss == "bce" else meta_loss
 
 
-def lr_factor(t, total, schedule, warmup, lr_step, lr_gamma):
-    """The lower lr at lower step t (0-based, of `total`) as a fraction of --lr: a linear rise over the
-    first warmup * total steps, then constant, cosine (to 0 at the last step) or step (x lr_gamma
-    every lr_step steps). A pure function of t, so a resumed run follows the same schedule."""
-    w = int(warmup * total)
-    if t < w:
-        return (t + 1) / w
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (t - w) / max(1, total - w)))
-    if schedule == "step":
-        return lr_gamma ** (t // lr_step)
-    return 1.0
+def bce_meta_loss(values, mask, records):
+    """--upper-loss bce: L_meta = mean_m BCE(A(V_m1..n), r_m)."""
+    r = torch.tensor([float(x["correct"]) for x in records], device=values.device)    # (M,)
+    A = prm.aggregate(values, mask, "mean_logit")                                    # (M,)
+    return F.binary_cross_entropy(A.clamp(prm.V_CLAMP, 1 - prm.V_CLAMP), r)
 
 
-def lr_schedule(args):
-    """xi at lower step t: --lr times the schedule's factor (lr_factor), a function of t alone."""
-    return lambda t: args.lr * lr_factor(t, args.iterations * args.unroll_steps, args.lr_schedule, args.warmup,
-                                         args.lr_step, args.lr_gamma)
+def step_meta_loss(values, mask, records):
+    """--no-aggregation (the w/o-AFL ablation): a step-level MSE against the meta CoTs' MC labels
+    where they have them, else the last step against r."""
+    p, p_mask = meta_targets(records, values.shape[1], values.device)               # (M, S)
+    l, n = step_losses(values, mask, p, p_mask)
+    return (l / n.clamp(min=1)).mean()
+
+
+def device_copy(phi):
+    """The hypergradient's restore copy of phi, beside it."""
+    return [p.detach().clone() for p in phi]
+
+
+def cpu_copy(phi):
+    """--offload-restore: the restore copy in CPU memory, pinned on CUDA: 4 bytes per parameter less
+    GPU memory, the same bits restored."""
+    return [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True) for p in phi]
 
 
 def freeze_vision(model):
@@ -1634,17 +1616,21 @@ def enable_checkpointing(model):
 # Appendix F. Shared-prefix training (--group-by-question): a question's image and text encoded once, batches by question
 # ==============================================================================================
 
-def shared_prefix_forward(model, records, encoded):
-    """Step values of a batch whose CoTs share prompts: the CoTs of each prompt (image and question)
-    run as one prm.shared_prefix_values call, the prompt encoded once with gradients, the
-    continuations attending to its cache, so the backward pass gives the prompt the sum of its
-    CoTs' gradients. (B, S) values and mask in the batch's order, equal to prm.step_values."""
-    rows = [None] * len(encoded)
-    for members in question_groups(records, True):   # one prompt: the question's text and its image
-        values, mask = prm.shared_prefix_values(model, [encoded[b] for b in members])    # (n, S_g)
-        for j, b in enumerate(members):
-            rows[b] = values[j][mask[j]]
-    return prm.pad_rows(rows, 0.0, dtype=rows[0].dtype, device=model.device)             # (B, S), (B, S)
+class SharedPrefixForward(PackedForward):
+    """--group-by-question: step values of a batch whose CoTs share prompts. The CoTs of each prompt
+    (image and question) run as one prm.shared_prefix_values call, the prompt encoded once with
+    gradients, the continuations attending to its cache, so the backward pass gives the prompt the
+    sum of its CoTs' gradients. (B, S) values and mask in the batch's order, equal to PackedForward's."""
+
+    def __call__(self, records):
+        encoded = [self.model.encode(r, cache=True) for r in records]
+        rows = [None] * len(encoded)
+        with self.autocast:
+            for members in question_groups(records, True):   # one prompt: the question's text and its image
+                values, mask = prm.shared_prefix_values(self.model, [encoded[b] for b in members])    # (n, S_g)
+                for j, b in enumerate(members):
+                    rows[b] = values[j][mask[j]]
+        return prm.pad_rows(rows, 0.0, dtype=rows[0].dtype, device=self.model.device)             # (B, S), (B, S)
 
 
 def prompt_key(r):
@@ -1661,20 +1647,6 @@ def question_groups(records, grouped):
     for i, r in enumerate(records):
         groups.setdefault(prompt_key(r), []).append(i)
     return list(groups.values())
-
-
-def draw(n, groups, k, seed, *key):
-    """k record indices for a batch, a pure function of (seed, key). Plain (groups None): k CoTs drawn
-    uniformly with replacement. By question: questions drawn uniformly, each bringing all its CoTs,
-    until k CoTs (the last question cut short). A CoT is then drawn with probability proportional to
-    1 / (its question's CoTs): uniform when questions have equally many, and the CoTs of a batch come
-    from k / N questions instead of about k, so a batch sees fewer questions (more correlated)."""
-    if groups is None:
-        return sample(n, k, seed, *key)
-    out, g = [], torch.Generator().manual_seed(zlib.crc32(repr((seed, "questions") + key).encode()))
-    while len(out) < k:
-        out += groups[int(torch.randint(len(groups), (1,), generator=g))][:k - len(out)]
-    return out
 
 
 # ==============================================================================================

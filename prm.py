@@ -393,6 +393,7 @@ class PRM(nn.Module):
             self.head.bias.zero_()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_cache = {}
+        self.encodings = object()            # marks the encodings records keep for this PRM (encode(cache=True))
         # How records become inputs; saved in prm.json so that scoring reads CoTs as training did.
         self.final_answer = "last-step"          # FINAL_RULES
         self.max_side = self.family.max_side if self.family else None    # the family's default (Family)
@@ -400,18 +401,26 @@ class PRM(nn.Module):
         self.max_length = backbone.config.get_text_config().max_position_embeddings   # longer CoTs are skipped
         self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
-    def encode(self, record, image_root=None):
+    def encode(self, record, image_root=None, cache=False):
         """Encode a record as a line of a CoTs file holds it: 'question' (and 'choices'), 'steps',
         'final', 'image' (a path, relative to image_root, default the current folder, or null), or
         as the readers return it ('_image' and '_question' already resolved). An image that cannot
         be used is a DataError, never a silent text-only score. The final answer line joins the
-        last step or is left out, by this PRM's `final_answer` rule."""
+        last step or is left out, by this PRM's `final_answer` rule. cache (training, which reads a
+        record many times): a text-only record keeps its encoding for this PRM and rule in
+        record["_enc"]; image records share the PRM's bounded image cache instead."""
+        kept = record.get("_enc") if cache else None
+        if kept and kept[0] is self.encodings and kept[1] == self.final_answer:
+            return kept[2]
         image = record["_image"] if "_image" in record else record_image(record.get("image"), image_root)
         final = (record.get("final") or "") if self.final_answer == "last-step" else ""
-        return encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
-                          record["steps"], final, image, self.image_processor, self.image_cache,
-                          dict(max_side=self.max_side, min_pixels=self.min_pixels, max_pixels=self.max_pixels),
-                          self.family)
+        e = encode_cot(self.tokenizer, record["_question"] if "_question" in record else question_text(record),
+                       record["steps"], final, image, self.image_processor, self.image_cache,
+                       dict(max_side=self.max_side, min_pixels=self.min_pixels, max_pixels=self.max_pixels),
+                       self.family)
+        if cache and image is None:
+            record["_enc"] = (self.encodings, self.final_answer, e)
+        return e
 
     def fits(self, encoded):
         """Whether an encoded CoT fits max_length; longer ones are skipped and counted, never cut."""

@@ -30,6 +30,7 @@ update is rounded away. Needs only torch and transformers; no weights are downlo
 """
 import argparse
 import gc
+import math
 import os
 import sys
 import tempfile
@@ -316,13 +317,19 @@ def memory_budget():
     return table
 
 
-def image_records(cots, batch):
+def kept(model, c):
+    """A record's kept encoding (prm.PRM.encode with cache=True returns it): the bench's records are
+    made of encoded image CoTs."""
+    return (model.encodings, model.final_answer, c)
+
+
+def image_records(model, cots, batch):
     """batch training CoTs (three domains, MC labels) and batch meta CoTs (correct or not) made of
     encoded CoTs, for outer iterations on image data."""
     g = torch.Generator().manual_seed(0)
-    train = [{"domain": ["clean", "noisy", "random"][b % 3], "_enc": c, "_image": None, "_question": "q",
+    train = [{"domain": ["clean", "noisy", "random"][b % 3], "_enc": kept(model, c), "_image": None, "_question": "q",
               "mc": torch.rand(len(c.step_ends), generator=g).round().tolist()} for b, c in enumerate(cots[:batch])]
-    meta = [{"domain": "meta", "_enc": c, "_image": None, "_question": "q", "correct": b % 2 == 0}
+    meta = [{"domain": "meta", "_enc": kept(model, c), "_image": None, "_question": "q", "correct": b % 2 == 0}
             for b, c in enumerate(cots[batch:2 * batch])]
     return train, meta
 
@@ -331,12 +338,14 @@ def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, 
     """U lower steps on the training batch, then (bilevel) the upper step on the meta batch
     (shared: the shared-prefix forward, the batch's CoTs being of one question)."""
     keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in train], device=a[0].device)
-    fwd, w = partial(bt.forward, model, autocast=autocast, shared=shared), bt.DomainWeighting(a, keys)
+    fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, autocast)
+    w = bt.DomainWeighting(a, keys)
     for _ in range(U):
-        last = bt.lower_step(fwd, opt_phi, w, train, keys, 0.0)
+        last = bt.lower_step(fwd, opt_phi, w, bt.train_batch(train, keys, a[0].device), 1, math.inf)
     if bilevel:
-        bt.upper_step(fwd, [p for p in model.parameters() if p.requires_grad], w, opt_a, last, meta, 1e-4,
-                      bt.Upper("mse", True, 0.01, offload))
+        upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], w, opt_a, 0.01,
+                         bt.cpu_copy if offload else bt.device_copy, bt.meta_loss)
+        bt.upper_step(upper, last, meta, 1e-4)
 
 
 def question_records(model, questions, n, args, step_words, image_size, question_words):
@@ -346,7 +355,7 @@ def question_records(model, questions, n, args, step_words, image_size, question
     records = []
     for q in range(questions):
         for b, c in enumerate(make_cots(model, n, args.steps, step_words, image_size, question_words + q)):
-            records.append({"domain": ["clean", "noisy", "random"][q % 3], "_enc": c, "_image": None,
+            records.append({"domain": ["clean", "noisy", "random"][q % 3], "_enc": kept(model, c), "_image": None,
                             "_question": f"q{q}", "correct": b % 2 == 0,
                             "mc": torch.rand(len(c.step_ends), generator=g).round().tolist()})
     return records
@@ -365,19 +374,19 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
         records = question_records(model, 8 // n, n, args, step_words, image_size, question_words)
         meta = question_records(model, 8 // n, n, args, step_words, image_size, question_words + 50)
         keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records], device=device)
-        tokens = sum(len(r["_enc"].input_ids) for r in records)
+        tokens = sum(len(r["_enc"][2].input_ids) for r in records)
 
         w = bt.DomainWeighting(a, keys)
 
         def step(shared):
-            return bt.lower_step(partial(bt.forward, model, autocast=autocast, shared=shared), opt, w, records, keys,
-                                  0.0)
+            fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, autocast)
+            return bt.lower_step(fwd, opt, w, bt.train_batch(records, keys, device), 1, math.inf)
 
         def outer(shared):
             for _ in range(args.U):
                 last = step(shared)
-            bt.upper_step(partial(bt.forward, model, autocast=autocast, shared=shared), phi, w, opt_a, last, meta, 1e-7,
-                          bt.Upper("mse", True, 0.01, False))
+            fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, autocast)
+            bt.upper_step(bt.Upper(fwd, phi, w, opt_a, 0.01, bt.device_copy, bt.meta_loss), last, meta, 1e-7)
         # packed and shared-prefix, a plain step and an outer iteration each, timed in turns
         t = interleaved([partial(step, False), partial(step, True), partial(outer, False), partial(outer, True)],
                         args.repeats, device)
@@ -387,7 +396,7 @@ def shared_training(model, args, device, autocast, step_words, image_size, quest
             print(f"    N={n} {name:14s} {len(records) / t:8.1f} CoTs/s {tokens / t:9.0f} tokens/s   "
                   f"outer iteration / U plain steps = {t_outer / (args.U * t):.2f}x"
                   + (f"   shared / packed = {times[False][0] / t:.2f}x CoTs/s" if shared else ""))
-    prompt = records[0]["_enc"].prompt_len
+    prompt = records[0]["_enc"][2].prompt_len
     print(f"    (prompt {prompt} tokens, CoT ~{(tokens - len(records) * prompt) // len(records)} tokens)")
     for p in model.parameters():
         p.grad = None
@@ -407,10 +416,10 @@ def memory_options(model, cots, args, device, autocast):
     """(3) For each memory option: the peak memory of bi-level outer iterations on image CoTs, the
     seconds per outer iteration against U plain lower steps. CUDA: torch.cuda.max_memory_allocated;
     CPU: the weights plus the profiler's peak of what the iterations allocate."""
-    train, meta = image_records(cots, args.batch)
+    train, meta = image_records(model, cots, args.batch)
     unit, scale = ("GiB", 2 ** 30) if args.size == "2b" else ("MiB", 2 ** 20)
     print(f"(3) bi-level outer iteration, U={args.U}, {args.batch} train and {args.batch} meta image CoTs "
-          f"({sum(len(r['_enc'].input_ids) for r in train) // args.batch} tokens each on average)")
+          f"({sum(len(r['_enc'][2].input_ids) for r in train) // args.batch} tokens each on average)")
     print(f"    {'option':40s} {'peak ' + unit:>9s} {'bi-level s':>11s} {'U plain s':>10s}  bi-level / plain")
     o = dict(fused=False, offload=False, checkpointing=False, shared=False, compact=False, freeze=False)
     for name, change in OPTIONS:

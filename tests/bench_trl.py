@@ -252,7 +252,7 @@ def train_project(w, turns):
     def end_of_iteration(run, done, batches, *a):
         # the iteration's lower steps (and upper step) are done; its logging falls in the next turn
         turns.end(sum(len(b.records) for b in batches),
-                  sum(len(r["_enc"].input_ids) for b in batches for r in b.records))
+                  sum(len(run.model.encode(r, cache=True).input_ids) for b in batches for r in b.records))
         return end(run, done, batches, *a)
     bt.setup_run, bt.end_of_iteration = setup_run, end_of_iteration
     bt.main(argv)
