@@ -77,9 +77,7 @@ def domain_weights(a):
 
 
 class Weighting:
-    """How the training CoTs are weighted, chosen once before the loop (make_weighting, Appendix A):
-    the method calls only weights() and upper_batch(). DreamPRM's is DomainWeighting below; the
-    variants (fixed weights, DreamPRM-1.5's instance weights) are its siblings in Appendix A.
+    """How the training CoTs are weighted (DreamPRM's: DomainWeighting; the variants: Appendix A).
     a: the raw weights, a list of tensors with requires_grad (the upper level's parameters);
     keys (N, ...): each training CoT's index into a (for DreamPRM, its domain)."""
     moves = True            # False: the weights stay fixed, no upper level
@@ -97,12 +95,10 @@ class Weighting:
         """The train batch the hypergradient goes through: the latest lower batch."""
         return latest
 
-    def of_all(self):
-        """(N,) the weight of every training CoT, for the logs."""
+    def of_all(self):                                   # for the logs: (N,) every training CoT's weight
         return self.weights(detached(self.a), SimpleNamespace(keys=self.keys))
 
-    def per_domain(self, w_all, train, domains):
-        """{domain: the mean weight of its CoTs in w_all}, for the logs."""
+    def per_domain(self, w_all, train, domains):        # for the logs: {domain: its CoTs' mean weight}
         of = domain_keys(train, domains, w_all.device)
         return {d: w_all[of == k].mean().item() for k, d in enumerate(domains)}
 
@@ -135,9 +131,8 @@ def detached(a):
 
 
 class PackedForward:
-    """The PRM as the method calls it: forward(records) -> (B, S) step values V_phi(x_b, yhat_bi)
-    and (B, S) mask, one packed forward for the batch (prm.step_values) under the run's autocast.
-    Chosen once before the loop; Appendix F's SharedPrefixForward (--group-by-question) is the other."""
+    """The PRM as the method calls it: forward(records) -> (B, S) values V_phi(x_b, yhat_bi) and (B, S)
+    mask, one packed forward (prm.step_values). Appendix F's SharedPrefixForward is the other."""
 
     def __init__(self, model, autocast):
         self.model, self.autocast = model, autocast
@@ -150,8 +145,7 @@ class PackedForward:
 
 @dataclass
 class TrainBatch:
-    """A lower batch: its CoTs and their MC labels; the lower step adds its losses, and the
-    hypergradient re-evaluates its per-CoT losses l_b."""
+    """A lower batch: CoTs and MC labels; the lower step adds its losses, the hypergradient re-evaluates l_b."""
     records: list
     keys: torch.Tensor              # (B, ...) index into a of each CoT (its domain)
     p: torch.Tensor                 # (B, S) MC labels p_bi
@@ -175,11 +169,8 @@ def label_tensors(records, S, device, dtype=torch.float32):
 
 
 def step_losses(values, mask, p, p_mask):
-    """Per-CoT lower losses l_b = sum_i (V_bi - p_bi)^2 over labelled steps, and n_b.
-
-    values (B, S), mask (B, S) from prm.step_values; p (B, S) MC labels; p_mask (B, S) labelled steps.
-    Returns l (B,) and n (B,).
-    """
+    """l_b = sum_i (V_bi - p_bi)^2 over labelled steps, and n_b: (B, S) values, mask, labels p and
+    labelled steps p_mask -> l (B,), n (B,)."""
     m = (mask & p_mask).to(values.dtype)
     return ((values - p) ** 2 * m).sum(-1), m.sum(-1)
 
@@ -195,11 +186,9 @@ def lower_loss(alpha_b, l, n_total):
 
 
 def lower_step(forward, opt_phi, weighting, batch, accum, clip):
-    """phi <- AdamW step on L_tr(phi, alpha), alpha fixed (a detached). The batch runs in `accum`
-    micro-batches (--grad-accum; one by default), their gradients summed before the one step, as
-    nanoGPT does: the same step with 1/accum of the activations. The gradient's norm is clipped to
-    `clip` (--grad-clip; inf leaves it as it is). A non-finite L_tr stops the run (Diverged) before
-    the step, so the last checkpoint stays good. Fills batch.l and batch.L_tr."""
+    """phi <- AdamW step on L_tr(phi, alpha), alpha fixed, in `accum` micro-batches (--grad-accum,
+    as nanoGPT: gradients summed, 1/accum of the activations), the gradient's norm clipped to `clip`
+    (inf: not at all). A non-finite L_tr stops the run (Diverged) before the step."""
     alpha_b = weighting.weights(detached(weighting.a), batch)                     # (B,)
     n_total = batch.n.sum().clamp(min=1)                                          # sum_b n_b
     L_tr, ls = 0.0, []
@@ -225,20 +214,17 @@ def lower_step(forward, opt_phi, weighting, batch, accum, clip):
 # ==============================================================================================
 
 def meta_loss(values, mask, records):
-    """L_meta = mean_m (A(V_m1..n) - r_m)^2 on whole meta CoTs, with A = prm.aggregate (mean_logit)
-    and r_m their correctness, as published. (M, S) values and mask. The ablations (BCE, the
-    step-level loss without A) are Appendix E's."""
+    """L_meta = mean_m (A(V_m1..n) - r_m)^2 on (M, S) values and mask of whole meta CoTs, A =
+    prm.aggregate (mean_logit), r_m their correctness, as published (ablations: Appendix E)."""
     r = torch.tensor([float(x["correct"]) for x in records], device=values.device)    # (M,)
     A = prm.aggregate(values, mask, "mean_logit")                                    # (M,)
     return ((A - r) ** 2).mean()
 
 
 class Upper:
-    """The upper level's constants, built once before the loop (as DARTS's Architect): the PRM's
-    forward and trainable tensors phi, the weighting and Adam on its raw weights a, the finite
-    difference's radius r, how phi's restore copy is kept (copy(phi): beside it, or in CPU memory
-    with --offload-restore) and the meta loss (meta_loss, or an ablation of Appendix E).
-    upper_step takes the data."""
+    """The upper level's constants, built once (as DARTS's Architect): the forward and phi, the
+    weighting and Adam on its a, the radius r, copy_phi(phi) (the restore copy: beside phi, or in
+    CPU memory) and the meta loss (meta_loss or an ablation). upper_step takes the data."""
 
     def __init__(self, forward, phi, weighting, opt_a, r, copy_phi, loss):
         self.forward, self.phi, self.weighting, self.opt_a = forward, phi, weighting, opt_a
@@ -246,19 +232,16 @@ class Upper:
 
 
 def batch_losses(forward, batch):
-    """Per-CoT lower losses l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
+    """l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
     values, mask = forward(batch.records)                                 # (B, S)
     return step_losses(at_least_fp32(values), mask, batch.p, batch.p_mask)[0]
 
 
 def hypergradient(upper, L_meta, batch, xi):
-    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps), with
-    v = grad_phi L_meta (L_meta: a tensor with its graph) and eps = r / ||v||. Because a enters L_tr
-    only through w_b(a), grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v) grad_a w_b: two forward
-    passes on `batch`, no backward through the network. phi is restored bit for bit, from a copy.
-    Returns g_a, a list like a."""
-    grads = torch.autograd.grad(L_meta, upper.phi, allow_unused=True)   # v = grad_phi L_meta(phi)
-    # Tensors the meta batch does not reach (e.g. the vision tower on text) have v = 0: skip them.
+    """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps), v = grad_phi L_meta,
+    eps = r / ||v||. a enters L_tr only through w_b(a), so grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v)
+    grad_a w_b: two forwards on `batch`, no backward through the network. phi is restored bit for bit."""
+    grads = torch.autograd.grad(L_meta, upper.phi, allow_unused=True)   # v; None: not reached, skipped
     phi, v = [p for p, g in zip(upper.phi, grads) if g is not None], [g.detach() for g in grads if g is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
         if v else 0.0                                           # ||v||_2, one device sync
@@ -280,8 +263,8 @@ def hypergradient(upper, L_meta, batch, xi):
 
 
 def upper_step(upper, batch, meta_records, xi):
-    """a <- Adam step on the finite-difference hypergradient g_a of L_meta on `meta_records`, through
-    L_tr on `batch`. Returns L_meta; a non-finite L_meta or g_a stops the run (Diverged) before the step."""
+    """a <- Adam step on g_a of L_meta (meta_records) through L_tr (batch). Returns L_meta; a non-finite
+    L_meta or g_a stops the run (Diverged) before the step."""
     values, mask = upper.forward(meta_records)                            # (M, S)
     L_meta = upper.meta_loss(at_least_fp32(values), mask, meta_records)   # with autograd
     g_a, L_meta = hypergradient(upper, L_meta, batch, xi), L_meta.item()
@@ -301,9 +284,8 @@ def upper_step(upper, batch, meta_records, xi):
 # ==============================================================================================
 
 def get_xi(t, args):
-    """xi, the lower lr at lower step t (0-based): --lr, constant by default; with --warmup a linear
-    rise over that fraction of the run first, then constant, cosine (to 0 at the last step) or step
-    (x --lr-gamma every --lr-step steps). A pure function of t, so a resumed run follows it."""
+    """xi at lower step t (0-based): --lr (the default), after a linear --warmup, or cosine (to 0 at the
+    last step) or step (x --lr-gamma every --lr-step); a pure function of t, so a resume follows it."""
     total = args.iterations * args.unroll_steps
     w = int(args.warmup * total)
     if t < w:
@@ -316,10 +298,9 @@ def get_xi(t, args):
 
 
 def draw(n, groups, k, seed, *key):
-    """k record indices for a batch, a pure function of (seed, key), so a resumed run draws the same
-    batches. Plain (groups None): k CoTs drawn uniformly with replacement. By question
-    (--group-by-question, groups: the indices of each question's CoTs): questions drawn uniformly,
-    each bringing all its CoTs, until k CoTs (the last question cut short)."""
+    """k record indices, a pure function of (seed, key) (a resumed run draws the same): k CoTs drawn
+    uniformly with replacement, or (groups: each question's CoTs, --group-by-question) questions drawn
+    uniformly, each bringing all its CoTs, until k (the last cut short)."""
     salt = key if groups is None else ("questions",) + key
     g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + salt).encode()))
     if groups is None:
@@ -1165,9 +1146,8 @@ def setup_run(args, run_lock):
 
 
 def end_of_iteration(run, done, batches, L_meta, seconds):
-    """After iteration `done`: its losses into the running sums; every --log-every iterations the
-    weights and a metrics row (log_weights), else DreamPRM's alpha on the bar; the held-out figures
-    every --eval-every; a checkpoint every --save-every (each also at the end)."""
+    """After iteration `done`: its losses summed; the weights and a metrics row every --log-every (else
+    alpha on the bar), held-out figures every --eval-every, a checkpoint every --save-every (and at the end)."""
     args, last = run.args, done == run.args.iterations
     run.done = done
     add_losses(run.sums, batches, L_meta)

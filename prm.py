@@ -402,13 +402,11 @@ class PRM(nn.Module):
         self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
     def encode(self, record, image_root=None, cache=False):
-        """Encode a record as a line of a CoTs file holds it: 'question' (and 'choices'), 'steps',
-        'final', 'image' (a path, relative to image_root, default the current folder, or null), or
-        as the readers return it ('_image' and '_question' already resolved). An image that cannot
-        be used is a DataError, never a silent text-only score. The final answer line joins the
-        last step or is left out, by this PRM's `final_answer` rule. cache (training, which reads a
-        record many times): a text-only record keeps its encoding for this PRM and rule in
-        record["_enc"]; image records share the PRM's bounded image cache instead."""
+        """Encode a record as a CoTs file line holds it ('question', 'choices', 'steps', 'final', 'image':
+        a path under image_root, or null) or as the readers return it ('_image', '_question'); an image
+        that cannot be used is a DataError. The final answer line joins the last step or is left out
+        (`final_answer`). cache (training reads a record many times): a text-only record keeps its
+        encoding for this PRM in record["_enc"]; image records share the bounded image cache."""
         kept = record.get("_enc") if cache else None
         if kept and kept[0] is self.encodings and kept[1] == self.final_answer:
             return kept[2]
