@@ -1659,6 +1659,8 @@ def diverged_message(args, done, e):
 
 def main(argv=None):
     """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
+    prm.one_process("bilevel_train.py", "training on more than one GPU is not built yet; run python "
+                    "bilevel_train.py (one GPU; README, Memory, for what fits)")
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
         bilevel(args)
     return 0

@@ -642,6 +642,8 @@ def main(argv=None):
     for options in (Sampling, Policy):
         prm.add_options(ap, options)
     args = ap.parse_args(argv)
+    prm.one_process("gen_cots.py", "for more GPUs, serve the policy with a serving engine (vLLM, SGLang: one server "
+                    "over many GPUs) and sample with --policy openai, many requests in flight (--concurrency)")
     if not args.toy and not args.questions:
         raise prm.DataError("give --questions FILE, or --toy to build and sample the toy world", field="--questions")
     if args.toy:

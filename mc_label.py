@@ -111,6 +111,8 @@ def main(argv=None):
     for options in (Labelling, prm.InputFormat, gen_cots.Policy):
         prm.add_options(ap, options)
     args = ap.parse_args(argv)
+    prm.one_process("mc_label.py", "for more GPUs, serve the policy with a serving engine (vLLM, SGLang: one server "
+                    "over many GPUs) and label with --policy openai, many rollouts in flight (--concurrency)")
     if args.min_rollouts >= args.rollouts:
         ap.error(f"argument --min-rollouts: {args.min_rollouts} must be below --rollouts {args.rollouts} (or 0: off)")
     if args.cots is None:

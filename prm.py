@@ -2322,7 +2322,8 @@ def run_cli(main, argv=None, resume_hint="rerun the same command to resume"):
     try:
         return main(argv) or 0
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if processes()[0] == 0:              # under torchrun every process meets the same bad input: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: what was written is kept; {resume_hint}", file=sys.stderr)
@@ -2384,6 +2385,35 @@ class naming:
             code = write_limit(exc)
             raise OSError(code, os.strerror(code), self.path) from None
         return False
+
+
+def processes():
+    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE, (0, 1) in a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def one_process(script, instead):
+    """Stop in one line when a script that runs as one process is started by torchrun with more
+    than one: each process would write the whole output."""
+    rank, world = processes()
+    if world > 1:
+        raise DataError(f"{script} runs as one process, not {world} under torchrun (each would write the whole "
+                        f"output): {instead}")
+
+
+def join_processes():
+    """Under torchrun (world size > 1): join this process to the run's gloo group, for barriers
+    (gloo works beside any device). Returns (rank, world size)."""
+    rank, world = processes()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return rank, world
+
+
+def barrier():
+    """Wait for every process of a torchrun run (nothing in a plain run)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def pick_device(name):

@@ -32,6 +32,7 @@ Real data:
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -327,20 +328,24 @@ def plot_curve(curve, path):
                   y_title="accuracy")
 
 
-def score_with(name, path, questions, load, args, device, cots_digest):
-    """Score every question with one PRM into a part file, one line per question, resumable: a
-    rerun continues after the last complete line. Returns (part file, aggregation used)."""
+def score_with(name, path, questions, load, args, device, cots_digest, rank=0, world=1):
+    """Score the questions with one PRM into a part file, one line per question, resumable: a rerun
+    continues after the last complete line. Under torchrun, process `rank` of `world` scores
+    questions rank, rank + world, ... into a part file of its own. Returns (part file, aggregation used)."""
     model = prm.PRM.from_pretrained(path, device=device).eval()
     how = args.aggregate or model.aggregation
     # The part file is named by everything its lines depend on, contents included (the test file's
     # bytes, the PRM's weights and settings), so a changed input or a retrained PRM starts afresh.
     tag = json.dumps([cots_digest, prm.file_digest(prm.prm_directory(path)), how, args.no_shared_prefix,
                       args.batch_size, args.format, args.domain, args.image_root, args.correct_from])
-    part = os.path.join(args.out, f".scores-{name}-{hashlib.sha1(tag.encode()).hexdigest()[:12]}.jsonl")
+    share = "" if world == 1 else f"-{rank}of{world}"
+    part = os.path.join(args.out, f".scores-{name}-{hashlib.sha1(tag.encode()).hexdigest()[:12]}{share}.jsonl")
     done = len(list(prm.iter_jsonl(part, drop_torn_tail=True))) if os.path.isfile(part) else 0
     prm.drop_torn_tail(part)
+    mine = range(rank + done * world, len(questions), world)
     with open(part, "a", encoding="utf-8") as f:
-        for q in prm.progress(range(done, len(questions)), initial=done, total=len(questions), desc=f"score {name}"):
+        for q in prm.progress(mine, initial=done, total=len(range(rank, len(questions), world)), desc=f"score {name}") \
+                if rank == 0 else mine:
             scores, values = score_question(model, load(questions[q][1]), how, args.batch_size,
                                             not args.no_shared_prefix)
             prm.append_jsonl(f, {"q": q, "scores": scores, "values": values})
@@ -349,17 +354,18 @@ def score_with(name, path, questions, load, args, device, cots_digest):
 
 
 def write_outputs(questions, load, parts, names, args):
-    """Merge the PRMs' part files, question by question, into scores.jsonl and picks.jsonl; collect
-    what the evaluation needs (questions whose CoTs all have `correct`) and the step report's sums."""
+    """Merge the PRMs' part files (each PRM's: one, or one per torchrun process, which scored every
+    world-th question), question by question, into scores.jsonl and picks.jsonl; collect what the
+    evaluation needs (questions whose CoTs all have `correct`) and the step report's sums."""
     labelled, scores_by_prm = [], {n: [] for n in names}
     step_counts, judged = {n: Counter() for n in names}, {n: {} for n in names}
     unlabelled = long_cots = 0
-    files = [open(p, encoding="utf-8") for p in parts]
+    files = [[open(p, encoding="utf-8") for p in shares] for shares in parts]
     scores_tmp, picks_tmp = (os.path.join(args.out, f"{n}.jsonl.tmp") for n in ("scores", "picks"))
     with open(scores_tmp, "w", encoding="utf-8") as fs, open(picks_tmp, "w", encoding="utf-8") as fp:
         for q, ((domain, qid), entries) in enumerate(questions):
             records = load(entries)
-            rows = [json.loads(f.readline()) for f in files]            # this question's line from each PRM
+            rows = [json.loads(f[q % len(f)].readline()) for f in files]    # this question's line from each PRM
             for i, r in enumerate(records):
                 fs.write(json.dumps({"id": r["id"], "sample": r["sample"], "domain": r["domain"],
                                      "prms": {n: {"score": row["scores"][i], "steps": row["values"][i]}
@@ -381,11 +387,11 @@ def write_outputs(questions, load, parts, names, args):
                     scores_by_prm[n].append(row["scores"])
             else:
                 unlabelled += 1
-    for f in files:
+    for f in (f for shares in files for f in shares):
         f.close()
     os.replace(scores_tmp, os.path.join(args.out, "scores.jsonl"))
     os.replace(picks_tmp, os.path.join(args.out, "picks.jsonl"))
-    for p in parts:
+    for p in (p for shares in parts for p in shares):
         os.remove(p)
     return labelled, scores_by_prm, step_counts, judged, unlabelled, long_cots
 
@@ -424,7 +430,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, world = prm.join_processes()          # torchrun: each process scores every world-th question
     device = prm.pick_device(args.device)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if args.prm is None and args.cots != TOY_TEST:
         raise prm.DataError("give the PRMs to compare (--prm DIR ...); the default PRMs are the toy demo's, for its "
                             "test set only", field="--prm")
@@ -438,7 +447,7 @@ def main(argv=None):
         raise prm.DataError(f"{len(prms)} PRMs need as many distinct names, got {names}", field="--names")
     prm.check_writable(args.out)                                # before any scoring, not after
     questions, skips, load = prm.index_questions(args.cots, "test", **prm.reading(args))
-    if skips:
+    if skips and rank == 0:
         print(f"{args.cots}: {prm.skip_report(skips, [qid for (_, qid), _ in questions])}")
     if not questions:
         raise prm.DataError("no CoTs with steps", file=args.cots)
@@ -447,10 +456,15 @@ def main(argv=None):
         raise prm.DataError(f"--step-threshold {args.step_threshold}: no CoT of subset {subset!r} in the file (subsets: "
                             f"{', '.join(sorted({d for (d, _), _ in questions}))})", file=args.cots)
     parts, aggregations, cots_digest = [], {}, prm.file_digest(args.cots)
-    with prm.output_lock(os.path.join(args.out, "scores.jsonl")):          # one rerank.py per --out
+    # One rerank.py per --out: under torchrun process 0 holds the lock, and merges once all have scored.
+    with prm.output_lock(os.path.join(args.out, "scores.jsonl")) if rank == 0 else contextlib.nullcontext():
+        prm.barrier()
         for name, path in zip(names, prms):
-            part, aggregations[name] = score_with(name, path, questions, load, args, device, cots_digest)
-            parts.append(part)
+            part, aggregations[name] = score_with(name, path, questions, load, args, device, cots_digest, rank, world)
+            parts.append([part.replace(f"-{rank}of{world}.", f"-{k}of{world}.") for k in range(world)])
+        prm.barrier()                            # every process's part files are whole
+        if rank > 0:
+            return 0
         labelled, scores_by_prm, step_counts, judged, unlabelled, long_cots = write_outputs(questions, load, parts,
                                                                                             names, args)
     if long_cots:

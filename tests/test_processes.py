@@ -1,0 +1,88 @@
+"""More than one process (torchrun): rerank.py splits its questions across processes and process 0
+writes the same outputs as one process; the stages that run as one process refuse torchrun in one
+line, said once."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bilevel_train as bt
+import gen_cots
+import mc_label
+import prm
+import rerank
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, processes, tmp_path):
+    """A script run as one process, or under torchrun with `processes` (one thread each, as torchrun
+    sets them); returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return subprocess.run(launch + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, backbone_dir):
+    """A toy test set (with images, correctness and MC labels) scored by one process and by two."""
+    import gen_cots as g
+    tmp = tmp_path_factory.mktemp("processes")
+    saved = dict(g.TOY_SETS)
+    g.TOY_SETS.update(train={d: 2 for d in g.TOY_DOMAINS}, meta=2, test=7)
+    try:
+        assert g.main(["--toy", "--toy-dir", str(tmp / "toy"), "--n", "4"]) == 0
+    finally:
+        g.TOY_SETS.clear()
+        g.TOY_SETS.update(saved)
+    prm.PRM.from_backbone(backbone_dir).save_pretrained(str(tmp / "prm"))
+    cots = str(tmp / "toy" / "test_cots.jsonl")
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp / f"out{n}"
+        done = run(["rerank.py", "--cots", cots, "--prm", str(tmp / "prm"), "--names", "p", "--out", str(outs[n])],
+                   n, tmp)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return outs
+
+
+def test_two_processes_write_what_one_writes(scored):
+    """(e) torchrun rerank.py on 2 processes: scores.jsonl, picks.jsonl and results.md byte for byte
+    those of one process, and no part file left behind."""
+    for name in ("scores.jsonl", "picks.jsonl", "results.md"):
+        one, two = (scored[n] / name for n in (1, 2))
+        assert one.read_bytes() == two.read_bytes(), name
+    assert len((scored[1] / "scores.jsonl").read_text().splitlines()) == 28              # 7 questions x 4 CoTs
+    assert sorted(os.listdir(scored[2])) == sorted(os.listdir(scored[1]))
+
+
+def test_a_bad_file_under_torchrun_is_one_line_from_process_0(tmp_path, backbone_dir):
+    """(f) A bad input line under torchrun: one error line in all (process 0's), exit code 2 from each
+    process, nothing written."""
+    bad = tmp_path / "cots.jsonl"
+    bad.write_text(json.dumps({"id": "q", "domain": "t", "question": "Q?", "answer": "1", "sample": 0, "image": None,
+                               "steps": ["Step 1: a"], "final": "1", "correct": True}) + "\n{not json\n")
+    prm.PRM.from_backbone(backbone_dir).save_pretrained(str(tmp_path / "prm"))
+    done = run(["rerank.py", "--cots", str(bad), "--prm", str(tmp_path / "prm"), "--out", str(tmp_path / "out")],
+               2, tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1 and f"{bad}:2" in errors[0], done.stderr[-3000:]
+    assert "exitcode: 2" in done.stderr or "exitcode  : 2" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "scores.jsonl").exists()
+
+
+@pytest.mark.parametrize("main,argv", [(gen_cots.main, ["--toy"]), (mc_label.main, []), (bt.main, [])])
+def test_one_process_stages_refuse_torchrun_once(main, argv, monkeypatch, capsys, tmp_path):
+    """gen_cots.py, mc_label.py (their scale-out is a serving engine) and bilevel_train.py (one GPU
+    for now) under torchrun: exit 2 and one line, printed by process 0 only; nothing written."""
+    monkeypatch.chdir(tmp_path)
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        assert prm.run_cli(main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (len(err) == 1 and "runs as one process, not 2 under torchrun" in err[0]) if rank == 0 else not err
+    assert os.listdir(tmp_path) == []
