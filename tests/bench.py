@@ -55,6 +55,15 @@ QWEN2VL_2B = dict(
                 spatial_merge_size=2, temporal_patch_size=2),
 )
 
+# Qwen2.5-VL-7B-Instruct's published architecture (8.3 B parameters), for the plan on 8 GPUs.
+QWEN25VL_7B = dict(
+    text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+              rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+)
+
 
 # The locally built backbones: tiny (the tests' own; overheads dominate its times) and small (9.8 M
 # parameters, where a CPU's time goes to the arithmetic, as at 2B on a GPU).
@@ -317,6 +326,41 @@ def memory_budget():
     return table
 
 
+def sharded_plan():
+    """(0b) The per-GPU memory plan of a bi-level run sharded with FSDP2 over N GPUs (a plan: the
+    project trains on one GPU for now), by the same method as (0): the real modules on the meta
+    device, fused AdamW, gradients freed before the hypergradient. Sharded (1/N each), at the larger
+    of the two peaks: the lower step's fp32 master weights, gradients and AdamW's two moments (16
+    bytes per parameter), or the hypergradient's weights, moments, v and restore copy (20; 16 with
+    --offload-restore, the copy in CPU memory). Gathered whole, in bf16: the rest
+    of the model (embeddings, norms; the root unit, kept after forward), and at a time the larger of
+    the vision tower or two decoder layers (the one computing and the one prefetched). Activations
+    come on top, as in (0)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2VLConfig, Qwen2VLModel
+    GiB = 2 ** 30
+    print("(0b) per-GPU memory plan of a bi-level run sharded over N GPUs with FSDP2 (not built yet: a plan), "
+          "GiB before activations")
+    print(f"    {'backbone':24s} {'N':>2s} {'sharded':>8s} {'gathered':>8s} {'per GPU':>8s}   with --offload-restore")
+    rows = []
+    for name, (Config, Model, spec) in {"Qwen2-VL-2B": (Qwen2VLConfig, Qwen2VLModel, QWEN2VL_2B),
+                                        "Qwen2.5-VL-7B": (Qwen2_5_VLConfig, Qwen2_5_VLModel, QWEN25VL_7B)}.items():
+        with torch.device("meta"):
+            backbone = Model(Config(text_config=spec["text"], vision_config=spec["vision"]))
+        params = sum(p.numel() for p in backbone.parameters())
+        vision = sum(p.numel() for p in backbone.visual.parameters())
+        layers = [sum(p.numel() for p in layer.parameters()) for layer in backbone.language_model.layers]
+        root = params - vision - sum(layers)
+        gathered = 2 * (root + max(vision, 2 * max(layers)))                     # bf16 bytes
+        for n in ((1, 2, 8) if name == "Qwen2-VL-2B" else (8,)):
+            sharded, offloaded = 20 * params / n, 16 * params / n      # fp32 bytes at the peak, per GPU
+            per_gpu = sharded + gathered
+            print(f"    {name + f' ({params / 1e9:.2f} B)':24s} {n:2d} {sharded / GiB:8.2f} {gathered / GiB:8.2f} "
+                  f"{per_gpu / GiB:8.2f}   {(offloaded + gathered) / GiB:8.2f}")
+            offloaded += gathered
+            rows.append(dict(backbone=name, params=params, n=n, per_gpu=per_gpu, offloaded=offloaded))
+    return rows
+
+
 def kept(model, c):
     """A record's kept encoding (prm.PRM.encode with cache=True returns it): the bench's records are
     made of encoded image CoTs."""
@@ -486,6 +530,7 @@ def main(argv=None):
         return
     if only == "budget" or (args.size == "2b" and only is None):
         memory_budget()
+        sharded_plan()
         if only == "budget":
             return
     device = args.device
