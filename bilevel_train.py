@@ -48,7 +48,7 @@ import shutil
 import sys
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
@@ -142,6 +142,22 @@ class PackedForward:
         with self.autocast:
             return prm.step_values(self.model, encoded)
 
+    # One process: it computes every CoT of a batch, and its sums are the batch's (torchrun: Appendix G).
+    def share(self, n, pieces):
+        """The indices of a batch's n CoTs that this process computes, in `pieces` micro-batches."""
+        return torch.arange(n).chunk(pieces)
+
+    def sum(self, x):
+        """x summed over the processes."""
+        return x
+
+    def backward(self, loss):
+        loss.backward()
+
+    def norm(self, v):
+        """||v||_2 of a list of tensors, one device sync."""
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item()
+
 
 @dataclass
 class TrainBatch:
@@ -192,19 +208,22 @@ def lower_step(forward, opt_phi, weighting, batch, accum, clip):
     alpha_b = weighting.weights(detached(weighting.a), batch)                     # (B,)
     n_total = batch.n.sum().clamp(min=1)                                          # sum_b n_b
     L_tr, ls = 0.0, []
-    for chunk in torch.arange(len(batch.records)).chunk(accum):
+    for chunk in forward.share(len(batch.records), accum):                        # this process's CoTs
         values, mask = forward([batch.records[i] for i in chunk.tolist()])        # (b, S_k)
         S = values.shape[1]
         l, _ = step_losses(at_least_fp32(values), mask, batch.p[chunk, :S], batch.p_mask[chunk, :S])   # (b,)
         loss = lower_loss(alpha_b[chunk], l, n_total)           # the micro-batch's share of L_tr
         if not torch.isfinite(loss):
             raise Diverged(f"the lower loss L_tr is {loss.item()}", "lower")
-        loss.backward()
-        L_tr, ls = L_tr + loss.detach(), ls + [l.detach()]
+        forward.backward(loss)
+        L_tr, ls = L_tr + loss.detach(), ls + [(chunk, l.detach())]
     torch.nn.utils.clip_grad_norm_([p for g in opt_phi.param_groups for p in g["params"] if p.grad is not None], clip)
     opt_phi.step()
     opt_phi.zero_grad(set_to_none=True)         # spent: the hypergradient needs the memory
-    batch.L_tr, batch.l = L_tr, torch.cat(ls)
+    l_all = ls[0][1].new_zeros(len(batch.records))                                # (B,) l_b of every CoT
+    for chunk, l in ls:
+        l_all[chunk] = l
+    batch.L_tr, batch.l = forward.sum(L_tr), forward.sum(l_all)
     return batch
 
 
@@ -231,43 +250,48 @@ class Upper:
         self.r, self.copy_phi, self.meta_loss = r, copy_phi, loss
 
 
-def batch_losses(forward, batch):
-    """l_b (B,) of a train batch at the current phi (the caller disables autograd)."""
-    values, mask = forward(batch.records)                                 # (B, S)
-    return step_losses(at_least_fp32(values), mask, batch.p, batch.p_mask)[0]
+def batch_losses(forward, batch, mine):
+    """l_b of the CoTs `mine` of a train batch at the current phi (the caller disables autograd)."""
+    values, mask = forward([batch.records[i] for i in mine.tolist()])                 # (b, S)
+    S = values.shape[1]
+    return step_losses(at_least_fp32(values), mask, batch.p[mine, :S], batch.p_mask[mine, :S])[0]
 
 
 def hypergradient(upper, L_meta, batch, xi):
     """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps), v = grad_phi L_meta,
     eps = r / ||v||. a enters L_tr only through w_b(a), so grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v)
     grad_a w_b: two forwards on `batch`, no backward through the network. phi is restored bit for bit."""
-    grads = torch.autograd.grad(L_meta, upper.phi, allow_unused=True)   # v; None: not reached, skipped
-    phi, v = [p for p, g in zip(upper.phi, grads) if g is not None], [g.detach() for g in grads if g is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item() \
-        if v else 0.0                                           # ||v||_2, one device sync
+    forward = upper.forward
+    forward.backward(L_meta)                                    # v = grad_phi L_meta(phi), in p.grad
+    phi = [p for p in upper.phi if p.grad is not None]          # None: not reached by the meta batch
+    v = [p.grad for p in phi]
+    for p in phi:
+        p.grad = None
+    norm = forward.norm(v) if v else 0.0                        # ||v||_2
     if norm == 0:
         return [torch.zeros_like(x) for x in upper.weighting.a]
-    eps, saved = upper.r / norm, upper.copy_phi(phi)            # the exact copy phi comes back from
+    eps, saved, mine = upper.r / norm, upper.copy_phi(phi), forward.share(len(batch.records), 1)[0]
     with torch.no_grad():
         for p, g in zip(phi, v):
             p.add_(g, alpha=eps)                                # phi + eps v
-        l_plus = batch_losses(upper.forward, batch)             # (B,)
+        l_plus = batch_losses(forward, batch, mine)             # (b,) this process's CoTs
         for p, s, g in zip(phi, saved, v):
             p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
-        l_minus = batch_losses(upper.forward, batch)            # (B,)
+        l_minus = batch_losses(forward, batch, mine)
         for p, s in zip(phi, saved):
             p.copy_(s)                                          # phi, bit for bit
-    w = upper.weighting.weights(upper.weighting.a, batch) / batch.n.sum().clamp(min=1)    # (B,) w_b(a)
+    w = upper.weighting.weights(upper.weighting.a, batch)[mine] / batch.n.sum().clamp(min=1)    # (b,) w_b(a)
     s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
-    return [-xi * g for g in torch.autograd.grad(s, upper.weighting.a)]
+    return [-xi * forward.sum(g) for g in torch.autograd.grad(s, upper.weighting.a)]
 
 
 def upper_step(upper, batch, meta_records, xi):
     """a <- Adam step on g_a of L_meta (meta_records) through L_tr (batch). Returns L_meta; a non-finite
     L_meta or g_a stops the run (Diverged) before the step."""
-    values, mask = upper.forward(meta_records)                            # (M, S)
-    L_meta = upper.meta_loss(at_least_fp32(values), mask, meta_records)   # with autograd
-    g_a, L_meta = hypergradient(upper, L_meta, batch, xi), L_meta.item()
+    mine = [meta_records[i] for i in upper.forward.share(len(meta_records), 1)[0].tolist()]   # this process's
+    values, mask = upper.forward(mine)                                    # (M, S)
+    L_meta = upper.meta_loss(at_least_fp32(values), mask, mine) * (len(mine) / len(meta_records))   # its share
+    g_a, L_meta = hypergradient(upper, L_meta, batch, xi), upper.forward.sum(L_meta.detach()).item()
     if not math.isfinite(L_meta):
         raise Diverged(f"the upper loss L_meta is {L_meta}", "upper")
     if not all(torch.isfinite(g).all() for g in g_a):
@@ -636,8 +660,9 @@ def load_data(args):
             print("using the small synthetic set (clean, noisy and random labels)")
             train, meta = synthetic_data(args.seed)
             return train, meta, sorted({r["domain"] for r in train})
-        if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)):
+        if not (os.path.isfile(TOY_TRAIN) and os.path.isfile(TOY_META)) and prm.processes()[0] == 0:
             build_toy_world(args.seed)
+        prm.barrier()                                          # under torchrun, process 0 builds it
         args.train, args.meta = [TOY_TRAIN], TOY_META
     if not args.train or not (args.meta or not KINDS[args.weighting].moves):
         raise prm.DataError("give both --train and --meta (or neither, for the toy demo; vanilla training, "
@@ -988,7 +1013,7 @@ def open_run(args):
     """`with open_run(args) as run:` the run's directory claimed (claim_run_dir) and everything
     before the loop set up (setup_run); when the block ends without an error, the PRM, the final
     weights and their plot are saved (finish_run). An error leaves the last checkpoint as it was."""
-    with claim_run_dir(args.out) as run_lock:
+    with claim_run_dir(args.out) if prm.processes()[0] == 0 else nullcontext() as run_lock:
         run = setup_run(args, run_lock)
         try:
             yield run
@@ -1054,7 +1079,7 @@ def data_digest(records):
     return h.hexdigest()
 
 
-def setup_model(args, train, meta, held_out, domains, device):
+def setup_model(args, train, meta, held_out, domains, device, rank):
     """The PRM and the run directory before the first step: the final-answer rule, the run directory (checked before any
     model loads), config.json, the PRM on its backbone with this run's reading settings, the CoTs
     that fit --max-length, and the memory options. Returns (model, train, meta, start iteration,
@@ -1062,11 +1087,11 @@ def setup_model(args, train, meta, held_out, domains, device):
     final_answer = final_answer_rule(args, train)
     print(f"{len(train)} training CoTs in {len(domains)} domains: "
           + ", ".join(f"{d} {sum(r['domain'] == d for r in train)}" for d in domains) + f"; {len(meta)} meta CoTs")
-    model_dir = prm.resolve_model(args.model)
+    model_dir = from_process_0(prm.resolve_model(args.model) if rank == 0 else None)   # 'tiny': written once
     config = dict(vars(args), domains=domains, n_train=len(train), n_meta=len(meta), final_answer=final_answer,
                   model_dir=model_dir, train_digest=data_digest(train), meta_digest=data_digest(meta),
                   eval_digest=data_digest(held_out))
-    start, old_outputs = prepare_run_dir(args, config)
+    start, old_outputs = from_process_0(prepare_run_dir(args, config) if rank == 0 else None)
     model = prm.PRM.from_backbone(model_dir, seed=args.seed, trust_remote_code=args.trust_remote_code, device=device)
     model.final_answer = final_answer
     if args.max_side is not None:
@@ -1078,8 +1103,9 @@ def setup_model(args, train, meta, held_out, domains, device):
     for d in domains:
         if not any(r["domain"] == d for r in train):
             raise prm.DataError(f"domain '{d}' has no CoT within --max-length {model.max_length}", field="--domains")
-    clear_run_dir(args.out, old_outputs)
-    prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
+    if rank == 0:
+        clear_run_dir(args.out, old_outputs)
+        prm.write_json_atomic(os.path.join(args.out, "config.json"), config)
     model.train()
     if args.freeze_vision:
         freeze_vision(model)
@@ -1094,6 +1120,7 @@ class Run:
     weighting, the upper level), the optimizers, the progress bar (over the iterations left) and
     the logging state."""
     args: object
+    rank: int                # this process under torchrun (0 writes the outputs), else 0
     device: object
     model: object
     phi: list
@@ -1123,21 +1150,24 @@ def setup_run(args, run_lock):
     """Everything before the loop, in the order a run needs it: the data (checked before any model
     loads), the held-out split, the PRM and its run directory, the seams, the optimizers, and the
     checkpoint to resume from."""
-    device = prm.pick_device(args.device)
+    rank, world, device = start_processes(args)
     torch.manual_seed(args.seed)
     train, meta, domains = load_data(args)
     held_out = load_held_out(args)                                       # --eval, or []
-    model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains, device)
+    model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains, device, rank)
+    if world > 1:
+        shard_prm(model, device, world)
     phi = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    forward = (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
+    forward = ShardedForward(model, autocast, rank, world) if world > 1 else \
+        (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
     weighting = make_weighting(args, train, domains, device, forward)
     opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, args.compact_states, args.seed)
     opt_a = upper_optimizer(weighting.a, args.meta_lr, args.meta_weight_decay)
     upper = Upper(forward, phi, weighting, opt_a, args.fd_radius, cpu_copy if args.offload_restore else device_copy,
                   make_meta_loss(args))
-    start, history = resume_or_start(args.out, start, model, weighting.a, opt_phi, opt_a, domains)
-    return Run(args=args, device=device, model=model, phi=phi, train=train, meta=meta,
+    start, history = resume_or_start(args.out, start, model, weighting.a, opt_phi, opt_a, domains, rank)
+    return Run(args=args, rank=rank, device=device, model=model, phi=phi, train=train, meta=meta,
                train_groups=question_groups(train, args.group_by_question),
                meta_groups=question_groups(meta, args.group_by_question), domains=domains, held_out=held_out,
                autocast=autocast, forward=forward, weighting=weighting, upper=upper, opt_phi=opt_phi, opt_a=opt_a,
@@ -1156,7 +1186,9 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
     elif isinstance(run.weighting, DomainWeighting):          # DreamPRM's alpha: cheap, on the bar every iteration
         show_weights(run.bar, run.weighting.per_domain(None, run.train, run.domains), run.weighting)
     if run.held_out and (done % args.eval_every == 0 or last):
-        log_eval(args.out, done, evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch))
+        figures = evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch)
+        if run.rank == 0:
+            log_eval(args.out, done, figures)
     if done % args.save_every == 0 or last:
         save_checkpoint(args.out, run.model, run.weighting.a, run.opt_phi, run.opt_a, done, run.run_lock)
 
@@ -1178,28 +1210,30 @@ def log_weights(run, done, seconds):
     args, weighting = run.args, run.weighting
     w_all = run.w_all = weighting.of_all()                                                          # (N,)
     alpha = weighting.per_domain(w_all, run.train, run.domains)
-    log_iteration(args.out, done, run.sums, seconds, alpha, key_auc(w_all.tolist(), run.train), args, weighting,
-                  run.history)
-    if weighting.per_cot:
+    if run.rank == 0:
+        log_iteration(args.out, done, run.sums, seconds, alpha, key_auc(w_all.tolist(), run.train), args, weighting,
+                      run.history)
+    if weighting.per_cot and run.rank == 0:
         save_instance_weights(args.out, w_all, run.train)
     run.sums = new_sums()
     show_weights(run.bar, alpha, weighting)
 
 
-def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains):
+def resume_or_start(run_dir, start, model, a, opt_phi, opt_a, domains, rank=0):
     """Resume from the checkpoint (start > 0) or begin metrics.jsonl afresh. Metrics logged after the
     checkpoint are replayed by the resumed run, so they are dropped. Returns (start, history), the
     history of logged weights that domain_weights.json and its plot hold."""
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if start:
         start = load_checkpoint(run_dir, model, a, opt_phi, opt_a)
-        for path in (metrics_path, os.path.join(run_dir, "eval.jsonl")):
+        for path in (metrics_path, os.path.join(run_dir, "eval.jsonl")) if rank == 0 else ():
             kept = [o for _, o in prm.iter_jsonl(path, True)] if os.path.isfile(path) else []
             with open(path, "w") as f:
                 prm.append_jsonl(f, *[o for o in kept if o["iteration"] <= start])
         print(f"resumed {run_dir} at iteration {start}")
-    else:
+    elif rank == 0:
         open(metrics_path, "w").close()
+    prm.barrier()
     history = [{"iteration": o["iteration"], "alpha": {d: o[f"alpha/{d}"] for d in domains}}
                for _, o in prm.iter_jsonl(metrics_path, True)]
     return start, history
@@ -1315,6 +1349,11 @@ def finish_run(run):
     if w is None:
         w = run.weighting.of_all()
     alpha = run.weighting.per_domain(w, train, domains)
+    # Sharded over processes (torchrun): every process gathers the PRM whole; process 0 writes it.
+    state = {k: whole(v) for k, v in model.state_dict().items()} if torch.distributed.is_initialized() else None
+    if run.rank > 0:
+        saturation_note(model, train[:64], run.autocast, args.lr, args.train_batch)     # its forwards, with process 0's
+        return
     check_still_ours(run.run_lock)
     instance = run.weighting.per_cot
     learned = ", ".join(f"{d} {x:.3f}" for d, x in sorted(alpha.items(), key=lambda x: -x[1]))
@@ -1324,7 +1363,7 @@ def finish_run(run):
                                                        for d in domains) + f"); meta CoTs: {len(meta)}",
             f"- skipped as longer than {model.max_length} tokens: {n_long[0]} training, {n_long[1]} meta CoTs",
             "- learned domain weights: " + learned if run.weighting.moves else "- domain weights: uniform (fixed)"]
-    model.save_pretrained(os.path.join(args.out, "prm"), card)
+    model.save_pretrained(os.path.join(args.out, "prm"), card, state)
     write_weights(args.out, alpha, args.weighting, history)
     plot_weights(history, domains, os.path.join(args.out, "domain_weights.png"))
     check_still_ours(run.run_lock)
@@ -1373,7 +1412,7 @@ def optimizer_tensors(opt, prefix):
     out = {}
     for i, p in enumerate(opt.param_groups[0]["params"]):
         for name, t in opt.state.get(p, {}).items():
-            out[f"{prefix}.{i}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+            out[f"{prefix}.{i}.{name}"] = whole(t) if torch.is_tensor(t) else torch.tensor(t)
     return out
 
 
@@ -1384,21 +1423,25 @@ def load_optimizer(opt, tensors, prefix):
         if key.startswith(prefix + "."):
             _, i, name = key.rsplit(".", 2)
             p = params[int(i)]
-            opt.state.setdefault(p, {})[name] = t.to(p.device) if name != "step" or step_on_device else t
+            opt.state.setdefault(p, {})[name] = placed(t, p) if name != "step" else t.to(p.device) if step_on_device \
+                else t
     return opt
 
 
 def trainable_state(model):
-    """What a checkpoint must hold of the model: every trainable tensor (backbone and head)."""
-    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    """What a checkpoint must hold of the model: every trainable tensor (backbone and head), whole."""
+    return {k: whole(v.detach()) for k, v in model.named_parameters() if v.requires_grad}
 
 
 def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration, run_lock):
+    """The checkpoint, whole tensors (a run resumes on any number of processes), written by process 0."""
+    state, tensors = trainable_state(model), optimizer_tensors(opt_phi, "phi")       # every process gathers
+    if run_lock is None:
+        return
     check_still_ours(run_lock)
     with prm.atomic_dir(os.path.join(run_dir, "checkpoint")) as tmp:
-        prm.save_tensors_atomic(os.path.join(tmp, "model.safetensors"), trainable_state(model))
-        tensors = {name: x.detach() for name, x in zip(raw_weight_names(a), a)}
-        tensors.update(optimizer_tensors(opt_phi, "phi"))
+        prm.save_tensors_atomic(os.path.join(tmp, "model.safetensors"), state)
+        tensors.update({name: x.detach() for name, x in zip(raw_weight_names(a), a)})
         tensors.update(optimizer_tensors(opt_a, "a"))
         prm.save_tensors_atomic(os.path.join(tmp, "state.safetensors"), tensors)
         prm.write_json_atomic(os.path.join(tmp, "state.json"), {"iteration": iteration})
@@ -1408,12 +1451,14 @@ def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
     """Restore model, a and both optimizers; returns the iteration to continue from."""
     ck = os.path.join(run_dir, "checkpoint")
     weights = read_tensors(os.path.join(ck, "model.safetensors"))
-    expected = trainable_state(model)
+    expected = {k: v for k, v in model.named_parameters() if v.requires_grad}
     wrong = sorted(k for k in expected if k not in weights or weights[k].shape != expected[k].shape)
     if wrong:                                          # a tensor left out would silently restart from the backbone
         raise prm.DataError(f"the checkpoint lacks or misshapes {len(wrong)} trainable tensor(s) ({wrong[0]}, ...): "
                             "it is damaged", file=os.path.join(ck, "model.safetensors"))
-    model.load_state_dict({k: v.to(model.device) for k, v in weights.items()}, strict=False)
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(placed(weights[k], p))
     tensors = read_tensors(os.path.join(ck, "state.safetensors"))
     missing = [name for name in raw_weight_names(a) if name not in tensors]
     if missing:
@@ -1630,6 +1675,101 @@ def question_groups(records, grouped):
 
 
 # ==============================================================================================
+# Appendix G. More than one process: torchrun, the PRM sharded with FSDP2
+# ==============================================================================================
+
+class ShardedForward(PackedForward):
+    """The forward under torchrun with N processes: the PRM sharded with FSDP2 (shard_prm), each
+    process computing its share of every batch (CoTs rank, rank + N, ...) and the sums over the
+    processes all-reduced. Every process draws the same global batches and computes their labels and
+    weights (pure functions of the seed), so the method is the one-process one."""
+
+    def __init__(self, model, autocast, rank, world):
+        super().__init__(model, autocast)
+        self.rank, self.world = rank, world
+
+    def share(self, n, pieces):
+        return torch.arange(self.rank, n, self.world).tensor_split(pieces)     # as many pieces on each process
+
+    def sum(self, x):
+        torch.distributed.all_reduce(x)
+        return x
+
+    def backward(self, loss):
+        (loss * self.world).backward()          # FSDP2 averages the gradients over the processes: this sums them
+
+    def norm(self, v):
+        squares = torch.stack([torch.linalg.vector_norm(g.to_local().float()) for g in v]).square().sum()
+        torch.distributed.all_reduce(squares)
+        return squares.sqrt().item()
+
+
+def start_processes(args):
+    """(rank, world size, device). Under torchrun: the process group joined (nccl on CUDA, gloo on
+    the CPU), one CUDA device per process, other processes' output silenced, and what the sharded
+    run does not do yet refused in one line; (0, 1, --device) in a plain run."""
+    rank, world = prm.processes()
+    device = prm.pick_device(args.device)
+    if world == 1:
+        return 0, 1, device
+    not_yet = [flag for flag, on in (("--group-by-question", args.group_by_question),
+                                     ("--offload-restore", args.offload_restore),
+                                     ("--compact-states", args.compact_states)) if on]
+    if not_yet:
+        raise prm.DataError(f"{', '.join(not_yet)} under torchrun: not built yet; run them as one process")
+    if args.train_batch < world * args.grad_accum or args.meta_batch < world:
+        raise prm.DataError(f"{world} processes need --train-batch of at least {world} x --grad-accum and "
+                            f"--meta-batch of at least {world} (now {args.train_batch} and {args.meta_batch})")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def shard_prm(model, device, world):
+    """FSDP2: each decoder layer, the vision tower, the value head and the rest (embeddings, norms)
+    one unit each, whose parameters, gradients and optimizer states are split over the processes
+    and gathered for its forward and backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    # Resharded after every forward, the root unit too (FSDP2 keeps the root gathered by default): the
+    # hypergradient moves the sharded parameters between two forwards, which must gather them anew.
+    shard = partial(fully_shard, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=True)
+    for layer in model.backbone.get_decoder().layers:
+        shard(layer)
+    if model.family is not None:
+        shard(getattr(model.backbone, model.family.vision_tower))
+    shard(model.backbone)
+    shard(model.head)
+
+
+def from_process_0(x):
+    """Process 0's x, on every process (x itself in a plain run)."""
+    if torch.distributed.is_initialized():
+        box = [x]
+        torch.distributed.broadcast_object_list(box, 0)
+        x = box[0]
+    return x
+
+
+def whole(t):
+    """A tensor whole: gathered from the processes when it is sharded (every process must ask)."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def placed(t, like):
+    """A whole tensor t placed as `like` is: this process's shard when `like` is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(like, DTensor):
+        return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return t.to(like.device)
+
+
+# ==============================================================================================
 # The command line
 # ==============================================================================================
 
@@ -1659,8 +1799,6 @@ def diverged_message(args, done, e):
 
 def main(argv=None):
     """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
-    prm.one_process("bilevel_train.py", "training on more than one GPU is not built yet; run python "
-                    "bilevel_train.py (one GPU; README, Memory, for what fits)")
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
         bilevel(args)
     return 0

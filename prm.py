@@ -459,11 +459,12 @@ class PRM(nn.Module):
         holds it in prm/), on `device`. A directory without the PRM files is a DataError."""
         return load_prm(cls, path, dtype, trust_remote_code, device)
 
-    def save_pretrained(self, path, card=None):
+    def save_pretrained(self, path, card=None, state=None):
         """Write backbone (safetensors), tokenizer, image processor, prm.safetensors, prm.json (all
         that scoring needs) and a README.md model card (`card`: extra lines about training).
-        Written into a temporary directory first, then renamed: a crash never leaves half a PRM."""
-        save_prm(self, path, card)
+        Written into a temporary directory first, then renamed: a crash never leaves half a PRM.
+        state: the PRM's whole state dict, when its parameters are sharded over processes."""
+        save_prm(self, path, card, state)
 
     def settings(self):
         """Everything scoring needs to read a CoT as training did (saved in prm.json)."""
@@ -822,17 +823,19 @@ def _read_prm_json(path):
     return meta
 
 
-def save_prm(prm, path, card=None):
+def save_prm(prm, path, card=None, state=None):
     """PRM.save_pretrained: everything into path.tmp, then one rename (atomic_dir)."""
     import transformers
     _quiet_transformers()
+    state = state or {"head.weight": prm.head.weight.detach(), "head.bias": prm.head.bias.detach()}
     with naming(path), atomic_dir(path) as tmp:
-        prm.backbone.save_pretrained(tmp)
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        prm.backbone.save_pretrained(tmp, **({"state_dict": backbone} if backbone else {}))
         prm.tokenizer.save_pretrained(tmp)
         if prm.image_processor is not None:
             prm.image_processor.save_pretrained(tmp)
-        save_file({"head.weight": prm.head.weight.detach().float().contiguous(),
-                   "head.bias": prm.head.bias.detach().float().contiguous()},
+        save_file({"head.weight": state["head.weight"].float().contiguous(),
+                   "head.bias": state["head.bias"].float().contiguous()},
                   os.path.join(tmp, "prm.safetensors"))
         meta = dict(format=PRM_FORMAT, backbone_class=type(prm.backbone).__name__,
                     model_type=prm.backbone.config.model_type, hidden_size=prm.head.in_features,
@@ -2439,8 +2442,9 @@ def progress(iterable=None, total=None, initial=0, desc="", unit="it", leave=Tru
     """A progress bar over `iterable` (or updated by hand): tqdm on a terminal. Off one (a log file,
     a batch job) every refresh of a bar would land in the log, so there it is ProgressLines: one
     plain line with the bar's figures every PROGRESS_EVERY seconds, and one at the end."""
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
+    if sys.stderr.isatty() or processes()[0] > 0:          # under torchrun, process 0's bar alone
+        return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                    disable=processes()[0] > 0)
     return ProgressLines(iterable, total, initial, desc, unit, leave)
 
 
