@@ -25,7 +25,7 @@ SharedPrefixForward), the weighting (DreamPRM's DomainWeighting, or one picked b
 method: A the other weightings (fixed, DreamPRM-1.5's instance weights) and the choice among them,
 B data, C the run configuration (every flag: its default, presets and help), D the run directory
 (setup, the end of an iteration, checkpoints), E the upper loss's ablations, the restore copy,
-optimizers and memory, F shared-prefix training.
+optimizers and memory, F shared-prefix training, G more than one process (torchrun, FSDP2).
 
 Run the toy demo (no data arguments: the toy world is built first when toy/ is missing; --synthetic
 trains on a small text-only set instead):
@@ -36,6 +36,8 @@ Real data:
         --out runs/dreamprm
   (fp32 master weights, bf16 compute: 16 bytes per parameter before activations, about 33 GiB for
   a 2B PRM; --compact-states and --freeze-vision take it under 20 GiB; README, Memory)
+On N GPUs, the same flags (the PRM sharded with FSDP2; README, More than one GPU):
+    torchrun --nproc-per-node N bilevel_train.py --train labels.jsonl --meta meta.jsonl ...
 """
 
 import bisect
@@ -45,6 +47,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -1723,10 +1726,39 @@ def start_processes(args):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not torch.distributed.is_initialized():        # the toy demo's second run (the vanilla PRM) joins once
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank > 0:
         sys.stdout = open(os.devnull, "w")
     return rank, world, device
+
+
+def await_torchrun_stop():
+    """torchrun stops every process when one fails. Process 0 says what that means, once: SIGTERM is
+    blocked in every thread (this runs before torch starts any) and awaited by one of its own, which
+    runs even while the main thread waits in a collective that will never complete."""
+    import threading
+
+    def wait():
+        signal.sigwait([signal.SIGTERM])
+        run_stopped()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def run_stopped():
+    """Process 0's one line when torchrun's run stops under it, then its exit (code 1)."""
+    if prm.processes()[0] == 0:
+        print("error: a process of this torchrun run stopped (it failed, was killed or interrupted), so the run "
+              "stopped; the run directory keeps its last checkpoint: rerun the same command with --resume",
+              file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def lost_process(e):
+    """Whether an error is a collective that lost a process (gloo: the connection reset; nccl: a DistError)."""
+    return isinstance(e, torch.distributed.DistError) or any(
+        word in str(e) for word in ("Connection reset by peer", "Connection closed by peer", "gloo/transport"))
 
 
 def shard_prm(model, device, world):
@@ -1799,6 +1831,8 @@ def diverged_message(args, done, e):
 
 def main(argv=None):
     """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
+    if prm.processes() == (0, int(os.environ.get("WORLD_SIZE", 1))) and prm.processes()[1] > 1:
+        await_torchrun_stop()
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
         bilevel(args)
     return 0
@@ -1808,8 +1842,13 @@ def cli(argv=None):
     try:
         return prm.run_cli(main, argv, "rerun the same command with --resume")
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if prm.processes()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if prm.processes()[1] > 1 and lost_process(e):
+            run_stopped()
+        raise
 
 
 if __name__ == "__main__":

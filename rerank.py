@@ -13,7 +13,9 @@ Writes  --out DIR, always:
         table), accuracy_vs_n.png, and the step report where MC labels exist.
 
 Questions are scored one at a time (the file is indexed by question, in any order), so a large test
-set is never held in memory; a killed run resumes PRM by PRM, question by question.
+set is never held in memory; a killed run resumes PRM by PRM, question by question. Under
+`torchrun --nproc-per-node N rerank.py ...` each process scores every N-th question (one GPU each)
+and process 0 merges them into the same outputs as one process.
 
 For every question: score each CoT, A(V_1..V_n) with the PRM's aggregation (the one its upper loss
 used, from prm.json; --aggregate overrides), keep the argmax. Reported per domain and overall:

@@ -6,6 +6,7 @@
     python tests/bench.py --budget                         # (0) only: the 2B memory budget, any machine
     python tests/bench.py --only families                  # (5) only: shared-prefix scoring on every family
     python tests/bench.py --size small --only packing      # (6) only: packed scoring against one forward per CoT
+    python tests/bench.py --only distributed               # (7) only: 2 processes (torchrun) against 1
 
 Prints, for the chosen size and device:
  (0) with --size 2b (or --budget, on any machine): the memory budget of a 2B bi-level run per memory
@@ -24,7 +25,9 @@ Prints, for the chosen size and device:
  (5) with --only families: packed against shared-prefix scoring on each backbone family's tiny
      model (prm.FAMILIES), timed in turns;
  (6) with --only packing: scoring a question's N text CoTs at a short and a long prompt, one forward
-     per CoT (TRL's way) against packed, packed in token-bounded forwards and shared-prefix.
+     per CoT (TRL's way) against packed, packed in token-bounded forwards and shared-prefix;
+ (7) with --only distributed: bi-level training on 2 processes of one thread (torchrun, FSDP2,
+     gloo) against one process of one thread, on the 9.8 M backbone, in turns.
 On CUDA, training uses bf16 autocast on fp32 master weights (what --precision bf16 does), so no
 update is rounded away. Needs only torch and transformers; no weights are downloaded.
 """
@@ -327,20 +330,18 @@ def memory_budget():
 
 
 def sharded_plan():
-    """(0b) The per-GPU memory plan of a bi-level run sharded with FSDP2 over N GPUs (a plan: the
-    project trains on one GPU for now), by the same method as (0): the real modules on the meta
-    device, fused AdamW, gradients freed before the hypergradient. Sharded (1/N each), at the larger
-    of the two peaks: the lower step's fp32 master weights, gradients and AdamW's two moments (16
-    bytes per parameter), or the hypergradient's weights, moments, v and restore copy (20; 16 with
-    --offload-restore, the copy in CPU memory). Gathered whole, in bf16: the rest
+    """(0b) The per-GPU memory of a bi-level run sharded with FSDP2 over N GPUs (torchrun), by the
+    same method as (0): the real modules on the meta device, fused AdamW, gradients freed before the
+    hypergradient. Sharded (1/N each), at the larger of the two peaks: the lower step's fp32 master
+    weights, gradients and AdamW's two moments (16 bytes per parameter), or the hypergradient's
+    weights, moments, v and restore copy (20). Gathered whole, in bf16: the rest
     of the model (embeddings, norms; the root unit, kept after forward), and at a time the larger of
     the vision tower or two decoder layers (the one computing and the one prefetched). Activations
     come on top, as in (0)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2VLConfig, Qwen2VLModel
     GiB = 2 ** 30
-    print("(0b) per-GPU memory plan of a bi-level run sharded over N GPUs with FSDP2 (not built yet: a plan), "
-          "GiB before activations")
-    print(f"    {'backbone':24s} {'N':>2s} {'sharded':>8s} {'gathered':>8s} {'per GPU':>8s}   with --offload-restore")
+    print("(0b) per-GPU memory of a bi-level run sharded over N GPUs with FSDP2 (torchrun), GiB before activations")
+    print(f"    {'backbone':24s} {'N':>2s} {'sharded':>8s} {'gathered':>8s} {'per GPU':>8s}")
     rows = []
     for name, (Config, Model, spec) in {"Qwen2-VL-2B": (Qwen2VLConfig, Qwen2VLModel, QWEN2VL_2B),
                                         "Qwen2.5-VL-7B": (Qwen2_5_VLConfig, Qwen2_5_VLModel, QWEN25VL_7B)}.items():
@@ -352,13 +353,41 @@ def sharded_plan():
         root = params - vision - sum(layers)
         gathered = 2 * (root + max(vision, 2 * max(layers)))                     # bf16 bytes
         for n in ((1, 2, 8) if name == "Qwen2-VL-2B" else (8,)):
-            sharded, offloaded = 20 * params / n, 16 * params / n      # fp32 bytes at the peak, per GPU
-            per_gpu = sharded + gathered
+            sharded = 20 * params / n                                  # fp32 bytes at the peak, per GPU
             print(f"    {name + f' ({params / 1e9:.2f} B)':24s} {n:2d} {sharded / GiB:8.2f} {gathered / GiB:8.2f} "
-                  f"{per_gpu / GiB:8.2f}   {(offloaded + gathered) / GiB:8.2f}")
-            offloaded += gathered
-            rows.append(dict(backbone=name, params=params, n=n, per_gpu=per_gpu, offloaded=offloaded))
+                  f"{(sharded + gathered) / GiB:8.2f}")
+            rows.append(dict(backbone=name, params=params, n=n, per_gpu=sharded + gathered))
     return rows
+
+
+def distributed_rows(args):
+    """(7) bilevel_train.py on the synthetic set and the 9.8 M backbone (batch 8, meta batch 16,
+    U = 5), one process of one thread against torchrun with 2 of one thread each (the PRM sharded
+    with FSDP2 over gloo), runs taking turns: training CoTs per second from each run's own seconds
+    per iteration (metrics.jsonl, its first row left out as warm-up), vanilla and DreamPRM."""
+    import json
+    import subprocess
+    tmp = tempfile.mkdtemp()
+    backbone = prm.save_tiny_backbone(os.path.join(tmp, "small"), **LOCAL_SIZES["small"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print("(7) bi-level training, 2 processes of 1 thread (torchrun, FSDP2, gloo) against 1 process of 1 thread, "
+          "9.8 M backbone, batch 8, U = 5")
+    for weighting, name in (("fixed", "vanilla"), ("domain", "DreamPRM bi-level")):
+        seconds = {1: [], 2: []}
+        for r in range(args.repeats):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                out = os.path.join(tmp, f"{weighting}-{n}-{r}")
+                launch = [sys.executable] + ([] if n == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                                                 "--nproc-per-node=2"])
+                subprocess.run(launch + ["bilevel_train.py", "--synthetic", "--model", backbone, "--weighting", weighting,
+                                         "--iterations", "8", "--unroll-steps", "5", "--train-batch", "8",
+                                         "--meta-batch", "16", "--log-every", "1", "--no-baseline", "--out", out],
+                               cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
+                rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][1:]
+                seconds[n] += [x["time/seconds_per_iteration"] for x in rows]
+        rate = {n: 8 * 5 / (sum(s) / len(s)) for n, s in seconds.items()}                 # training CoTs / s
+        print(f"    {name:20s} 1 process {rate[1]:6.1f} CoTs/s   2 processes {rate[2]:6.1f} CoTs/s   "
+              f"{rate[2] / rate[1]:.2f}x")
 
 
 def kept(model, c):
@@ -514,7 +543,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="CoTs per training step (train and meta)")
     ap.add_argument("--iterations", type=int, default=3, help="timed outer iterations per option in (3), median reported")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats in (1) and (2), median reported")
-    ap.add_argument("--only", choices=["budget", "options", "shared", "families", "packing"], default=None,
+    ap.add_argument("--only", choices=["budget", "options", "shared", "families", "packing", "distributed"], default=None,
                     help="budget: the 2B memory budget (0) only (any machine); options: (3) only; shared: (4) only; "
                          "families: (5) only; packing: (6) only")
     ap.add_argument("--budget", action="store_true", help="the same as --only budget")
@@ -527,6 +556,9 @@ def main(argv=None):
     only = "budget" if args.budget else args.only
     if only == "families":
         family_rows(args)
+        return
+    if only == "distributed":
+        distributed_rows(args)
         return
     if only == "budget" or (args.size == "2b" and only is None):
         memory_budget()

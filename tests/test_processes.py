@@ -150,3 +150,34 @@ def test_what_a_sharded_run_does_not_do_yet_is_one_line(tmp_path, backbone_dir):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--group-by-question under torchrun: not built yet" in errors[0], done.stderr[-2000:]
     assert not out.exists()
+
+
+def test_a_killed_process_ends_the_run_with_one_line_and_it_resumes(tmp_path, backbone_dir):
+    """(d) SIGKILL one of 2 processes mid-run: both are gone within 60 s, process 0 says in one line
+    what happened and how to go on, and --resume (here on 1 process) finishes the run."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = ["bilevel_train.py", "--synthetic", "--model", backbone_dir, "--iterations", "400", "--unroll-steps", "1",
+            "--train-batch", "4", "--meta-batch", "4", "--save-every", "1", "--log-every", "1", "--no-baseline",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+                            + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = [p for p in workers if b"RANK=1\x00" in open(f"/proc/{p}/environ", "rb").read()]
+    assert len(rank1) == 1, workers
+    os.kill(int(rank1[0]), signal.SIGKILL)
+    killed = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - killed < 60 and proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "rerun the same command with --resume" in lines[0], err[-4000:]
+    at = json.loads((out / "checkpoint" / "state.json").read_text())["iteration"]
+    done = run(args[:-2] + ["--iterations", str(at + 1), "--resume", "--out", str(out)], 1, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["iteration"] == at + 1
