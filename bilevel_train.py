@@ -145,20 +145,18 @@ class PackedForward:
         with self.autocast:
             return prm.step_values(self.model, encoded)
 
-    # One process: it computes every CoT of a batch, and its sums are the batch's (torchrun: Appendix G).
+    # One process computes a batch's every CoT (its share of n: all, in `pieces` micro-batches) and its
+    # sums are the batch's; under torchrun, Appendix G's ShardedForward splits and reduces.
     def share(self, n, pieces):
-        """The indices of a batch's n CoTs that this process computes, in `pieces` micro-batches."""
         return torch.arange(n).chunk(pieces)
 
     def sum(self, x):
-        """x summed over the processes."""
         return x
 
     def backward(self, loss):
         loss.backward()
 
-    def norm(self, v):
-        """||v||_2 of a list of tensors, one device sync."""
+    def norm(self, v):                          # ||v||_2 of a list of tensors, one device sync
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v])).item()
 
 
@@ -264,28 +262,27 @@ def hypergradient(upper, L_meta, batch, xi):
     """g_a = -xi [grad_a L_tr(phi + eps v, a) - grad_a L_tr(phi - eps v, a)] / (2 eps), v = grad_phi L_meta,
     eps = r / ||v||. a enters L_tr only through w_b(a), so grad_a L_tr(phi +- eps v) = sum_b l_b(phi +- eps v)
     grad_a w_b: two forwards on `batch`, no backward through the network. phi is restored bit for bit."""
-    forward = upper.forward
-    forward.backward(L_meta)                                    # v = grad_phi L_meta(phi), in p.grad
+    upper.forward.backward(L_meta)                              # v = grad_phi L_meta(phi), left in p.grad
     phi = [p for p in upper.phi if p.grad is not None]          # None: not reached by the meta batch
     v = [p.grad for p in phi]
     for p in phi:
         p.grad = None
-    norm = forward.norm(v) if v else 0.0                        # ||v||_2
+    norm = upper.forward.norm(v) if v else 0.0                  # ||v||_2
     if norm == 0:
         return [torch.zeros_like(x) for x in upper.weighting.a]
-    eps, saved, mine = upper.r / norm, upper.copy_phi(phi), forward.share(len(batch.records), 1)[0]
+    eps, saved, mine = upper.r / norm, upper.copy_phi(phi), upper.forward.share(len(batch.records), 1)[0]
     with torch.no_grad():
         for p, g in zip(phi, v):
             p.add_(g, alpha=eps)                                # phi + eps v
-        l_plus = batch_losses(forward, batch, mine)             # (b,) this process's CoTs
+        l_plus = batch_losses(upper.forward, batch, mine)       # (b,) this process's CoTs
         for p, s, g in zip(phi, saved, v):
             p.copy_(s).add_(g, alpha=-eps)                      # phi - eps v
-        l_minus = batch_losses(forward, batch, mine)
+        l_minus = batch_losses(upper.forward, batch, mine)
         for p, s in zip(phi, saved):
             p.copy_(s)                                          # phi, bit for bit
     w = upper.weighting.weights(upper.weighting.a, batch)[mine] / batch.n.sum().clamp(min=1)    # (b,) w_b(a)
     s = ((l_plus - l_minus).detach().to(w.dtype) * w).sum() / (2 * eps)
-    return [-xi * forward.sum(g) for g in torch.autograd.grad(s, upper.weighting.a)]
+    return [-xi * upper.forward.sum(g) for g in torch.autograd.grad(s, upper.weighting.a)]
 
 
 def upper_step(upper, batch, meta_records, xi):
@@ -1835,6 +1832,7 @@ def main(argv=None):
         await_torchrun_stop()
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
         bilevel(args)
+    prm.leave_processes()
     return 0
 
 

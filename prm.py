@@ -2413,6 +2413,14 @@ def join_processes():
     return rank, world
 
 
+def leave_processes():
+    """At the end of a torchrun run: every process waits for the others, then leaves the group (its
+    communication threads end before the interpreter does; left to exit they can abort it)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier():
     """Wait for every process of a torchrun run (nothing in a plain run)."""
     if torch.distributed.is_initialized():

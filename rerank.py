@@ -466,6 +466,7 @@ def main(argv=None):
             parts.append([part.replace(f"-{rank}of{world}.", f"-{k}of{world}.") for k in range(world)])
         prm.barrier()                            # every process's part files are whole
         if rank > 0:
+            prm.leave_processes()
             return 0
         labelled, scores_by_prm, step_counts, judged, unlabelled, long_cots = write_outputs(questions, load, parts,
                                                                                             names, args)
@@ -477,6 +478,7 @@ def main(argv=None):
 
     write_report(args, names, prms, aggregations, labelled, scores_by_prm, step_counts, judged,
                  dict(skipped=len(skips), not_scored_too_long=long_cots, unlabelled_questions=unlabelled))
+    prm.leave_processes()
     return 0
 
 
