@@ -130,15 +130,17 @@ def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
 
 def test_a_run_resumes_on_another_number_of_processes(tmp_path, backbone_dir):
     """(d) A checkpoint holds whole tensors: a run stopped after 2 iterations on 2 processes and
-    resumed on 1 equals the straight run on 1."""
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    resumed on 1, and one stopped on 1 and resumed on 2, each equal the straight run on 1."""
+    straight = tmp_path / "straight"
     bilevel(straight, 1, tmp_path, backbone_dir)
-    done = run(["bilevel_train.py", "--synthetic", "--model", backbone_dir, "--iterations", "2", "--unroll-steps", "2",
-                "--train-batch", "4", "--meta-batch", "4", "--save-every", "1", "--no-baseline", "--out", str(moved)],
-               2, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    bilevel(moved, 1, tmp_path, backbone_dir, "--resume")
-    assert_same_run(straight, moved)
+    for first, then in ((2, 1), (1, 2)):
+        moved = tmp_path / f"moved-{first}-{then}"
+        done = run(["bilevel_train.py", "--synthetic", "--model", backbone_dir, "--iterations", "2", "--unroll-steps",
+                    "2", "--train-batch", "4", "--meta-batch", "4", "--save-every", "1", "--no-baseline", "--out",
+                    str(moved)], first, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        bilevel(moved, then, tmp_path, backbone_dir, "--resume")
+        assert_same_run(straight, moved)
 
 
 def test_what_a_sharded_run_does_not_do_yet_is_one_line(tmp_path, backbone_dir):
@@ -181,3 +183,48 @@ def test_a_killed_process_ends_the_run_with_one_line_and_it_resumes(tmp_path, ba
     done = run(args[:-2] + ["--iterations", str(at + 1), "--resume", "--out", str(out)], 1, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["iteration"] == at + 1
+
+
+HYPERGRADIENT = """
+import contextlib, json, sys
+import torch
+sys.path.insert(0, {root!r})
+import bilevel_train as bt
+import prm
+rank, world = prm.processes()
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+model = prm.PRM.from_backbone({backbone!r}).double().train()
+if world > 1:
+    bt.shard_prm(model, torch.device("cpu"), world)
+train, meta = bt.synthetic_data(0, 8, 8)
+records, m_records = train[::3][:8], meta[:6]
+keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records])
+fwd = (bt.ShardedForward(model, contextlib.nullcontext(), rank, world) if world > 1 else
+       bt.PackedForward(model, contextlib.nullcontext()))
+a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
+upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], bt.DomainWeighting(a, keys), None, 1e-4,
+                 bt.device_copy, bt.meta_loss)
+mine = [m_records[i] for i in fwd.share(len(m_records), 1)[0].tolist()]
+L_meta = bt.meta_loss(*fwd(mine), mine) * (len(mine) / len(m_records))
+g = bt.hypergradient(upper, L_meta, bt.train_batch(records, keys, "cpu"), 1e-3)
+if rank == 0:
+    json.dump(g[0].tolist(), open({out!r}, "w"))
+prm.leave_processes()
+"""
+
+
+def test_one_hypergradient_on_two_processes_is_one_processs(tmp_path, backbone_dir):
+    """(b) The finite-difference hypergradient of DreamPRM's weights on 2 processes (fp64, the PRM
+    sharded) equals one process's to 1e-5 relative (which tests/test_bilevel.py checks against
+    autograd's double backward)."""
+    import torch
+    g = {}
+    for n in (1, 2):
+        script = tmp_path / f"hyper{n}.py"
+        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, out=str(tmp_path / f"g{n}.json")))
+        done = run([str(script)], n, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        g[n] = torch.tensor(json.loads((tmp_path / f"g{n}.json").read_text()))
+    assert g[1].abs().max() > 0 and ((g[2] - g[1]).norm() / g[1].norm()).item() <= 1e-5, g
