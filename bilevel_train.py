@@ -197,6 +197,14 @@ def at_least_fp32(values):
     return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
+def batch_losses(forward, batch, mine):
+    """l_b (b,) of the CoTs `mine` (indices) of a train batch at the current phi, with autograd unless
+    the caller turns it off."""
+    values, mask = forward([batch.records[i] for i in mine.tolist()])                 # (b, S)
+    S = values.shape[1]
+    return step_losses(at_least_fp32(values), mask, batch.p[mine, :S], batch.p_mask[mine, :S])[0]
+
+
 def lower_loss(alpha_b, l, n_total):
     """L_tr = sum_b alpha_b l_b / sum_b n_b (each labelled step counts once): alpha_b (B,), l (B,)."""
     return (alpha_b * l).sum() / n_total
@@ -210,9 +218,7 @@ def lower_step(forward, opt_phi, weighting, batch, accum, clip):
     n_total = batch.n.sum().clamp(min=1)                                          # sum_b n_b
     L_tr, ls = 0.0, []
     for chunk in forward.share(len(batch.records), accum):                        # this process's CoTs
-        values, mask = forward([batch.records[i] for i in chunk.tolist()])        # (b, S_k)
-        S = values.shape[1]
-        l, _ = step_losses(at_least_fp32(values), mask, batch.p[chunk, :S], batch.p_mask[chunk, :S])   # (b,)
+        l = batch_losses(forward, batch, chunk)                                   # (b,)
         loss = lower_loss(alpha_b[chunk], l, n_total)           # the micro-batch's share of L_tr
         if not torch.isfinite(loss):
             raise Diverged(f"the lower loss L_tr is {loss.item()}", "lower")
@@ -249,13 +255,6 @@ class Upper:
     def __init__(self, forward, phi, weighting, opt_a, r, copy_phi, loss):
         self.forward, self.phi, self.weighting, self.opt_a = forward, phi, weighting, opt_a
         self.r, self.copy_phi, self.meta_loss = r, copy_phi, loss
-
-
-def batch_losses(forward, batch, mine):
-    """l_b of the CoTs `mine` of a train batch at the current phi (the caller disables autograd)."""
-    values, mask = forward([batch.records[i] for i in mine.tolist()])                 # (b, S)
-    S = values.shape[1]
-    return step_losses(at_least_fp32(values), mask, batch.p[mine, :S], batch.p_mask[mine, :S])[0]
 
 
 def hypergradient(upper, L_meta, batch, xi):
@@ -794,9 +793,9 @@ class Method:
     model: str = prm.option("tiny", "backbone directory (save_pretrained format), or 'tiny'")
     weighting: str = prm.option("domain", "domain: DreamPRM; fixed: vanilla PRM (uniform, no upper level); "
                                 "instance-table: one weight per training CoT; instance-net: a small net maps a CoT's "
-                                "step values and MC labels to its weight (DreamPRM-1.5); instance: instance-table; domain-instance: "
-                                "a domain weight times a table weight normalised within the domain, one hypergradient "
-                                "for both", choices=WEIGHTINGS)
+                                "step values and MC labels to its weight (DreamPRM-1.5); instance: instance-table; "
+                                "domain-instance: a domain weight times a table weight normalised within the domain, "
+                                "one hypergradient for both", choices=WEIGHTINGS)
     iterations: int = prm.option(1000, "outer iterations, each U lower steps + 1 upper step (>= 1)",
                                  type=prm.number(int, 1, 10 ** 9), presets={"toy": 150, "toy instance modes": 750})
     unroll_steps: int = prm.option(5, "U: lower steps per upper step (>= 1)", type=prm.number(int, 1, 10 ** 6),
@@ -1123,7 +1122,6 @@ class Run:
     rank: int                # this process under torchrun (0 writes the outputs), else 0
     device: object
     model: object
-    phi: list
     train: list
     meta: list
     train_groups: list       # the training CoTs' indices by question (--group-by-question), else None
@@ -1167,11 +1165,12 @@ def setup_run(args, run_lock):
     upper = Upper(forward, phi, weighting, opt_a, args.fd_radius, cpu_copy if args.offload_restore else device_copy,
                   make_meta_loss(args))
     start, history = resume_or_start(args.out, start, model, weighting.a, opt_phi, opt_a, domains, rank)
-    return Run(args=args, rank=rank, device=device, model=model, phi=phi, train=train, meta=meta,
+    return Run(args=args, rank=rank, device=device, model=model, train=train, meta=meta,
                train_groups=question_groups(train, args.group_by_question),
                meta_groups=question_groups(meta, args.group_by_question), domains=domains, held_out=held_out,
                autocast=autocast, forward=forward, weighting=weighting, upper=upper, opt_phi=opt_phi, opt_a=opt_a,
-               clip=args.grad_clip or math.inf, bar=prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel"),
+               clip=args.grad_clip or math.inf,
+               bar=prm.progress(range(start, args.iterations), initial=start, total=args.iterations, desc="bilevel"),
                history=history, n_long=n_long, run_lock=run_lock, sums=new_sums(), done=start)
 
 
@@ -1423,8 +1422,11 @@ def load_optimizer(opt, tensors, prefix):
         if key.startswith(prefix + "."):
             _, i, name = key.rsplit(".", 2)
             p = params[int(i)]
-            opt.state.setdefault(p, {})[name] = placed(t, p) if name != "step" else t.to(p.device) if step_on_device \
-                else t
+            if name != "step":
+                t = placed(t, p)
+            elif step_on_device:
+                t = t.to(p.device)
+            opt.state.setdefault(p, {})[name] = t
     return opt
 
 
@@ -1725,8 +1727,8 @@ def start_processes(args):
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():        # the toy demo's second run (the vanilla PRM) joins once
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")
     return rank, world, device
 
 
@@ -1828,7 +1830,8 @@ def diverged_message(args, done, e):
 
 def main(argv=None):
     """Train the run the flags ask for (and, for the toy demo, the vanilla baseline after it)."""
-    if prm.processes() == (0, int(os.environ.get("WORLD_SIZE", 1))) and prm.processes()[1] > 1:
+    rank, world = prm.processes()
+    if rank == 0 and world > 1:
         await_torchrun_stop()
     for args in runs(sys.argv[1:] if argv is None else list(argv)):
         bilevel(args)

@@ -2398,7 +2398,7 @@ def processes():
 def one_process(script, instead):
     """Stop in one line when a script that runs as one process is started by torchrun with more
     than one: each process would write the whole output."""
-    rank, world = processes()
+    world = processes()[1]
     if world > 1:
         raise DataError(f"{script} runs as one process, not {world} under torchrun (each would write the whole "
                         f"output): {instead}")
@@ -2417,7 +2417,7 @@ def leave_processes():
     """At the end of a torchrun run: every process waits for the others, then leaves the group (its
     communication threads end before the interpreter does; left to exit they can abort it)."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        barrier()
         torch.distributed.destroy_process_group()
 
 

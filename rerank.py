@@ -346,8 +346,7 @@ def score_with(name, path, questions, load, args, device, cots_digest, rank=0, w
     prm.drop_torn_tail(part)
     mine = range(rank + done * world, len(questions), world)
     with open(part, "a", encoding="utf-8") as f:
-        for q in prm.progress(mine, initial=done, total=len(range(rank, len(questions), world)), desc=f"score {name}") \
-                if rank == 0 else mine:
+        for q in prm.progress(mine, initial=done, total=len(range(rank, len(questions), world)), desc=f"score {name}"):
             scores, values = score_question(model, load(questions[q][1]), how, args.batch_size,
                                             not args.no_shared_prefix)
             prm.append_jsonl(f, {"q": q, "scores": scores, "values": values})
