@@ -99,7 +99,7 @@ class Weighting:
         return latest
 
     def of_all(self):                                   # for the logs: (N,) every training CoT's weight
-        return self.weights(detached(self.a), SimpleNamespace(keys=self.keys))
+        return self.weights([x.detach() for x in self.a], SimpleNamespace(keys=self.keys))
 
     def per_domain(self, w_all, train, domains):        # for the logs: {domain: its CoTs' mean weight}
         of = domain_keys(train, domains, w_all.device)
@@ -117,22 +117,6 @@ class DomainWeighting(Weighting):
         return {d: alpha[k].item() for k, d in enumerate(domains)}
 
 
-def domain_keys(train, domains, device):
-    """(N,) the index of each training CoT's domain."""
-    index = {d: k for k, d in enumerate(domains)}
-    return torch.tensor([index[r["domain"]] for r in train], device=device)
-
-
-def domain_weighting(train, domains, device):
-    """DreamPRM's weighting: a = 0 (uniform alpha), keyed by domain."""
-    return DomainWeighting([torch.zeros(len(domains), device=device, requires_grad=True)],     # (K,)
-                           domain_keys(train, domains, device))
-
-
-def detached(a):
-    return [x.detach() for x in a]
-
-
 class PackedForward:
     """The PRM as the method calls it: forward(records) -> (B, S) values V_phi(x_b, yhat_bi) and (B, S)
     mask, one packed forward (prm.step_values). Appendix F's SharedPrefixForward is the other."""
@@ -145,8 +129,7 @@ class PackedForward:
         with self.autocast:
             return prm.step_values(self.model, encoded)
 
-    # One process computes a batch's every CoT (its share of n: all, in `pieces` micro-batches) and its
-    # sums are the batch's; under torchrun, Appendix G's ShardedForward splits and reduces.
+    # One process: every CoT is its share (in `pieces` micro-batches), its sums the batch's (Appendix G's splits).
     def share(self, n, pieces):
         return torch.arange(n).chunk(pieces)
 
@@ -214,22 +197,19 @@ def lower_step(forward, opt_phi, weighting, batch, accum, clip):
     """phi <- AdamW step on L_tr(phi, alpha), alpha fixed, in `accum` micro-batches (--grad-accum,
     as nanoGPT: gradients summed, 1/accum of the activations), the gradient's norm clipped to `clip`
     (inf: not at all). A non-finite L_tr stops the run (Diverged) before the step."""
-    alpha_b = weighting.weights(detached(weighting.a), batch)                     # (B,)
+    alpha_b = weighting.weights([x.detach() for x in weighting.a], batch)         # (B,) alpha fixed
     n_total = batch.n.sum().clamp(min=1)                                          # sum_b n_b
-    L_tr, ls = 0.0, []
+    L_tr, l_all = 0.0, torch.zeros_like(batch.n)                                 # (B,) l_b of every CoT
     for chunk in forward.share(len(batch.records), accum):                        # this process's CoTs
         l = batch_losses(forward, batch, chunk)                                   # (b,)
         loss = lower_loss(alpha_b[chunk], l, n_total)           # the micro-batch's share of L_tr
         if not torch.isfinite(loss):
             raise Diverged(f"the lower loss L_tr is {loss.item()}", "lower")
         forward.backward(loss)
-        L_tr, ls = L_tr + loss.detach(), ls + [(chunk, l.detach())]
+        L_tr, l_all[chunk] = L_tr + loss.detach(), l.detach()
     torch.nn.utils.clip_grad_norm_([p for g in opt_phi.param_groups for p in g["params"] if p.grad is not None], clip)
     opt_phi.step()
     opt_phi.zero_grad(set_to_none=True)         # spent: the hypergradient needs the memory
-    l_all = ls[0][1].new_zeros(len(batch.records))                                # (B,) l_b of every CoT
-    for chunk, l in ls:
-        l_all[chunk] = l
     batch.L_tr, batch.l = forward.sum(L_tr), forward.sum(l_all)
     return batch
 
@@ -241,16 +221,15 @@ def lower_step(forward, opt_phi, weighting, batch, accum, clip):
 
 def meta_loss(values, mask, records):
     """L_meta = mean_m (A(V_m1..n) - r_m)^2 on (M, S) values and mask of whole meta CoTs, A =
-    prm.aggregate (mean_logit), r_m their correctness, as published (ablations: Appendix E)."""
+    prm.mean_logit, r_m their correctness, as published (ablations: Appendix E)."""
     r = torch.tensor([float(x["correct"]) for x in records], device=values.device)    # (M,)
-    A = prm.aggregate(values, mask, "mean_logit")                                    # (M,)
+    A = prm.mean_logit(values, mask)                                                 # (M,)
     return ((A - r) ** 2).mean()
 
 
 class Upper:
-    """The upper level's constants, built once (as DARTS's Architect): the forward and phi, the
-    weighting and Adam on its a, the radius r, copy_phi(phi) (the restore copy: beside phi, or in
-    CPU memory) and the meta loss (meta_loss or an ablation). upper_step takes the data."""
+    """The upper level's constants, built once (as DARTS's Architect): forward, phi, the weighting, Adam on
+    its a, the radius r, the restore copy copy_phi (beside phi, or in CPU memory), meta_loss (or an ablation)."""
 
     def __init__(self, forward, phi, weighting, opt_a, r, copy_phi, loss):
         self.forward, self.phi, self.weighting, self.opt_a = forward, phi, weighting, opt_a
@@ -307,45 +286,33 @@ def upper_step(upper, batch, meta_records, xi):
 # ==============================================================================================
 
 def get_xi(t, args):
-    """xi at lower step t (0-based): --lr (the default), after a linear --warmup, or cosine (to 0 at the
-    last step) or step (x --lr-gamma every --lr-step); a pure function of t, so a resume follows it."""
+    """xi at lower step t (0-based), as nanoGPT's get_lr: a linear --warmup, then --lr times the decay of
+    --lr-schedule: constant (the default: 1), cosine (to 0 at the last step) or step (x --lr-gamma every
+    --lr-step). A pure function of t, so a resumed run follows it."""
     total = args.iterations * args.unroll_steps
     w = int(args.warmup * total)
     if t < w:
         return args.lr * ((t + 1) / w)
-    if args.lr_schedule == "cosine":
-        return args.lr * (0.5 * (1 + math.cos(math.pi * (t - w) / max(1, total - w))))
-    if args.lr_schedule == "step":
-        return args.lr * args.lr_gamma ** (t // args.lr_step)
-    return args.lr
+    return args.lr * {"constant": 1, "cosine": 0.5 * (1 + math.cos(math.pi * (t - w) / max(1, total - w))),
+                      "step": args.lr_gamma ** (t // args.lr_step)}[args.lr_schedule]
 
 
-def draw(n, groups, k, seed, *key):
-    """k record indices, a pure function of (seed, key) (a resumed run draws the same): k CoTs drawn
-    uniformly with replacement, or (groups: each question's CoTs, --group-by-question) questions drawn
-    uniformly, each bringing all its CoTs, until k (the last cut short)."""
-    salt = key if groups is None else ("questions",) + key
-    g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + salt).encode()))
-    if groups is None:
-        return torch.randint(n, (k,), generator=g).tolist()
+def draw(groups, k, seed, *key):
+    """k record indices, a pure function of (seed, key) (a resumed run draws the same): groups drawn
+    uniformly with replacement, each bringing all its indices, until k (the last cut short). A group is
+    one CoT, or with --group-by-question one question's CoTs (question_groups)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((seed,) + key).encode()))
     out = []
     while len(out) < k:
         out += groups[int(torch.randint(len(groups), (1,), generator=g))][:k - len(out)]
     return out
 
 
-def set_xi(opt_phi, xi):
-    """Put the lower lr xi of this step on the lower optimizer (the hypergradient uses the same xi)."""
-    for group in opt_phi.param_groups:
-        group["lr"] = xi
-    return xi
-
-
 def bilevel(args):
     """One bi-level training run: the PRM phi and the raw weights a, trained as the flags ask."""
     with open_run(args) as run:       # Appendix D: lock --out, data, PRM, seams, resume; on leaving, save the PRM
         # The seams, each chosen once by the flags (setup_run, Appendix D):
-        forward = run.forward         # PackedForward (section 1), or SharedPrefixForward (--group-by-question)
+        forward = run.forward         # PackedForward (section 1), SharedPrefixForward (--group-by-question), ShardedForward (torchrun)
         weighting = run.weighting     # DreamPRM's DomainWeighting (section 1), or --weighting's (Appendix A)
         upper = run.upper             # section 2's Upper: phi, Adam on a, r, the restore copy, the meta loss
         U, device = args.unroll_steps, run.device
@@ -353,13 +320,15 @@ def bilevel(args):
             t0, batches, L_meta = time.perf_counter(), [], None
             # U lower steps: phi <- AdamW(grad_phi L_tr(phi, alpha)), alpha fixed, lr xi.
             for u in range(U):
-                xi = set_xi(run.opt_phi, get_xi(it * U + u, args))
-                idx = draw(len(run.train), run.train_groups, args.train_batch, args.seed, "train", it, u)
+                xi = get_xi(it * U + u, args)
+                for group in run.opt_phi.param_groups:
+                    group["lr"] = xi
+                idx = draw(run.train_groups, args.train_batch, args.seed, "train", it, u)
                 batch = train_batch([run.train[i] for i in idx], weighting.keys[idx], device)
                 batches.append(lower_step(forward, run.opt_phi, weighting, batch, args.grad_accum, run.clip))
             # One upper step after the cold start: a <- Adam(g_a), the hypergradient through a train batch.
             if weighting.moves and it >= args.cold_start:
-                m_idx = draw(len(run.meta), run.meta_groups, args.meta_batch, args.seed, "meta", it)
+                m_idx = draw(run.meta_groups, args.meta_batch, args.seed, "meta", it)
                 L_meta = upper_step(upper, weighting.upper_batch(it, batches[-1]), [run.meta[i] for i in m_idx], xi)
             # Logs, held-out figures and checkpoints, each at its own period (Appendix D).
             end_of_iteration(run, it + 1, batches, L_meta, time.perf_counter() - t0)
@@ -398,6 +367,18 @@ def init_instance_net(hidden, seed, device):
     g = torch.Generator().manual_seed(seed)
     W1 = torch.randn(hidden, 2, generator=g) * 2 ** -0.5
     return [t.to(device).requires_grad_() for t in (W1, torch.zeros(hidden), torch.zeros(1, hidden), torch.zeros(1))]
+
+
+def domain_keys(train, domains, device):
+    """(N,) the index of each training CoT's domain."""
+    index = {d: k for k, d in enumerate(domains)}
+    return torch.tensor([index[r["domain"]] for r in train], device=device)
+
+
+def domain_weighting(train, domains, device):
+    """DreamPRM's weighting: a = 0 (uniform alpha), keyed by domain."""
+    return DomainWeighting([torch.zeros(len(domains), device=device, requires_grad=True)],     # (K,)
+                           domain_keys(train, domains, device))
 
 
 def make_weighting(args, train, domains, device, forward):
@@ -477,7 +458,7 @@ class InstanceNet(InstanceWeighting):
 
     def of_all(self):
         """One no-grad pass over the training CoTs, the weights normalised over all of them."""
-        w = torch.cat([self.bounded_weights(detached(self.a),
+        w = torch.cat([self.bounded_weights([x.detach() for x in self.a],
                                             train_batch(self.train[i:i + self.batch_size], None, self.keys.device))
                        for i in range(0, len(self.train), self.batch_size)])                 # (N,)
         return w / w.mean()
@@ -514,7 +495,7 @@ KINDS = {"domain": DomainWeighting, "fixed": FixedWeighting, "instance-table": I
 def instance_batch(train, keys, size, seed, it, device):
     """A fresh sample of training CoTs for an instance-mode upper step: their weights move, not only
     those of the latest lower batch."""
-    idx = draw(len(train), None, size, seed, "instance", it)
+    idx = draw([[i] for i in range(len(train))], size, seed, "instance", it)
     return train_batch([train[i] for i in idx], keys[idx], device)
 
 
@@ -1124,7 +1105,7 @@ class Run:
     model: object
     train: list
     meta: list
-    train_groups: list       # the training CoTs' indices by question (--group-by-question), else None
+    train_groups: list       # the training CoTs' indices by question (--group-by-question), else one each
     meta_groups: list        # the same for the meta CoTs
     domains: list
     held_out: list
@@ -1526,7 +1507,7 @@ def make_meta_loss(args):
 def bce_meta_loss(values, mask, records):
     """--upper-loss bce: L_meta = mean_m BCE(A(V_m1..n), r_m)."""
     r = torch.tensor([float(x["correct"]) for x in records], device=values.device)    # (M,)
-    A = prm.aggregate(values, mask, "mean_logit")                                    # (M,)
+    A = prm.mean_logit(values, mask)                                                 # (M,)
     return F.binary_cross_entropy(A.clamp(prm.V_CLAMP, 1 - prm.V_CLAMP), r)
 
 
@@ -1666,10 +1647,10 @@ def prompt_key(r):
 
 
 def question_groups(records, grouped):
-    """The training (or meta) records' indices by prompt, in first-seen order, for draw(); None when
-    batches are plain random CoTs."""
+    """The training (or meta) records' indices by prompt, in first-seen order, for draw(); one group per
+    record when batches are plain random CoTs."""
     if not grouped:
-        return None
+        return [[i] for i in range(len(records))]
     groups = {}
     for i, r in enumerate(records):
         groups.setdefault(prompt_key(r), []).append(i)

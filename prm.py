@@ -402,11 +402,9 @@ class PRM(nn.Module):
         self.aggregation = "mean_logit"          # the A of the upper loss: rerank.py's default
 
     def encode(self, record, image_root=None, cache=False):
-        """Encode a record as a CoTs file line holds it ('question', 'choices', 'steps', 'final', 'image':
-        a path under image_root, or null) or as the readers return it ('_image', '_question'); an image
-        that cannot be used is a DataError. The final answer line joins the last step or is left out
-        (`final_answer`). cache (training reads a record many times): a text-only record keeps its
-        encoding for this PRM in record["_enc"]; image records share the bounded image cache."""
+        """Encode a record (a CoTs file line: 'image' a path under image_root or null; or as the readers
+        return it: '_image', '_question'); an unusable image is a DataError. cache (training): a text-only
+        record keeps its encoding in record["_enc"], images share the bounded image cache."""
         kept = record.get("_enc") if cache else None
         if kept and kept[0] is self.encodings and kept[1] == self.final_answer:
             return kept[2]
@@ -480,11 +478,8 @@ def _to(batch, device):
 
 
 def step_values(prm, cots):
-    """Packed scoring: ONE forward for a batch of CoTs.
-
-    cots: list of Encoded (B of them). Returns values (B, S) and mask (B, S); values at masked
-    (padding) slots are meaningless.
-    """
+    """Packed scoring, ONE forward for a batch: B Encoded CoTs -> values (B, S) and mask (B, S) (values
+    at masked, padding, slots are meaningless)."""
     batch = _to(collate(cots, prm.pad_id, prm.family), prm.device)
     h = prm.hidden(batch)                                        # (B, L, H)
     idx = batch["step_ends"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
@@ -567,20 +562,26 @@ def shared_prefix_values(prm, cots):
     return prm.value(h_steps), mask.to(device)
 
 
+def mean_logit(values, mask):
+    """The paper's aggregation A: sigmoid((1/n) sum_i logit(V_i)) over each CoT's steps, V clamped to
+    [1e-6, 1-1e-6], padding slots (mask False) ignored: (B, S) values and mask -> (B,)."""
+    m = mask.to(values.device).to(values.dtype)
+    V = values.clamp(V_CLAMP, 1 - V_CLAMP)
+    return torch.sigmoid((torch.logit(V) * m).sum(-1) / m.sum(-1).clamp(min=1))
+
+
 def aggregate(values, mask, how="mean_logit"):
     """Aggregation function A over each CoT's steps: (B, S) values and mask -> (B,).
 
-    mean_logit: A = sigmoid((1/n) sum_i logit(V_i)), V clamped to [1e-6, 1-1e-6] (the paper's A)
+    mean_logit: the paper's A (mean_logit, above)
     min, prod, last, mean: the usual alternatives. Padding slots (mask False) are ignored.
     """
-    mask = mask.to(values.device)
-    m = mask.to(values.dtype)
-    n = m.sum(-1).clamp(min=1)                                   # (B,)
     if how == "mean_logit":
-        V = values.clamp(V_CLAMP, 1 - V_CLAMP)
-        return torch.sigmoid((torch.logit(V) * m).sum(-1) / n)
+        return mean_logit(values, mask)
+    mask = mask.to(values.device)
     if how == "mean":
-        return (values * m).sum(-1) / n
+        m = mask.to(values.dtype)
+        return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
     if how == "min":
         return values.masked_fill(~mask, float("inf")).min(-1).values
     if how == "prod":

@@ -765,12 +765,13 @@ def test_shared_prefix_training_equals_packed(request, images, backbone, with_im
 
 def test_draw_by_question():
     groups = [[0, 1, 2], [3, 4], [5], [6, 7, 8]]
-    idx = bt.draw(9, groups, 5, 0, "train", 3, 0)
-    assert len(idx) == 5 and idx == bt.draw(9, groups, 5, 0, "train", 3, 0)           # a pure function of the key
+    idx = bt.draw(groups, 5, 0, "train", 3, 0)
+    assert len(idx) == 5 and idx == bt.draw(groups, 5, 0, "train", 3, 0)           # a pure function of the key
     cut = [g for g in groups if set(g) & set(idx) and not set(g) <= set(idx)]   # whole questions, but the last
     assert len(cut) <= 1 and all(idx[-len(set(g) & set(idx)):] == g[:len(set(g) & set(idx))] for g in cut)
     g = torch.Generator().manual_seed(zlib.crc32(repr((0, "train", 3, 0)).encode()))
-    assert bt.draw(9, None, 5, 0, "train", 3, 0) == torch.randint(9, (5,), generator=g).tolist()   # plain: as before
+    plain = bt.question_groups(list(range(9)), False)                                 # one CoT a group
+    assert bt.draw(plain, 5, 0, "train", 3, 0) == torch.randint(9, (5,), generator=g).tolist()   # as before
 
 
 @pytest.mark.parametrize("weighting", ["domain", "instance-table"])
