@@ -1138,12 +1138,13 @@ def setup_run(args, run_lock):
         shard_prm(model, device, world)
     phi = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    forward = ShardedForward(model, autocast, rank, world) if world > 1 else \
-        (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
+    forward = (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
+    if world > 1:
+        forward = ShardedForward(forward, rank, world)
     weighting = make_weighting(args, train, domains, device, forward)
     opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, args.compact_states, args.seed)
     opt_a = upper_optimizer(weighting.a, args.meta_lr, args.meta_weight_decay)
-    upper = Upper(forward, phi, weighting, opt_a, args.fd_radius, cpu_copy if args.offload_restore else device_copy,
+    upper = Upper(forward, phi, weighting, opt_a, args.fd_radius, CpuCopy if args.offload_restore else device_copy,
                   make_meta_loss(args))
     start, history = resume_or_start(args.out, start, model, weighting.a, opt_phi, opt_a, domains, rank)
     return Run(args=args, rank=rank, device=device, model=model, train=train, meta=meta,
@@ -1524,10 +1525,23 @@ def device_copy(phi):
     return [p.detach().clone() for p in phi]
 
 
-def cpu_copy(phi):
+class CpuCopy:
     """--offload-restore: the restore copy in CPU memory, pinned on CUDA: 4 bytes per parameter less
-    GPU memory, the same bits restored."""
-    return [p.detach().to("cpu", copy=True).pin_memory() if p.is_cuda else p.detach().to("cpu", copy=True) for p in phi]
+    GPU memory, the same bits restored. Iterated, it gives each parameter's copy as the hypergradient
+    copies it back: a plain CPU tensor, or (the PRM sharded under torchrun, whose processes each keep
+    their shards) this process's shard returned to its device, one parameter at a time."""
+
+    def __init__(self, phi):
+        from torch.distributed.tensor import DTensor
+        self.phi = phi
+        local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in phi]
+        self.saved = [x.to("cpu", copy=True).pin_memory() if x.is_cuda else x.to("cpu", copy=True) for x in local]
+
+    def __iter__(self):
+        from torch.distributed.tensor import DTensor
+        for p, s in zip(self.phi, self.saved):
+            yield DTensor.from_local(s, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                     stride=p.stride()) if isinstance(p, DTensor) else s
 
 
 def freeze_vision(model):
@@ -1661,18 +1675,21 @@ def question_groups(records, grouped):
 # Appendix G. More than one process: torchrun, the PRM sharded with FSDP2
 # ==============================================================================================
 
-class ShardedForward(PackedForward):
-    """The forward under torchrun with N processes: the PRM sharded with FSDP2 (shard_prm), each
-    process computing its share of every batch (CoTs rank, rank + N, ...) and the sums over the
-    processes all-reduced. Every process draws the same global batches and computes their labels and
-    weights (pure functions of the seed), so the method is the one-process one."""
+class ShardedForward:
+    """A forward (PackedForward or SharedPrefixForward) under torchrun with N processes: the PRM
+    sharded with FSDP2 (shard_prm), each process computing its share of every batch (a contiguous
+    block of CoTs: with --group-by-question, whole questions but where a block ends) and the sums over
+    the processes all-reduced. Every process draws the same global batches and computes their labels
+    and weights (pure functions of the seed), so the method is the one-process one."""
 
-    def __init__(self, model, autocast, rank, world):
-        super().__init__(model, autocast)
-        self.rank, self.world = rank, world
+    def __init__(self, forward, rank, world):
+        self.forward, self.rank, self.world = forward, rank, world
+
+    def __call__(self, records):
+        return self.forward(records)
 
     def share(self, n, pieces):
-        return torch.arange(self.rank, n, self.world).tensor_split(pieces)     # as many pieces on each process
+        return torch.arange(n).tensor_split(self.world)[self.rank].tensor_split(pieces)
 
     def sum(self, x):
         torch.distributed.all_reduce(x)
@@ -1695,8 +1712,9 @@ def start_processes(args):
     device = prm.pick_device(args.device)
     if world == 1:
         return 0, 1, device
+    # Not built yet: the shared prompt's cache carries gradients past FSDP2's gather hooks; sharding
+    # already divides the optimizer's states by the number of processes.
     not_yet = [flag for flag, on in (("--group-by-question", args.group_by_question),
-                                     ("--offload-restore", args.offload_restore),
                                      ("--compact-states", args.compact_states)) if on]
     if not_yet:
         raise prm.DataError(f"{', '.join(not_yet)} under torchrun: not built yet; run them as one process")

@@ -361,33 +361,95 @@ def sharded_plan():
 
 
 def distributed_rows(args):
-    """(7) bilevel_train.py on the synthetic set and the 9.8 M backbone (batch 8, meta batch 16,
-    U = 5), one process of one thread against torchrun with 2 of one thread each (the PRM sharded
-    with FSDP2 over gloo), runs taking turns: training CoTs per second from each run's own seconds
-    per iteration (metrics.jsonl, its first row left out as warm-up), vanilla and DreamPRM."""
+    """(7) bilevel_train.py on the synthetic set and the 9.8 M backbone (U = 5, meta batch twice the
+    train batch), one process of one thread against torchrun with 2 of one thread each (the PRM sharded
+    with FSDP2 over gloo), runs taking turns: training CoTs per second from each run's own seconds per
+    iteration (metrics.jsonl, its first row left out as warm-up), vanilla and DreamPRM, at train batch
+    8 and 32. Then two independent 1-process DreamPRM runs at once (what 2 processes can gain on this
+    machine without communicating), and one more 2-process DreamPRM run under cProfile: the share of
+    process 0's iteration spent in collectives (transfers, and waits for the other process) and in
+    FSDP2's copies around them."""
     import json
     import subprocess
     tmp = tempfile.mkdtemp()
     backbone = prm.save_tiny_backbone(os.path.join(tmp, "small"), **LOCAL_SIZES["small"])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     print("(7) bi-level training, 2 processes of 1 thread (torchrun, FSDP2, gloo) against 1 process of 1 thread, "
-          "9.8 M backbone, batch 8, U = 5")
-    for weighting, name in (("fixed", "vanilla"), ("domain", "DreamPRM bi-level")):
-        seconds = {1: [], 2: []}
-        for r in range(args.repeats):
-            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
-                out = os.path.join(tmp, f"{weighting}-{n}-{r}")
-                launch = [sys.executable] + ([] if n == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                                                 "--nproc-per-node=2"])
-                subprocess.run(launch + ["bilevel_train.py", "--synthetic", "--model", backbone, "--weighting", weighting,
-                                         "--iterations", "8", "--unroll-steps", "5", "--train-batch", "8",
-                                         "--meta-batch", "16", "--log-every", "1", "--no-baseline", "--out", out],
-                               cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
-                rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][1:]
-                seconds[n] += [x["time/seconds_per_iteration"] for x in rows]
-        rate = {n: 8 * 5 / (sum(s) / len(s)) for n, s in seconds.items()}                 # training CoTs / s
-        print(f"    {name:20s} 1 process {rate[1]:6.1f} CoTs/s   2 processes {rate[2]:6.1f} CoTs/s   "
-              f"{rate[2] / rate[1]:.2f}x")
+          "9.8 M backbone, U = 5")
+
+    def launch_args(n):
+        return [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc-per-node=2"]
+
+    def flags(batch, weighting, out):
+        return ["--synthetic", "--model", backbone, "--weighting", weighting, "--iterations", "8" if batch <= 8 else "4",
+                "--unroll-steps", "5", "--train-batch", str(batch), "--meta-batch", str(2 * batch), "--log-every", "1",
+                "--no-baseline", "--out", out]
+
+    def run(n, batch, weighting, out, profile=None):
+        script = ["bilevel_train.py"] if profile is None else [os.path.abspath(__file__), "--profile-run", profile]
+        subprocess.run(launch_args(n) + script + flags(batch, weighting, out), cwd=root,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
+        return [json.loads(x)["time/seconds_per_iteration"] for x in open(os.path.join(out, "metrics.jsonl"))][1:]
+
+    for batch in (8, 32):
+        for weighting, name in (("fixed", "vanilla"), ("domain", "DreamPRM bi-level")):
+            seconds = {1: [], 2: []}
+            for r in range(args.repeats):
+                for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    seconds[n] += run(n, batch, weighting, os.path.join(tmp, f"{weighting}-{batch}-{n}-{r}"))
+            rate = {n: batch * 5 / (sum(s) / len(s)) for n, s in seconds.items()}             # training CoTs / s
+            print(f"    batch {batch:2d}  {name:18s} 1 process {rate[1]:6.1f} CoTs/s   2 processes {rate[2]:6.1f} "
+                  f"CoTs/s   {rate[2] / rate[1]:.2f}x")
+        # The machine's own ceiling: two independent 1-process runs side by side, each with its own core.
+        pair = [subprocess.Popen(launch_args(1) + ["bilevel_train.py"] + flags(batch, "domain", os.path.join(
+            tmp, f"pair-{batch}-{i}")), cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        pair_rate = 0.0
+        for i, p in enumerate(pair):
+            assert p.wait() == 0
+            rows = [json.loads(x)["time/seconds_per_iteration"] for x in open(os.path.join(tmp, f"pair-{batch}-{i}",
+                                                                                          "metrics.jsonl"))][1:]
+            pair_rate += batch * 5 / (sum(rows) / len(rows))
+        print(f"    batch {batch:2d}  DreamPRM, two independent 1-process runs at once: {pair_rate:6.1f} CoTs/s together, "
+              f"{pair_rate / rate[1]:.2f}x one alone (no communication: this machine's ceiling for 2 processes)")
+        profile = os.path.join(tmp, f"collectives-{batch}.json")
+        per_iteration = run(2, batch, "domain", os.path.join(tmp, f"profiled-{batch}"), profile)
+        t = sum(per_iteration) / len(per_iteration)
+        c = json.load(open(profile))
+        print(f"    batch {batch:2d}  DreamPRM, 2 processes under cProfile: {t:.2f} s per iteration, of it "
+              f"{c['collectives'] / c['iterations']:.2f} s in collectives ({c['collectives'] / c['iterations'] / t:.0%}) "
+              f"and {c['copies'] / c['iterations']:.2f} s in FSDP2's copies around them")
+
+
+def profile_run(out, argv):
+    """--profile-run OUT (under torchrun, by distributed_rows): bilevel_train.py's run under cProfile;
+    process 0 writes to OUT the seconds spent in c10d's collectives (transfers and waits) and in the
+    copies FSDP2 makes into and out of them, in the run's iterations after the first."""
+    import cProfile
+    import json
+    import pstats
+    iterations, profiler, real = int(argv[argv.index("--iterations") + 1]), cProfile.Profile(), bt.end_of_iteration
+
+    def end_of_iteration(run, done, *rest):              # iterations 2 .. last, without the last one's end
+        if done == iterations:
+            profiler.disable()
+        real(run, done, *rest)
+        if done == 1:
+            profiler.enable()
+    bt.end_of_iteration = end_of_iteration
+    rank = prm.processes()[0]
+    bt.cli(argv)
+    if rank > 0:
+        return
+    seconds = {"collectives": 0.0, "copies": 0.0}
+    for (_, _, name), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
+        if "_distributed_c10d" in name:
+            seconds["collectives"] += own
+        elif any(k in name for k in ("split_with_sizes_copy", "_chunk_cat", "_foreach_copy_")):
+            seconds["copies"] += own
+    with open(out, "w") as f:
+        json.dump(dict(seconds, iterations=iterations - 1), f)
 
 
 def kept(model, c):
@@ -417,7 +479,7 @@ def outer_iteration(model, opt_phi, opt_a, a, train, meta, U, bilevel, offload, 
         last = bt.lower_step(fwd, opt_phi, w, bt.train_batch(train, keys, a[0].device), 1, math.inf)
     if bilevel:
         upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], w, opt_a, 0.01,
-                         bt.cpu_copy if offload else bt.device_copy, bt.meta_loss)
+                         bt.CpuCopy if offload else bt.device_copy, bt.meta_loss)
         bt.upper_step(upper, last, meta, 1e-4)
 
 
@@ -529,6 +591,9 @@ def memory_options(model, cots, args, device, autocast):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--profile-run"]:             # (7)'s worker under torchrun: profile_run
+        return profile_run(argv[1], argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=prm.HelpFormatter)
     ap.add_argument("--size", choices=["tiny", "small", "2b"], default="tiny",
                     help="tiny backbone, a small one (hidden 512, 4 layers), or the Qwen2-VL-2B architecture")

@@ -37,7 +37,7 @@ def lower_step(model, opt, weighting, records, autocast, clip=0.0, shared=False,
 def upper_step(model, phi, a, opt_a, batch, m_records, xi, autocast, offload=False, shared=False):
     """One upper step with DreamPRM's domain weights on raw weights a, through the method's seams."""
     upper = bt.Upper(forward(model, autocast, shared), phi, bt.DomainWeighting(a, batch.keys), opt_a, 0.01,
-                     bt.cpu_copy if offload else bt.device_copy, bt.meta_loss)
+                     bt.CpuCopy if offload else bt.device_copy, bt.meta_loss)
     return bt.upper_step(upper, batch, m_records, xi)
 
 

@@ -116,10 +116,12 @@ def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
     share of every global batch) equals one process on the same global batches: the weights and the
     PRM after 3 outer iterations agree to 1e-5 relative (the parameters as a whole: Adam's first
     steps amplify float noise in tensors whose gradient is ~0). Process 0 alone writes: one metrics
-    row per logged iteration, one PRM directory that loads and scores."""
+    row per logged iteration, one PRM directory that loads and scores. The instance-table run on 2
+    processes keeps its restore copy in CPU memory (--offload-restore: each process its shards)."""
     one, two = tmp_path / "one", tmp_path / "two"
     bilevel(one, 1, tmp_path, backbone_dir, "--weighting", weighting)
-    bilevel(two, 2, tmp_path, backbone_dir, "--weighting", weighting)
+    bilevel(two, 2, tmp_path, backbone_dir, "--weighting", weighting,
+            *(["--offload-restore"] if weighting == "instance-table" else []))
     assert_same_run(one, two)
     rows = [json.loads(x) for x in open(two / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [json.loads(x)["iteration"] for x in open(one / "metrics.jsonl")]
@@ -201,14 +203,17 @@ if world > 1:
 train, meta = bt.synthetic_data(0, 8, 8)
 records, m_records = train[::3][:8], meta[:6]
 keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records])
-fwd = (bt.ShardedForward(model, contextlib.nullcontext(), rank, world) if world > 1 else
-       bt.PackedForward(model, contextlib.nullcontext()))
+fwd = bt.PackedForward(model, contextlib.nullcontext())
+if world > 1:
+    fwd = bt.ShardedForward(fwd, rank, world)
 a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
 upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], bt.DomainWeighting(a, keys), None, 1e-4,
-                 bt.device_copy, bt.meta_loss)
+                 bt.{copy}, bt.meta_loss)
 mine = [m_records[i] for i in fwd.share(len(m_records), 1)[0].tolist()]
 L_meta = bt.meta_loss(*fwd(mine), mine) * (len(mine) / len(m_records))
+before = [bt.whole(p).clone() for p in upper.phi]
 g = bt.hypergradient(upper, L_meta, bt.train_batch(records, keys, "cpu"), 1e-3)
+assert all(torch.equal(bt.whole(p), b) for p, b in zip(upper.phi, before))         # restored bit for bit
 if rank == 0:
     json.dump(g[0].tolist(), open({out!r}, "w"))
 prm.leave_processes()
@@ -218,13 +223,17 @@ prm.leave_processes()
 def test_one_hypergradient_on_two_processes_is_one_processs(tmp_path, backbone_dir):
     """(b) The finite-difference hypergradient of DreamPRM's weights on 2 processes (fp64, the PRM
     sharded) equals one process's to 1e-5 relative (which tests/test_bilevel.py checks against
-    autograd's double backward)."""
+    autograd's double backward), with the restore copy beside phi and in CPU memory (--offload-restore:
+    each process keeps its shards). After it, phi is the same bits as before on every process."""
     import torch
     g = {}
-    for n in (1, 2):
-        script = tmp_path / f"hyper{n}.py"
-        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, out=str(tmp_path / f"g{n}.json")))
+    for n, copy in ((1, "device_copy"), (2, "device_copy"), (2, "CpuCopy")):
+        script = tmp_path / f"hyper{n}{copy}.py"
+        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, copy=copy,
+                                               out=str(tmp_path / f"g{n}{copy}.json")))
         done = run([str(script)], n, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        g[n] = torch.tensor(json.loads((tmp_path / f"g{n}.json").read_text()))
-    assert g[1].abs().max() > 0 and ((g[2] - g[1]).norm() / g[1].norm()).item() <= 1e-5, g
+        g[n, copy] = torch.tensor(json.loads((tmp_path / f"g{n}{copy}.json").read_text()))
+    one = g[1, "device_copy"]
+    for key in ((2, "device_copy"), (2, "CpuCopy")):
+        assert one.abs().max() > 0 and ((g[key] - one).norm() / one.norm()).item() <= 1e-5, (key, g)
