@@ -50,6 +50,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -1133,7 +1134,9 @@ def setup_run(args, run_lock):
     torch.manual_seed(args.seed)
     train, meta, domains = load_data(args)
     held_out = load_held_out(args)                                       # --eval, or []
-    model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains, device, rank)
+    # Under torchrun the PRM loads into CPU memory, and sharding moves each unit's shard to the GPU.
+    model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains,
+                                                    device if world == 1 else torch.device("cpu"), rank)
     if world > 1:
         shard_prm(model, device, world)
     phi = [p for p in model.parameters() if p.requires_grad]
@@ -1762,12 +1765,16 @@ def lost_process(e):
 def shard_prm(model, device, world):
     """FSDP2: each decoder layer, the vision tower, the value head and the rest (embeddings, norms)
     one unit each, whose parameters, gradients and optimizer states are split over the processes
-    and gathered for its forward and backward."""
+    and gathered for its forward and backward. A unit in CPU memory moves to `device` as it is
+    sharded, so a GPU never holds more than one unit whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     # Resharded after every forward, the root unit too (FSDP2 keeps the root gathered by default): the
     # hypergradient moves the sharded parameters between two forwards, which must gather them anew.
     shard = partial(fully_shard, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=True)
+    # FSDP2 warns of every unit whose output is a view (the head's, of a 3-D input), in case a caller
+    # changes it in place; the value head's output is only read (sigmoid), so the warning is noise.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for layer in model.backbone.get_decoder().layers:
         shard(layer)
     if model.family is not None:

@@ -388,8 +388,10 @@ def distributed_rows(args):
 
     def run(n, batch, weighting, out, profile=None):
         script = ["bilevel_train.py"] if profile is None else [os.path.abspath(__file__), "--profile-run", profile]
-        subprocess.run(launch_args(n) + script + flags(batch, weighting, out), cwd=root,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
+        done = subprocess.run(launch_args(n) + script + flags(batch, weighting, out), cwd=root,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"a run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         return [json.loads(x)["time/seconds_per_iteration"] for x in open(os.path.join(out, "metrics.jsonl"))][1:]
 
     for batch in (8, 32):

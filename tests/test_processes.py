@@ -117,12 +117,23 @@ def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
     PRM after 3 outer iterations agree to 1e-5 relative (the parameters as a whole: Adam's first
     steps amplify float noise in tensors whose gradient is ~0). Process 0 alone writes: one metrics
     row per logged iteration, one PRM directory that loads and scores. The instance-table run on 2
-    processes keeps its restore copy in CPU memory (--offload-restore: each process its shards)."""
+    processes keeps its restore copy in CPU memory (--offload-restore: each process its shards); the
+    domain run on 2 splits each process's share in 2 micro-batches and recomputes activations
+    (--grad-accum 2 --grad-checkpointing), which change nothing but memory. Both domain runs score a
+    held-out split every iteration (--eval): the same figures in one eval.jsonl."""
+    from test_formats import labels_row, write_jsonl
+    held = write_jsonl(tmp_path / "held.jsonl", [labels_row(q, f"Held {q}?", sample=s, correct=s == int(q))
+                                                 for q in "01" for s in range(2)])
+    evals = ["--eval", held, "--eval-every", "1"] if weighting == "domain" else []
     one, two = tmp_path / "one", tmp_path / "two"
-    bilevel(one, 1, tmp_path, backbone_dir, "--weighting", weighting)
-    bilevel(two, 2, tmp_path, backbone_dir, "--weighting", weighting,
-            *(["--offload-restore"] if weighting == "instance-table" else []))
+    bilevel(one, 1, tmp_path, backbone_dir, "--weighting", weighting, *evals)
+    bilevel(two, 2, tmp_path, backbone_dir, "--weighting", weighting, *evals,
+            *(["--offload-restore"] if weighting == "instance-table" else ["--grad-accum", "2", "--grad-checkpointing"]))
     assert_same_run(one, two)
+    if evals:
+        e1, e2 = ([json.loads(x) for x in open(o / "eval.jsonl")] for o in (one, two))
+        assert [e["iteration"] for e in e2] == [1, 2, 3] == [e["iteration"] for e in e1]
+        assert all(e["eval/questions"] == 2 and e == pytest.approx(f, rel=1e-5) for e, f in zip(e2, e1)), (e1, e2)
     rows = [json.loads(x) for x in open(two / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [json.loads(x)["iteration"] for x in open(one / "metrics.jsonl")]
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
