@@ -853,7 +853,8 @@ class Memory:
     group_by_question: bool = prm.option(False, "shared-prefix training: a batch holds the CoTs of a few questions, "
                                          "and each question's image and text run once for all its CoTs (train, meta "
                                          "and hypergradient forwards); the same loss and gradients per batch, batches "
-                                         "drawn by question (README, Training options)")
+                                         "drawn by question; one process only, not under torchrun yet (README, "
+                                         "Training options)")
     device: str = prm.option("auto", "auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = prm.option(False, "allow model code from the model directory")
 
@@ -1588,6 +1589,7 @@ class CompactAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        from torch.distributed.tensor import DTensor
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for j, p in enumerate(group["params"]):
@@ -1596,10 +1598,14 @@ class CompactAdamW(torch.optim.Optimizer):
                 state = self.init_state(p)
                 state["step"] += 1
                 t = int(state["step"])
-                gen = torch.Generator(p.device).manual_seed(zlib.crc32(repr((self.seed, t, j)).encode()))
+                # Sharded (torchrun): each process updates its shards, with rounding noise of its own.
+                local = [x.to_local() if isinstance(x, DTensor) else x
+                         for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                key = (self.seed, t, j) + ((prm.processes()[0],) if isinstance(p, DTensor) else ())
+                gen = torch.Generator(local[0].device).manual_seed(zlib.crc32(repr(key).encode()))
                 c1, c2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
-                flat = [p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
-                for i in range(0, p.numel(), self.CHUNK):
+                flat = [local[0].view(-1), local[1].reshape(-1), local[2].view(-1), local[3].view(-1)]
+                for i in range(0, local[0].numel(), self.CHUNK):
                     w, g, m16, s16 = (x[i:i + self.CHUNK] for x in flat)
                     m = m16.float().lerp_(g, 1 - beta1)                          # m = b1 m + (1 - b1) g
                     s = s16.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)  # s = b2 s + (1 - b2) g^2
@@ -1715,12 +1721,10 @@ def start_processes(args):
     device = prm.pick_device(args.device)
     if world == 1:
         return 0, 1, device
-    # Not built yet: the shared prompt's cache carries gradients past FSDP2's gather hooks; sharding
-    # already divides the optimizer's states by the number of processes.
-    not_yet = [flag for flag, on in (("--group-by-question", args.group_by_question),
-                                     ("--compact-states", args.compact_states)) if on]
-    if not_yet:
-        raise prm.DataError(f"{', '.join(not_yet)} under torchrun: not built yet; run them as one process")
+    # Not built yet: the shared prompt's KV cache carries gradients back past FSDP2's hooks, after
+    # a layer's gradients are reduced and its parameters freed.
+    if args.group_by_question:
+        raise prm.DataError("--group-by-question under torchrun: not built yet; run it as one process")
     if args.train_batch < world * args.grad_accum or args.meta_batch < world:
         raise prm.DataError(f"{world} processes need --train-batch of at least {world} x --grad-accum and "
                             f"--meta-batch of at least {world} (now {args.train_batch} and {args.meta_batch})")
