@@ -1171,7 +1171,7 @@ def end_of_iteration(run, done, batches, L_meta, seconds):
     elif isinstance(run.weighting, DomainWeighting):          # DreamPRM's alpha: cheap, on the bar every iteration
         show_weights(run.bar, run.weighting.per_domain(None, run.train, run.domains), run.weighting)
     if run.held_out and (done % args.eval_every == 0 or last):
-        figures = evaluate_held_out(run.model, run.held_out, run.autocast, args.train_batch)
+        figures = evaluate_held_out(run.forward, run.held_out, args.train_batch)
         if run.rank == 0:
             log_eval(args.out, done, figures)
     if done % args.save_every == 0 or last:
@@ -1252,19 +1252,25 @@ def held_out_questions(records):
     return [q for q in questions.values() if all(isinstance(records[i].get("correct"), bool) for i in q)]
 
 
-def evaluate_held_out(model, records, autocast, batch_size):
+def evaluate_held_out(forward, records, batch_size):
     """On the held-out split: the step AUC (steps labelled >= 0.5 against those below, by V), the step
     accuracy at 0.5 (V >= 0.5 where the label is >= 0.5), and best of N (each question's pick by A,
-    ties as a uniform choice; questions whose CoTs all carry `correct`). CoTs over max_length are left out."""
+    ties as a uniform choice; questions whose CoTs all carry `correct`). CoTs over max_length are left
+    out. Under torchrun each process scores a block of the CoTs (in as many forwards as the others) and
+    the sums give every process all the values."""
+    model = forward.model
     records = [r for r in records if model.fits(model.encode(r, cache=True))]
-    pairs, scores = [], []
+    S = max((len(model.encode(r, cache=True).step_ends) for r in records), default=0)
+    V = torch.zeros(len(records), S, device=model.device)                             # (N, S) step values
+    M = torch.zeros(len(records), S, device=model.device)                             # (N, S) their mask
+    pieces = math.ceil(math.ceil(len(records) / prm.processes()[1]) / batch_size)
     with torch.no_grad():
-        for i in range(0, len(records), batch_size):
-            values, mask = PackedForward(model, autocast)(records[i:i + batch_size])      # (b, S)
-            values = values.float()
-            scores += prm.aggregate(values, mask, "mean_logit").tolist()
-            for r, v, m in zip(records[i:i + batch_size], values, mask):
-                pairs += [(x, p) for x, p in zip(v[m].tolist(), r["mc"]) if p is not None]
+        for idx in forward.share(len(records), pieces) if records else ():
+            values, mask = forward([records[i] for i in idx.tolist() or [0]])        # (b, S_b); a block run dry: any CoT
+            V[idx, :values.shape[1]], M[idx, :values.shape[1]] = values[:len(idx)].float(), mask[:len(idx)].float()
+    V, M = forward.sum(V), forward.sum(M).bool()
+    scores = prm.mean_logit(V, M).tolist()
+    pairs = [(x, p) for r, v, m in zip(records, V, M) for x, p in zip(v[m].tolist(), r["mc"]) if p is not None]
     picks = []
     for q in held_out_questions(records):
         best = max(scores[i] for i in q)
@@ -1692,7 +1698,7 @@ class ShardedForward:
     and weights (pure functions of the seed), so the method is the one-process one."""
 
     def __init__(self, forward, rank, world):
-        self.forward, self.rank, self.world = forward, rank, world
+        self.forward, self.model, self.rank, self.world = forward, forward.model, rank, world
 
     def __call__(self, records):
         return self.forward(records)
