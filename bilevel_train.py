@@ -1691,11 +1691,11 @@ def question_groups(records, grouped):
 # ==============================================================================================
 
 class ShardedForward:
-    """A forward (PackedForward or SharedPrefixForward) under torchrun with N processes: the PRM
-    sharded with FSDP2 (shard_prm), each process computing its share of every batch (a contiguous
-    block of CoTs: with --group-by-question, whole questions but where a block ends) and the sums over
-    the processes all-reduced. Every process draws the same global batches and computes their labels
-    and weights (pure functions of the seed), so the method is the one-process one."""
+    """A forward (PackedForward; SharedPrefixForward is refused under torchrun for now) with N processes:
+    the PRM sharded with FSDP2 (shard_prm), each process computing its share of every batch (a
+    contiguous block of CoTs) and the sums over the processes all-reduced. Every process draws the
+    same global batches and computes their labels and weights (pure functions of the seed), so the
+    method is the one-process one."""
 
     def __init__(self, forward, rank, world):
         self.forward, self.model, self.rank, self.world = forward, forward.model, rank, world
