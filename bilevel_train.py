@@ -853,8 +853,7 @@ class Memory:
     group_by_question: bool = prm.option(False, "shared-prefix training: a batch holds the CoTs of a few questions, "
                                          "and each question's image and text run once for all its CoTs (train, meta "
                                          "and hypergradient forwards); the same loss and gradients per batch, batches "
-                                         "drawn by question; one process only, not under torchrun yet (README, "
-                                         "Training options)")
+                                         "drawn by question (README, Training options)")
     device: str = prm.option("auto", "auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = prm.option(False, "allow model code from the model directory")
 
@@ -1139,12 +1138,12 @@ def setup_run(args, run_lock):
     model, train, meta, start, n_long = setup_model(args, train, meta, held_out, domains,
                                                     device if world == 1 else torch.device("cpu"), rank)
     if world > 1:
-        shard_prm(model, device, world)
+        shard_prm(model, device, world, keep_gathered=args.group_by_question)
     phi = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     forward = (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
     if world > 1:
-        forward = ShardedForward(forward, rank, world)
+        forward = ShardedForward(forward, rank, world, keep_gathered=args.group_by_question)
     weighting = make_weighting(args, train, domains, device, forward)
     opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, args.compact_states, args.seed)
     opt_a = upper_optimizer(weighting.a, args.meta_lr, args.meta_weight_decay)
@@ -1691,17 +1690,30 @@ def question_groups(records, grouped):
 # ==============================================================================================
 
 class ShardedForward:
-    """A forward (PackedForward; SharedPrefixForward is refused under torchrun for now) with N processes:
-    the PRM sharded with FSDP2 (shard_prm), each process computing its share of every batch (a
-    contiguous block of CoTs) and the sums over the processes all-reduced. Every process draws the
+    """A forward (PackedForward or SharedPrefixForward) under torchrun with N processes: the PRM
+    sharded with FSDP2 (shard_prm), each process computing its share of every batch (a contiguous
+    block of CoTs: with --group-by-question, whole questions but where a block ends) and the sums over
+    the processes all-reduced. Every process draws the
     same global batches and computes their labels and weights (pure functions of the seed), so the
     method is the one-process one."""
 
-    def __init__(self, forward, rank, world):
+    def __init__(self, forward, rank, world, keep_gathered):
         self.forward, self.model, self.rank, self.world = forward, forward.model, rank, world
+        self.keep_gathered = keep_gathered      # shard_prm's: the units stay gathered until released
 
     def __call__(self, records):
-        return self.forward(records)
+        out = self.forward(records)
+        if self.keep_gathered and not torch.is_grad_enabled():
+            self.release()                      # no backward follows
+        return out
+
+    def release(self):
+        """Free the gathered units: the next forward gathers the shards as they are then (a step or
+        the hypergradient's perturbation changes the shards only)."""
+        from torch.distributed.fsdp import FSDPModule
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def share(self, n, pieces):
         return torch.arange(n).tensor_split(self.world)[self.rank].tensor_split(pieces)
@@ -1712,6 +1724,8 @@ class ShardedForward:
 
     def backward(self, loss):
         (loss * self.world).backward()          # FSDP2 averages the gradients over the processes: this sums them
+        if self.keep_gathered:
+            self.release()
 
     def norm(self, v):
         squares = torch.stack([torch.linalg.vector_norm(g.to_local().float()) for g in v]).square().sum()
@@ -1721,16 +1735,12 @@ class ShardedForward:
 
 def start_processes(args):
     """(rank, world size, device). Under torchrun: the process group joined (nccl on CUDA, gloo on
-    the CPU), one CUDA device per process, other processes' output silenced, and what the sharded
-    run does not do yet refused in one line; (0, 1, --device) in a plain run."""
+    the CPU), one CUDA device per process, other processes' output silenced, and batches too small
+    to share refused in one line; (0, 1, --device) in a plain run."""
     rank, world = prm.processes()
     device = prm.pick_device(args.device)
     if world == 1:
         return 0, 1, device
-    # Not built yet: the shared prompt's KV cache carries gradients back past FSDP2's hooks, after
-    # a layer's gradients are reduced and its parameters freed.
-    if args.group_by_question:
-        raise prm.DataError("--group-by-question under torchrun: not built yet; run it as one process")
     if args.train_batch < world * args.grad_accum or args.meta_batch < world:
         raise prm.DataError(f"{world} processes need --train-batch of at least {world} x --grad-accum and "
                             f"--meta-batch of at least {world} (now {args.train_batch} and {args.meta_batch})")
@@ -1772,16 +1782,20 @@ def lost_process(e):
         word in str(e) for word in ("Connection reset by peer", "Connection closed by peer", "gloo/transport"))
 
 
-def shard_prm(model, device, world):
+def shard_prm(model, device, world, keep_gathered=False):
     """FSDP2: each decoder layer, the vision tower, the value head and the rest (embeddings, norms)
     one unit each, whose parameters, gradients and optimizer states are split over the processes
     and gathered for its forward and backward. A unit in CPU memory moves to `device` as it is
-    sharded, so a GPU never holds more than one unit whole."""
+    sharded, so a GPU never holds more than one unit whole. keep_gathered (--group-by-question): the
+    units stay gathered from a forward until ShardedForward releases them (the shared prompt's KV
+    cache carries gradients back into a layer after its own backward, which must still find it
+    gathered and whose gradients FSDP2 then reduces as a second share): the whole PRM's weights on
+    every GPU during a step, as ZeRO-2 holds them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     # Resharded after every forward, the root unit too (FSDP2 keeps the root gathered by default): the
     # hypergradient moves the sharded parameters between two forwards, which must gather them anew.
-    shard = partial(fully_shard, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=True)
+    shard = partial(fully_shard, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=not keep_gathered)
     # FSDP2 warns of every unit whose output is a view (the head's, of a 3-D input), in case a caller
     # changes it in place; the value head's output is only read (sigmoid), so the warning is noise.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -1791,6 +1805,9 @@ def shard_prm(model, device, world):
         shard(getattr(model.backbone, model.family.vision_tower))
     shard(model.backbone)
     shard(model.head)
+    if keep_gathered:                           # ShardedForward.release frees them after each backward
+        model.backbone.set_reshard_after_backward(False)
+        model.head.set_reshard_after_backward(False)
 
 
 def from_process_0(x):

@@ -110,7 +110,7 @@ def assert_same_run(one, two, tol=1e-5):
     assert torch.allclose(h1, h2, rtol=tol, atol=1e-7)
 
 
-@pytest.mark.parametrize("weighting", ["domain", "instance-table"])
+@pytest.mark.parametrize("weighting", ["domain", "instance-table", "shared-prefix"])
 def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
     """(a, c) torchrun bilevel_train.py on 2 processes (the PRM sharded with FSDP2, each process a
     share of every global batch) equals one process on the same global batches: the weights and the
@@ -120,15 +120,17 @@ def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
     processes keeps its restore copy in CPU memory (--offload-restore: each process its shards); the
     domain run on 2 splits each process's share in 2 micro-batches and recomputes activations
     (--grad-accum 2 --grad-checkpointing), which change nothing but memory. Both domain runs score a
-    held-out split every iteration (--eval): the same figures in one eval.jsonl."""
+    held-out split every iteration (--eval): the same figures in one eval.jsonl. Shared-prefix
+    training (--group-by-question, DreamPRM's weighting) on 2 equals it on 1."""
     from test_formats import labels_row, write_jsonl
     held = write_jsonl(tmp_path / "held.jsonl", [labels_row(q, f"Held {q}?", sample=s, correct=s == int(q))
                                                  for q in "01" for s in range(2)])
     evals = ["--eval", held, "--eval-every", "1"] if weighting == "domain" else []
     one, two = tmp_path / "one", tmp_path / "two"
-    bilevel(one, 1, tmp_path, backbone_dir, "--weighting", weighting, *evals)
-    bilevel(two, 2, tmp_path, backbone_dir, "--weighting", weighting, *evals,
-            *(["--offload-restore"] if weighting == "instance-table" else ["--grad-accum", "2", "--grad-checkpointing"]))
+    flags = ["--group-by-question"] if weighting == "shared-prefix" else ["--weighting", weighting]
+    bilevel(one, 1, tmp_path, backbone_dir, *flags, *evals)
+    bilevel(two, 2, tmp_path, backbone_dir, *flags, *evals,
+            *{"domain": ["--grad-accum", "2", "--grad-checkpointing"], "instance-table": ["--offload-restore"]}.get(weighting, []))
     assert_same_run(one, two)
     if evals:
         e1, e2 = ([json.loads(x) for x in open(o / "eval.jsonl")] for o in (one, two))
@@ -171,14 +173,14 @@ def test_compact_states_on_two_processes(tmp_path, backbone_dir):
     assert delta[1].norm() > 0 and ((delta[2] - delta[1]).norm() / delta[1].norm()).item() <= 0.01
 
 
-def test_what_a_sharded_run_does_not_do_yet_is_one_line(tmp_path, backbone_dir):
-    """Under torchrun, a batch smaller than the processes, or an option the sharded run does not
-    have yet, stops in one line from process 0, nothing written."""
+def test_a_batch_too_small_to_share_is_one_line(tmp_path, backbone_dir):
+    """Under torchrun, a batch smaller than the processes stops in one line from process 0, nothing
+    written."""
     out = tmp_path / "run"
-    done = run(["bilevel_train.py", "--synthetic", "--model", backbone_dir, "--group-by-question", "--out", str(out)],
+    done = run(["bilevel_train.py", "--synthetic", "--model", backbone_dir, "--train-batch", "1", "--out", str(out)],
                2, tmp_path)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--group-by-question under torchrun: not built yet" in errors[0], done.stderr[-2000:]
+    assert len(errors) == 1 and "2 processes need --train-batch of at least 2" in errors[0], done.stderr[-2000:]
     assert not out.exists()
 
 
@@ -224,14 +226,15 @@ if world > 1:
     torch.distributed.init_process_group("gloo")
 torch.manual_seed(0)
 model = prm.PRM.from_backbone({backbone!r}).double().train()
+shared = {shared}                               # shared-prefix forwards (--group-by-question)
 if world > 1:
-    bt.shard_prm(model, torch.device("cpu"), world)
+    bt.shard_prm(model, torch.device("cpu"), world, keep_gathered=shared)
 train, meta = bt.synthetic_data(0, 8, 8)
 records, m_records = train[::3][:8], meta[:6]
 keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records])
-fwd = bt.PackedForward(model, contextlib.nullcontext())
+fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, contextlib.nullcontext())
 if world > 1:
-    fwd = bt.ShardedForward(fwd, rank, world)
+    fwd = bt.ShardedForward(fwd, rank, world, keep_gathered=shared)
 a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
 upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], bt.DomainWeighting(a, keys), None, 1e-4,
                  bt.{copy}, bt.meta_loss)
@@ -249,17 +252,18 @@ prm.leave_processes()
 def test_one_hypergradient_on_two_processes_is_one_processs(tmp_path, backbone_dir):
     """(b) The finite-difference hypergradient of DreamPRM's weights on 2 processes (fp64, the PRM
     sharded) equals one process's to 1e-5 relative (which tests/test_bilevel.py checks against
-    autograd's double backward), with the restore copy beside phi and in CPU memory (--offload-restore:
-    each process keeps its shards). After it, phi is the same bits as before on every process."""
+    autograd's double backward): packed with the restore copy in CPU memory (--offload-restore: each
+    process keeps its shards), and shared-prefix (the CoTs share one prompt, whose KV cache carries
+    gradients back into the layers after their own backward). phi is the same bits after it."""
     import torch
     g = {}
-    for n, copy in ((1, "device_copy"), (2, "device_copy"), (2, "CpuCopy")):
-        script = tmp_path / f"hyper{n}{copy}.py"
-        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, copy=copy,
-                                               out=str(tmp_path / f"g{n}{copy}.json")))
+    for n, copy, shared in ((1, "device_copy", False), (2, "CpuCopy", False), (2, "device_copy", True)):
+        script = tmp_path / f"hyper{n}{copy}{shared}.py"
+        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, copy=copy, shared=shared,
+                                               out=str(tmp_path / f"g{n}{copy}{shared}.json")))
         done = run([str(script)], n, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        g[n, copy] = torch.tensor(json.loads((tmp_path / f"g{n}{copy}.json").read_text()))
-    one = g[1, "device_copy"]
-    for key in ((2, "device_copy"), (2, "CpuCopy")):
+        g[n, copy, shared] = torch.tensor(json.loads((tmp_path / f"g{n}{copy}{shared}.json").read_text()))
+    one = g[1, "device_copy", False]
+    for key in ((2, "CpuCopy", False), (2, "device_copy", True)):
         assert one.abs().max() > 0 and ((g[key] - one).norm() / one.norm()).item() <= 1e-5, (key, g)
