@@ -96,6 +96,14 @@ def bilevel(out, processes, tmp_path, backbone_dir, *extra):
     return done
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, backbone_dir):
+    """The plain bi-level run on one process that the 2-process runs and resumes are held to."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    bilevel(out, 1, out.parent, backbone_dir)
+    return out
+
+
 def assert_same_run(one, two, tol=1e-5):
     """Two runs' final weights agree to `tol` relative, and their PRMs' parameters as a whole."""
     import torch
@@ -111,28 +119,29 @@ def assert_same_run(one, two, tol=1e-5):
 
 
 @pytest.mark.parametrize("weighting", ["domain", "instance-table", "shared-prefix"])
-def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
+def test_two_processes_train_as_one(weighting, straight, tmp_path, backbone_dir):
     """(a, c) torchrun bilevel_train.py on 2 processes (the PRM sharded with FSDP2, each process a
     share of every global batch) equals one process on the same global batches: the weights and the
     PRM after 3 outer iterations agree to 1e-5 relative (the parameters as a whole: Adam's first
     steps amplify float noise in tensors whose gradient is ~0). Process 0 alone writes: one metrics
-    row per logged iteration, one PRM directory that loads and scores. The instance-table run on 2
-    processes keeps its restore copy in CPU memory (--offload-restore: each process its shards); the
-    domain run on 2 splits each process's share in 2 micro-batches and recomputes activations
-    (--grad-accum 2 --grad-checkpointing), which change nothing but memory. Both domain runs score a
-    held-out split every iteration (--eval): the same figures in one eval.jsonl. Shared-prefix
-    training (--group-by-question, DreamPRM's weighting) on 2 equals it on 1."""
+    row per logged iteration, one PRM directory that loads and scores. The domain run on 2 splits
+    each process's share in 2 micro-batches and recomputes activations (--grad-accum 2
+    --grad-checkpointing), and the instance-table run on 2 keeps its restore copy in CPU memory
+    (--offload-restore: each process its shards), which change nothing but memory. Shared-prefix
+    training (--group-by-question) on 2 equals it on 1, and both score a held-out split every
+    iteration (--eval): the same figures in one eval.jsonl."""
     from test_formats import labels_row, write_jsonl
     held = write_jsonl(tmp_path / "held.jsonl", [labels_row(q, f"Held {q}?", sample=s, correct=s == int(q))
                                                  for q in "01" for s in range(2)])
-    evals = ["--eval", held, "--eval-every", "1"] if weighting == "domain" else []
-    one, two = tmp_path / "one", tmp_path / "two"
-    flags = ["--group-by-question"] if weighting == "shared-prefix" else ["--weighting", weighting]
-    bilevel(one, 1, tmp_path, backbone_dir, *flags, *evals)
-    bilevel(two, 2, tmp_path, backbone_dir, *flags, *evals,
+    flags = {"domain": [], "instance-table": ["--weighting", "instance-table"],
+             "shared-prefix": ["--group-by-question", "--eval", held, "--eval-every", "1"]}[weighting]
+    one, two = (straight if weighting == "domain" else tmp_path / "one"), tmp_path / "two"
+    if weighting != "domain":
+        bilevel(one, 1, tmp_path, backbone_dir, *flags)
+    bilevel(two, 2, tmp_path, backbone_dir, *flags,
             *{"domain": ["--grad-accum", "2", "--grad-checkpointing"], "instance-table": ["--offload-restore"]}.get(weighting, []))
     assert_same_run(one, two)
-    if evals:
+    if weighting == "shared-prefix":
         e1, e2 = ([json.loads(x) for x in open(o / "eval.jsonl")] for o in (one, two))
         assert [e["iteration"] for e in e2] == [1, 2, 3] == [e["iteration"] for e in e1]
         assert all(e["eval/questions"] == 2 and e == pytest.approx(f, rel=1e-5) for e, f in zip(e2, e1)), (e1, e2)
@@ -143,11 +152,9 @@ def test_two_processes_train_as_one(weighting, tmp_path, backbone_dir):
     assert model.head.in_features > 0
 
 
-def test_a_run_resumes_on_another_number_of_processes(tmp_path, backbone_dir):
+def test_a_run_resumes_on_another_number_of_processes(straight, tmp_path, backbone_dir):
     """(d) A checkpoint holds whole tensors: a run stopped after 2 iterations on 2 processes and
     resumed on 1, and one stopped on 1 and resumed on 2, each equal the straight run on 1."""
-    straight = tmp_path / "straight"
-    bilevel(straight, 1, tmp_path, backbone_dir)
     for first, then in ((2, 1), (1, 2)):
         moved = tmp_path / f"moved-{first}-{then}"
         done = run(["bilevel_train.py", "--synthetic", "--model", backbone_dir, "--iterations", "2", "--unroll-steps",
@@ -224,27 +231,29 @@ import prm
 rank, world = prm.processes()
 if world > 1:
     torch.distributed.init_process_group("gloo")
-torch.manual_seed(0)
-model = prm.PRM.from_backbone({backbone!r}).double().train()
-shared = {shared}                               # shared-prefix forwards (--group-by-question)
-if world > 1:
-    bt.shard_prm(model, torch.device("cpu"), world, keep_gathered=shared)
 train, meta = bt.synthetic_data(0, 8, 8)
 records, m_records = train[::3][:8], meta[:6]
 keys = torch.tensor([["clean", "noisy", "random"].index(r["domain"]) for r in records])
-fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, contextlib.nullcontext())
-if world > 1:
-    fwd = bt.ShardedForward(fwd, rank, world, keep_gathered=shared)
-a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
-upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], bt.DomainWeighting(a, keys), None, 1e-4,
-                 bt.{copy}, bt.meta_loss)
-mine = [m_records[i] for i in fwd.share(len(m_records), 1)[0].tolist()]
-L_meta = bt.meta_loss(*fwd(mine), mine) * (len(mine) / len(m_records))
-before = [bt.whole(p).clone() for p in upper.phi]
-g = bt.hypergradient(upper, L_meta, bt.train_batch(records, keys, "cpu"), 1e-3)
-assert all(torch.equal(bt.whole(p), b) for p, b in zip(upper.phi, before))         # restored bit for bit
+found = {{}}
+for copy, shared in {cases!r}:             # the restore copy; shared-prefix forwards (--group-by-question)
+    torch.manual_seed(0)
+    model = prm.PRM.from_backbone({backbone!r}).double().train()
+    if world > 1:
+        bt.shard_prm(model, torch.device("cpu"), world, keep_gathered=shared)
+    fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, contextlib.nullcontext())
+    if world > 1:
+        fwd = bt.ShardedForward(fwd, rank, world, keep_gathered=shared)
+    a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
+    upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], bt.DomainWeighting(a, keys), None,
+                     1e-4, getattr(bt, copy), bt.meta_loss)
+    mine = [m_records[i] for i in fwd.share(len(m_records), 1)[0].tolist()]
+    L_meta = bt.meta_loss(*fwd(mine), mine) * (len(mine) / len(m_records))
+    before = [bt.whole(p).clone() for p in upper.phi]
+    g = bt.hypergradient(upper, L_meta, bt.train_batch(records, keys, "cpu"), 1e-3)
+    assert all(torch.equal(bt.whole(p), b) for p, b in zip(upper.phi, before))     # restored bit for bit
+    found[f"{{copy}} {{shared}}"] = g[0].tolist()
 if rank == 0:
-    json.dump(g[0].tolist(), open({out!r}, "w"))
+    json.dump(found, open({out!r}, "w"))
 prm.leave_processes()
 """
 
@@ -257,13 +266,13 @@ def test_one_hypergradient_on_two_processes_is_one_processs(tmp_path, backbone_d
     gradients back into the layers after their own backward). phi is the same bits after it."""
     import torch
     g = {}
-    for n, copy, shared in ((1, "device_copy", False), (2, "CpuCopy", False), (2, "device_copy", True)):
-        script = tmp_path / f"hyper{n}{copy}{shared}.py"
-        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, copy=copy, shared=shared,
-                                               out=str(tmp_path / f"g{n}{copy}{shared}.json")))
+    for n, cases in ((1, [("device_copy", False)]), (2, [("CpuCopy", False), ("device_copy", True)])):
+        script = tmp_path / f"hyper{n}.py"
+        script.write_text(HYPERGRADIENT.format(root=ROOT, backbone=backbone_dir, cases=cases,
+                                               out=str(tmp_path / f"g{n}.json")))
         done = run([str(script)], n, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        g[n, copy, shared] = torch.tensor(json.loads((tmp_path / f"g{n}{copy}{shared}.json").read_text()))
-    one = g[1, "device_copy", False]
-    for key in ((2, "CpuCopy", False), (2, "device_copy", True)):
+        g.update({(n, k): torch.tensor(v) for k, v in json.loads((tmp_path / f"g{n}.json").read_text()).items()})
+    one = g[1, "device_copy False"]
+    for key in ((2, "CpuCopy False"), (2, "device_copy True")):
         assert one.abs().max() > 0 and ((g[key] - one).norm() / one.norm()).item() <= 1e-5, (key, g)
