@@ -165,16 +165,15 @@ def test_a_run_resumes_on_another_number_of_processes(straight, tmp_path, backbo
         assert_same_run(straight, moved)
 
 
-def test_compact_states_on_two_processes(tmp_path, backbone_dir):
+def test_compact_states_on_two_processes(straight, tmp_path, backbone_dir):
     """--compact-states under torchrun: each process keeps its shards of the bf16 moments and rounds
-    them with noise of its own, so the run is not bit for bit one process's (nor is one process's
-    the fp32 AdamW's), but the PRM's total update agrees with one process's to 1% (the rounding
-    noise moves it by about 0.2% here; moments that were not kept would move it by far more)."""
+    them with noise of its own, so the run is not bit for bit one process's fp32 AdamW run, but the
+    PRM's total update agrees with it to 1% (the rounding noise moves it by about 0.2% here, as on one
+    process; moments that were not kept would move it by far more)."""
     import torch
-    runs = {}
-    for n in (1, 2):
-        bilevel(tmp_path / f"compact{n}", n, tmp_path, backbone_dir, "--compact-states")
-        runs[n] = dict(prm.PRM.from_pretrained(str(tmp_path / f"compact{n}")).named_parameters())
+    bilevel(tmp_path / "compact", 2, tmp_path, backbone_dir, "--compact-states")
+    runs = {n: dict(prm.PRM.from_pretrained(str(o)).named_parameters()) for n, o in ((1, straight),
+                                                                                    (2, tmp_path / "compact"))}
     start = dict(prm.PRM.from_backbone(backbone_dir, seed=0).named_parameters())
     delta = {n: torch.cat([(runs[n][k] - start[k]).detach().flatten() for k in start]) for n in runs}
     assert delta[1].norm() > 0 and ((delta[2] - delta[1]).norm() / delta[1].norm()).item() <= 0.01
