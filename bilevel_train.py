@@ -392,7 +392,8 @@ def make_weighting(args, train, domains, device, forward):
     if args.weighting == "fixed":
         return FixedWeighting([zeros(len(domains))], domain)
     keys = torch.stack([cot, domain], 1) if args.weighting == "domain-instance" else cot           # (N, 2) or (N,)
-    fresh = partial(instance_batch, train, keys, args.instance_batch, args.seed, device=device)
+    fresh = partial(instance_batch, train, question_groups(train, False), keys, args.instance_batch, args.seed,
+                    device=device)
     if args.weighting == "instance-table":
         return InstanceTable([zeros(len(train))], keys, args.weight_max, fresh)
     if args.weighting == "instance-net":
@@ -493,10 +494,10 @@ KINDS = {"domain": DomainWeighting, "fixed": FixedWeighting, "instance-table": I
          "instance-net": InstanceNet, "domain-instance": DomainInstance}
 
 
-def instance_batch(train, keys, size, seed, it, device):
-    """A fresh sample of training CoTs for an instance-mode upper step: their weights move, not only
-    those of the latest lower batch."""
-    idx = draw([[i] for i in range(len(train))], size, seed, "instance", it)
+def instance_batch(train, each, keys, size, seed, it, device):
+    """A fresh sample of training CoTs (each: one group per CoT, for draw) for an instance-mode upper
+    step: their weights move, not only those of the latest lower batch."""
+    idx = draw(each, size, seed, "instance", it)
     return train_batch([train[i] for i in idx], keys[idx], device)
 
 
@@ -1258,8 +1259,9 @@ def evaluate_held_out(forward, records, batch_size):
     out. Under torchrun each process scores a block of the CoTs (in as many forwards as the others) and
     the sums give every process all the values."""
     model = forward.model
-    records = [r for r in records if model.fits(model.encode(r, cache=True))]
-    S = max((len(model.encode(r, cache=True).step_ends) for r in records), default=0)
+    encoded = [(r, model.encode(r, cache=True)) for r in records]
+    records = [r for r, e in encoded if model.fits(e)]
+    S = max((len(e.step_ends) for _, e in encoded if model.fits(e)), default=0)
     V = torch.zeros(len(records), S, device=model.device)                             # (N, S) step values
     M = torch.zeros(len(records), S, device=model.device)                             # (N, S) their mask
     pieces = math.ceil(math.ceil(len(records) / prm.processes()[1]) / batch_size)
@@ -1693,13 +1695,14 @@ class ShardedForward:
     """A forward (PackedForward or SharedPrefixForward) under torchrun with N processes: the PRM
     sharded with FSDP2 (shard_prm), each process computing its share of every batch (a contiguous
     block of CoTs: with --group-by-question, whole questions but where a block ends) and the sums over
-    the processes all-reduced. Every process draws the
-    same global batches and computes their labels and weights (pure functions of the seed), so the
-    method is the one-process one."""
+    the processes all-reduced. Every process draws the same global batches and computes their labels
+    and weights (pure functions of the seed), so the method is the one-process one."""
 
     def __init__(self, forward, rank, world, keep_gathered):
+        from torch.distributed.fsdp import FSDPModule
         self.forward, self.model, self.rank, self.world = forward, forward.model, rank, world
         self.keep_gathered = keep_gathered      # shard_prm's: the units stay gathered until released
+        self.units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
 
     def __call__(self, records):
         out = self.forward(records)
@@ -1710,10 +1713,8 @@ class ShardedForward:
     def release(self):
         """Free the gathered units: the next forward gathers the shards as they are then (a step or
         the hypergradient's perturbation changes the shards only)."""
-        from torch.distributed.fsdp import FSDPModule
-        for m in self.model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        for unit in self.units:
+            unit.reshard()
 
     def share(self, n, pieces):
         return torch.arange(n).tensor_split(self.world)[self.rank].tensor_split(pieces)
@@ -1795,6 +1796,7 @@ def shard_prm(model, device, world, keep_gathered=False):
     from torch.distributed.fsdp import fully_shard
     # Resharded after every forward, the root unit too (FSDP2 keeps the root gathered by default): the
     # hypergradient moves the sharded parameters between two forwards, which must gather them anew.
+    # With keep_gathered, ShardedForward.release does it instead, after each backward or no-grad forward.
     shard = partial(fully_shard, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=not keep_gathered)
     # FSDP2 warns of every unit whose output is a view (the head's, of a 3-D input), in case a caller
     # changes it in place; the value head's output is only read (sigmoid), so the warning is noise.

@@ -386,13 +386,16 @@ def distributed_rows(args):
                 "--unroll-steps", "5", "--train-batch", str(batch), "--meta-batch", str(2 * batch), "--log-every", "1",
                 "--no-baseline", "--out", out]
 
+    def seconds_per_iteration(out):                   # a run's own timings, the first iteration left out
+        return [json.loads(x)["time/seconds_per_iteration"] for x in open(os.path.join(out, "metrics.jsonl"))][1:]
+
     def run(n, batch, weighting, out, profile=None):
         script = ["bilevel_train.py"] if profile is None else [os.path.abspath(__file__), "--profile-run", profile]
         done = subprocess.run(launch_args(n) + script + flags(batch, weighting, out), cwd=root,
                               env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"a run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        return [json.loads(x)["time/seconds_per_iteration"] for x in open(os.path.join(out, "metrics.jsonl"))][1:]
+        return seconds_per_iteration(out)
 
     for batch in (8, 32):
         for weighting, name in (("fixed", "vanilla"), ("domain", "DreamPRM bi-level")):
@@ -410,8 +413,7 @@ def distributed_rows(args):
         pair_rate = 0.0
         for i, p in enumerate(pair):
             assert p.wait() == 0
-            rows = [json.loads(x)["time/seconds_per_iteration"] for x in open(os.path.join(tmp, f"pair-{batch}-{i}",
-                                                                                          "metrics.jsonl"))][1:]
+            rows = seconds_per_iteration(os.path.join(tmp, f"pair-{batch}-{i}"))
             pair_rate += batch * 5 / (sum(rows) / len(rows))
         print(f"    batch {batch:2d}  DreamPRM, two independent 1-process runs at once: {pair_rate:6.1f} CoTs/s together, "
               f"{pair_rate / rate[1]:.2f}x one alone (no communication: this machine's ceiling for 2 processes)")
