@@ -1256,8 +1256,25 @@ def evaluate_held_out(forward, records, batch_size):
     """On the held-out split: the step AUC (steps labelled >= 0.5 against those below, by V), the step
     accuracy at 0.5 (V >= 0.5 where the label is >= 0.5), and best of N (each question's pick by A,
     ties as a uniform choice; questions whose CoTs all carry `correct`). CoTs over max_length are left
-    out. Under torchrun each process scores a block of the CoTs (in as many forwards as the others) and
-    the sums give every process all the values."""
+    out."""
+    records, V, M = scored(forward, records, batch_size)
+    scores = prm.mean_logit(V, M).tolist()
+    pairs = [(x, p) for r, v, m in zip(records, V, M) for x, p in zip(v[m].tolist(), r["mc"]) if p is not None]
+    picks = []
+    for q in held_out_questions(records):
+        best = max(scores[i] for i in q)
+        picks.append(prm.uniform_choice([float(records[i]["correct"]) for i in q],
+                                        [[j] for j, i in enumerate(q) if scores[i] == best]))
+    return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
+            "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / len(pairs) if pairs else None,
+            "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}
+
+
+def scored(forward, records, batch_size):
+    """(records, V, M): the records that fit max_length, their (N, S) step values by the run's
+    forward, without gradients, batch_size CoTs at a time, and the values' mask. Under torchrun each
+    process scores a block of the CoTs (in as many forwards as the others) and the sums give every
+    process all the values."""
     model = forward.model
     encoded = [(r, model.encode(r, cache=True)) for r in records]
     records = [r for r, e in encoded if model.fits(e)]
@@ -1269,17 +1286,7 @@ def evaluate_held_out(forward, records, batch_size):
         for idx in forward.share(len(records), pieces) if records else ():
             values, mask = forward([records[i] for i in idx.tolist() or [0]])        # (b, S_b); a block run dry: any CoT
             V[idx, :values.shape[1]], M[idx, :values.shape[1]] = values[:len(idx)].float(), mask[:len(idx)].float()
-    V, M = forward.sum(V), forward.sum(M).bool()
-    scores = prm.mean_logit(V, M).tolist()
-    pairs = [(x, p) for r, v, m in zip(records, V, M) for x, p in zip(v[m].tolist(), r["mc"]) if p is not None]
-    picks = []
-    for q in held_out_questions(records):
-        best = max(scores[i] for i in q)
-        picks.append(prm.uniform_choice([float(records[i]["correct"]) for i in q],
-                                        [[j] for j, i in enumerate(q) if scores[i] == best]))
-    return {"eval/step_auc": auc([x for x, _ in pairs], [p >= 0.5 for _, p in pairs]),
-            "eval/step_accuracy": sum((x >= 0.5) == (p >= 0.5) for x, p in pairs) / len(pairs) if pairs else None,
-            "eval/best_of_n": sum(picks) / len(picks) if picks else None, "eval/questions": len(picks)}
+    return records, forward.sum(V), forward.sum(M).bool()
 
 
 def log_eval(run_dir, done, figures):
@@ -1344,7 +1351,7 @@ def finish_run(run):
     # Sharded over processes (torchrun): every process gathers the PRM whole; process 0 writes it.
     state = {k: whole(v) for k, v in model.state_dict().items()} if torch.distributed.is_initialized() else None
     if run.rank > 0:
-        saturation_note(model, train[:64], run.autocast, args.lr, args.train_batch)     # its forwards, with process 0's
+        saturation_note(run.forward, train[:64], args.lr, args.train_batch)     # its share, with process 0's
         return
     check_still_ours(run.run_lock)
     instance = run.weighting.per_cot
@@ -1370,26 +1377,20 @@ def finish_run(run):
             print("AUC of the weights, clean-key against corrupted-key CoTs: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
     print(f"PRM saved to {os.path.join(args.out, 'prm')}")
-    note = saturation_note(model, train[:64], run.autocast, args.lr, args.train_batch)
+    note = saturation_note(run.forward, train[:64], args.lr, args.train_batch)
     if note:
         print(note)
 
 
-def saturation_note(model, records, autocast, lr, batch):
+def saturation_note(forward, records, lr, batch):
     """One line when the PRM's step values have collapsed to 0 or 1 (at least 90% of them within
     1e-3 of either, on the first training CoTs) while their labels have not: a lower lr that is too
     high for the backbone drives every value to one side, and the run would otherwise finish
     silently with a PRM that ranks nothing. None when the values are not saturated. The CoTs are
     scored `batch` at a time (the lower step's batch), so this never needs more memory than training."""
-    V, P = [], []
-    for i in range(0, len(records), batch):
-        chunk = records[i:i + batch]
-        with torch.no_grad():
-            values, mask = PackedForward(model, autocast)(chunk)               # (b, S)
-        p, p_mask = label_tensors(chunk, values.shape[1], values.device)
-        V.append(values.float()[mask & p_mask])
-        P.append(p[mask & p_mask])
-    V, P = torch.cat(V), torch.cat(P)                                         # labelled steps
+    records, V, M = scored(forward, records, batch)
+    P, p_mask = label_tensors(records, V.shape[1], V.device)
+    V, P = V[M & p_mask], P[M & p_mask]                                       # labelled steps
     saturated = ((V < 1e-3) | (V > 1 - 1e-3)).float().mean().item() if V.numel() else 0.0
     label_mean = P.mean().item() if P.numel() else 0.5
     if saturated < 0.9 or not 0.05 < label_mean < 0.95:
@@ -1745,8 +1746,7 @@ def start_processes(args):
     if args.train_batch < world * args.grad_accum or args.meta_batch < world:
         raise prm.DataError(f"{world} processes need --train-batch of at least {world} x --grad-accum and "
                             f"--meta-batch of at least {world} (now {args.train_batch} and {args.meta_batch})")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":                           # prm.pick_device: the GPU of this process's LOCAL_RANK
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():        # the toy demo's second run (the vanilla PRM) joins once
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -2318,6 +2318,9 @@ def reading(args):
                 correct_from=args.correct_from, outside_images=args.allow_outside_images)
 
 
+OTHERS_WAIT = 20.0       # seconds a process other than 0 waits on a bad input for process 0 to say it
+
+
 def run_cli(main, argv=None, resume_hint="rerun the same command to resume"):
     """Run a script's main(argv). A DataError, or a file that cannot be read or written, becomes one
     line on stderr and exit code 2; a full disk, a quota or the file-size limit exit code 1 (outputs
@@ -2326,8 +2329,13 @@ def run_cli(main, argv=None, resume_hint="rerun the same command to resume"):
     try:
         return main(argv) or 0
     except DataError as e:
-        if processes()[0] == 0:              # under torchrun every process meets the same bad input: say it once
-            print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every process meets the same bad input: process 0 says it, and its exit stops the
+        # others. Another process waits for that first (left to exit first, it would stop process 0 before
+        # its line), and speaks itself only when it met the error alone.
+        rank = processes()[0]
+        if rank > 0:
+            time.sleep(OTHERS_WAIT)
+        print(f"error: {e}" if rank == 0 else f"error (process {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: what was written is kept; {resume_hint}", file=sys.stderr)
@@ -2430,7 +2438,8 @@ def barrier():
 
 def pick_device(name):
     """--device: 'auto' is cuda when a GPU is present, else cpu; anything else is taken as given,
-    checked to exist here."""
+    checked to exist here. Under torchrun with more than one process, each process takes the GPU of
+    its LOCAL_RANK (two on one GPU would only contend for it)."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
@@ -2439,6 +2448,15 @@ def pick_device(name):
         raise DataError(f"{name}: no such CUDA device on this machine", field="--device")
     if device.type not in ("cpu", "cuda", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
         raise DataError(f"{name}: not available here (auto, cpu, cuda)", field="--device")
+    if device.type == "cuda" and processes()[1] > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device.index is not None:
+            raise DataError(f"{name}: under torchrun each process takes the GPU of its LOCAL_RANK; give --device "
+                            "cuda (CUDA_VISIBLE_DEVICES picks which GPUs)", field="--device")
+        if local >= torch.cuda.device_count():
+            raise DataError(f"torchrun started more processes on this machine than it has GPUs "
+                            f"({torch.cuda.device_count()})", field="--nproc-per-node")
+        device = torch.device("cuda", local)
     return device
 
 

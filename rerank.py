@@ -432,9 +432,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     rank, world = prm.join_processes()          # torchrun: each process scores every world-th question
-    device = prm.pick_device(args.device)
-    if device.type == "cuda" and world > 1 and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = prm.pick_device(args.device)       # under torchrun: the GPU of this process's LOCAL_RANK
     if args.prm is None and args.cots != TOY_TEST:
         raise prm.DataError("give the PRMs to compare (--prm DIR ...); the default PRMs are the toy demo's, for its "
                             "test set only", field="--prm")

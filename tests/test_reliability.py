@@ -313,6 +313,24 @@ def test_interrupts_full_disks_and_devices(tmp_path, capsys):
         prm.read_cots(str(deep), "labels")
 
 
+def test_under_torchrun_each_process_takes_its_own_gpu(monkeypatch):
+    """torchrun with 2 processes on a machine of 2 GPUs (CUDA's answers faked): LOCAL_RANK picks the
+    GPU; an explicit index, or more processes than GPUs, is one clear line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert prm.pick_device("cuda") == prm.pick_device("auto") == torch.device("cuda", 1)
+    assert prm.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(prm.DataError, match="each process takes the GPU of its LOCAL_RANK"):
+        prm.pick_device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(prm.DataError, match="more processes on this machine than it has GPUs"):
+        prm.pick_device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert prm.pick_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_an_interrupted_bilevel_run_says_resume_with_the_flag(monkeypatch, capsys):
     """A checkpointed run refuses the same command without --resume: Ctrl-C and a full disk both say it."""
     def interrupted(argv):

@@ -280,15 +280,15 @@ def test_a_run_whose_values_saturate_says_so(backbone_dir, capsys, monkeypatch):
     would need more memory than training did)."""
     train, _ = bt.synthetic_data(0, 4, 4)
     model = prm.PRM.from_backbone(backbone_dir).eval()
-    autocast = torch.autocast("cpu", enabled=False)
+    forward = bt.PackedForward(model, torch.autocast("cpu", enabled=False))
     sizes, real = [], bt.PackedForward.__call__
     monkeypatch.setattr(bt.PackedForward, "__call__", lambda self, records: sizes.append(len(records)) or
                         real(self, records))
-    assert bt.saturation_note(model, train[:7], autocast, 1e-4, 3) is None
+    assert bt.saturation_note(forward, train[:7], 1e-4, 3) is None
     assert sizes == [3, 3, 1]
     with torch.no_grad():
         model.head.bias.fill_(-40.0)                                 # every value ~0, labels mixed
-    note = bt.saturation_note(model, train[:7], autocast, 1e-4, 3)
+    note = bt.saturation_note(forward, train[:7], 1e-4, 3)
     assert note.startswith("warning: the PRM's step values saturate: 100% of them lie within 0.001 of 0 or 1") \
         and "on 7 training CoTs" in note and "rerun with a smaller --lr (now 0.0001) and --overwrite" in note
 
