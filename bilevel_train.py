@@ -59,7 +59,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 import prm
@@ -1349,7 +1349,7 @@ def finish_run(run):
         w = run.weighting.of_all()
     alpha = run.weighting.per_domain(w, train, domains)
     # Sharded over processes (torchrun): every process gathers the PRM whole; process 0 writes it.
-    state = {k: whole(v) for k, v in model.state_dict().items()} if torch.distributed.is_initialized() else None
+    state = gathered(model.state_dict().items(), run.rank == 0) if torch.distributed.is_initialized() else None
     if run.rank > 0:
         saturation_note(run.forward, train[:64], args.lr, args.train_batch)     # its share, with process 0's
         return
@@ -1400,22 +1400,32 @@ def saturation_note(forward, records, lr, batch):
             f"likely too high for this backbone: rerun with a smaller --lr (now {lr:g}) and --overwrite")
 
 
-def optimizer_tensors(opt, prefix):
-    """An optimizer's per-parameter state as flat tensors {prefix.i.name: tensor}."""
+def optimizer_tensors(opt, prefix, keep=True):
+    """An optimizer's per-parameter state as flat tensors {prefix.i.name: tensor}, whole (gathered)."""
+    return gathered(((f"{prefix}.{i}.{name}", t if torch.is_tensor(t) else torch.tensor(t))
+                     for i, p in enumerate(opt.param_groups[0]["params"]) for name, t in opt.state.get(p, {}).items()),
+                    keep)
+
+
+def gathered(named, keep=True):
+    """{name: tensor} whole and in CPU memory, gathered one tensor at a time, so a GPU never holds more
+    than one of them whole (an 8B PRM's weights and moments, 96 GB, would not fit). Under torchrun every
+    process must ask; only the one that keeps them (process 0: keep) holds them."""
     out = {}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        for name, t in opt.state.get(p, {}).items():
-            out[f"{prefix}.{i}.{name}"] = whole(t) if torch.is_tensor(t) else torch.tensor(t)
+    for name, t in named:
+        t = whole(t)
+        if keep:
+            out[name] = t.cpu()
     return out
 
 
 def load_optimizer(opt, tensors, prefix):
     params = opt.param_groups[0]["params"]
     step_on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")   # else "step" stays on CPU
-    for key, t in tensors.items():
+    for key in tensors.names:
         if key.startswith(prefix + "."):
             _, i, name = key.rsplit(".", 2)
-            p = params[int(i)]
+            p, t = params[int(i)], tensors[key]
             if name != "step":
                 t = placed(t, p)
             elif step_on_device:
@@ -1424,15 +1434,16 @@ def load_optimizer(opt, tensors, prefix):
     return opt
 
 
-def trainable_state(model):
+def trainable_state(model, keep=True):
     """What a checkpoint must hold of the model: every trainable tensor (backbone and head), whole."""
-    return {k: whole(v.detach()) for k, v in model.named_parameters() if v.requires_grad}
+    return gathered(((k, v.detach()) for k, v in model.named_parameters() if v.requires_grad), keep)
 
 
 def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration, run_lock):
     """The checkpoint, whole tensors (a run resumes on any number of processes), written by process 0."""
-    state, tensors = trainable_state(model), optimizer_tensors(opt_phi, "phi")       # every process gathers
-    if run_lock is None:
+    keep = run_lock is not None                                                     # process 0
+    state, tensors = trainable_state(model, keep), optimizer_tensors(opt_phi, "phi", keep)   # every process gathers
+    if not keep:
         return
     check_still_ours(run_lock)
     with prm.atomic_dir(os.path.join(run_dir, "checkpoint")) as tmp:
@@ -1446,17 +1457,17 @@ def save_checkpoint(run_dir, model, a, opt_phi, opt_a, iteration, run_lock):
 def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
     """Restore model, a and both optimizers; returns the iteration to continue from."""
     ck = os.path.join(run_dir, "checkpoint")
-    weights = read_tensors(os.path.join(ck, "model.safetensors"))
+    weights = CheckpointFile(os.path.join(ck, "model.safetensors"))
     expected = {k: v for k, v in model.named_parameters() if v.requires_grad}
-    wrong = sorted(k for k in expected if k not in weights or weights[k].shape != expected[k].shape)
+    wrong = sorted(k for k in expected if k not in weights.names or weights.shape(k) != list(expected[k].shape))
     if wrong:                                          # a tensor left out would silently restart from the backbone
         raise prm.DataError(f"the checkpoint lacks or misshapes {len(wrong)} trainable tensor(s) ({wrong[0]}, ...): "
                             "it is damaged", file=os.path.join(ck, "model.safetensors"))
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(placed(weights[k], p))
-    tensors = read_tensors(os.path.join(ck, "state.safetensors"))
-    missing = [name for name in raw_weight_names(a) if name not in tensors]
+    tensors = CheckpointFile(os.path.join(ck, "state.safetensors"))
+    missing = [name for name in raw_weight_names(a) if name not in tensors.names]
     if missing:
         raise prm.DataError(f"no tensor {missing[0]}: the checkpoint is damaged", file=os.path.join(ck, "state.safetensors"))
     with torch.no_grad():
@@ -1467,13 +1478,29 @@ def load_checkpoint(run_dir, model, a, opt_phi, opt_a):
     return prm.read_json_object(os.path.join(ck, "state.json"), RUN_DAMAGED)["iteration"]
 
 
-def read_tensors(path):
-    """A safetensors file of the checkpoint; a missing, truncated or garbled one is one clear error."""
-    try:
-        return load_file(path)
-    except Exception as e:                              # safetensors raises its own error types
-        raise prm.DataError(f"unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): the "
-                            "checkpoint is damaged; rerun without --resume (and with --overwrite)", file=path) from None
+class CheckpointFile:
+    """A safetensors file of the checkpoint, read a tensor at a time (each process of a torchrun run
+    places its shard of one tensor before it reads the next: read whole, an 8B PRM's checkpoint would
+    sit in CPU memory once per process). A missing, truncated or garbled file is one clear error."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = self.read(lambda: safe_open(path, "pt"))
+        self.names = set(self.file.keys())
+
+    def __getitem__(self, name):
+        return self.read(lambda: self.file.get_tensor(name))
+
+    def shape(self, name):
+        return self.read(lambda: self.file.get_slice(name).get_shape())
+
+    def read(self, how):
+        try:
+            return how()
+        except Exception as e:                          # safetensors raises its own error types
+            raise prm.DataError(f"unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): the "
+                                "checkpoint is damaged; rerun without --resume (and with --overwrite)",
+                                file=self.path) from None
 
 
 def raw_weight_names(a):
@@ -1888,4 +1915,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    prm.exit_process(cli())

@@ -545,4 +545,4 @@ def benchmark_markdown(judged):
 
 
 if __name__ == "__main__":
-    sys.exit(prm.run_cli(main))
+    prm.exit_process(prm.run_cli(main))
