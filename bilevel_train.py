@@ -1348,7 +1348,7 @@ def finish_run(run):
     if w is None:
         w = run.weighting.of_all()
     alpha = run.weighting.per_domain(w, train, domains)
-    # Sharded over processes (torchrun): every process gathers the PRM whole; process 0 writes it.
+    # Sharded over processes (torchrun): every process helps gather the PRM, a tensor at a time; process 0 writes it.
     state = gathered(model.state_dict().items(), run.rank == 0) if torch.distributed.is_initialized() else None
     if run.rank > 0:
         saturation_note(run.forward, train[:64], args.lr, args.train_batch)     # its share, with process 0's
