@@ -1144,7 +1144,7 @@ def setup_run(args, run_lock):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     forward = (SharedPrefixForward if args.group_by_question else PackedForward)(model, autocast)
     if world > 1:
-        forward = ShardedForward(forward, rank, world, keep_gathered=args.group_by_question)
+        forward = ShardedForward(forward, rank, world)
     weighting = make_weighting(args, train, domains, device, forward)
     opt_phi = lower_optimizer(phi, args.lr, args.weight_decay, args.compact_states, args.seed)
     opt_a = upper_optimizer(weighting.a, args.meta_lr, args.meta_weight_decay)
@@ -1276,9 +1276,9 @@ def scored(forward, records, batch_size):
     process scores a block of the CoTs (in as many forwards as the others) and the sums give every
     process all the values."""
     model = forward.model
-    encoded = [(r, model.encode(r, cache=True)) for r in records]
-    records = [r for r, e in encoded if model.fits(e)]
-    S = max((len(e.step_ends) for _, e in encoded if model.fits(e)), default=0)
+    kept = [(r, e) for r, e in ((r, model.encode(r, cache=True)) for r in records) if model.fits(e)]
+    records = [r for r, _ in kept]
+    S = max((len(e.step_ends) for _, e in kept), default=0)
     V = torch.zeros(len(records), S, device=model.device)                             # (N, S) step values
     M = torch.zeros(len(records), S, device=model.device)                             # (N, S) their mask
     pieces = math.ceil(math.ceil(len(records) / prm.processes()[1]) / batch_size)
@@ -1407,7 +1407,7 @@ def optimizer_tensors(opt, prefix, keep=True):
                     keep)
 
 
-def gathered(named, keep=True):
+def gathered(named, keep):
     """{name: tensor} whole and in CPU memory, gathered one tensor at a time, so a GPU never holds more
     than one of them whole (an 8B PRM's weights and moments, 96 GB, would not fit). Under torchrun every
     process must ask; only the one that keeps them (process 0: keep) holds them."""
@@ -1434,7 +1434,7 @@ def load_optimizer(opt, tensors, prefix):
     return opt
 
 
-def trainable_state(model, keep=True):
+def trainable_state(model, keep):
     """What a checkpoint must hold of the model: every trainable tensor (backbone and head), whole."""
     return gathered(((k, v.detach()) for k, v in model.named_parameters() if v.requires_grad), keep)
 
@@ -1726,10 +1726,11 @@ class ShardedForward:
     the processes all-reduced. Every process draws the same global batches and computes their labels
     and weights (pure functions of the seed), so the method is the one-process one."""
 
-    def __init__(self, forward, rank, world, keep_gathered):
+    def __init__(self, forward, rank, world):
         from torch.distributed.fsdp import FSDPModule
         self.forward, self.model, self.rank, self.world = forward, forward.model, rank, world
-        self.keep_gathered = keep_gathered      # shard_prm's: the units stay gathered until released
+        # shard_prm keeps the units gathered for the shared prefix (keep_gathered) until they are released
+        self.keep_gathered = isinstance(forward, SharedPrefixForward)
         self.units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
 
     def __call__(self, records):

@@ -241,7 +241,7 @@ for copy, shared in {cases!r}:             # the restore copy; shared-prefix for
         bt.shard_prm(model, torch.device("cpu"), world, keep_gathered=shared)
     fwd = (bt.SharedPrefixForward if shared else bt.PackedForward)(model, contextlib.nullcontext())
     if world > 1:
-        fwd = bt.ShardedForward(fwd, rank, world, keep_gathered=shared)
+        fwd = bt.ShardedForward(fwd, rank, world)
     a = [torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)]
     upper = bt.Upper(fwd, [p for p in model.parameters() if p.requires_grad], bt.DomainWeighting(a, keys), None,
                      1e-4, getattr(bt, copy), bt.meta_loss)
